@@ -1,0 +1,67 @@
+"""Autograd for the fused 4-bit matmul.
+
+The formula is registered on the custom op nf4kit::matmul_4bit itself
+(torch.library.register_autograd), so eager mode, torch.compile(fullgraph=True) and
+activation checkpointing all see one differentiable op.  Backward saves only the packed
+weight, its state and what the LoRA terms need (x and the LoRA matrices): never the
+dequantized weight.
+
+  y  = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias
+  dx = dy·W + s·(dy·B)·A             (fused op nf4kit::matmul_4bit_backward_input)
+  dA = s·(dy·B)ᵀ·x     dB = s·dyᵀ·(x·Aᵀ)     dbias = Σ dy
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+from .format import QuantState, packed_as_bytes
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (x, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N, K, bias, lora_A, lora_B,
+     lora_scale) = inputs
+    ctx.meta = (blocksize, quant_type, N, K, lora_scale)
+    has_lora = lora_A is not None
+    need_x = has_lora and (lora_A.requires_grad or lora_B.requires_grad)
+    ctx.has_lora = has_lora
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.save_for_backward(x if need_x else None, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B)
+
+
+def _backward(ctx, dy: torch.Tensor):
+    x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B = ctx.saved_tensors
+    blocksize, quant_type, N, K, s = ctx.meta
+    dx = dbias = dA = dB = None
+    dy = dy.contiguous()
+    if ctx.needs_input_grad[0]:
+        dx = ops.matmul_4bit_backward_input(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                            quant_type, N, K, lora_A if ctx.has_lora else None,
+                                            lora_B if ctx.has_lora else None, s)
+    if ctx.has_bias and ctx.needs_input_grad[10]:
+        dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    if ctx.has_lora and (ctx.needs_input_grad[11] or ctx.needs_input_grad[12]):
+        cdt = dy.dtype
+        A, B = lora_A.to(cdt), lora_B.to(cdt)
+        if ctx.needs_input_grad[11]:
+            dA = (s * ((dy @ B).t() @ x.to(cdt))).to(lora_A.dtype)
+        if ctx.needs_input_grad[12]:
+            dB = (s * (dy.t() @ (x.to(cdt) @ A.t()))).to(lora_B.dtype)
+    return dx, None, None, None, None, None, None, None, None, None, dbias, dA, dB, None
+
+
+torch.library.register_autograd("nf4kit::matmul_4bit", _backward, setup_context=_setup_context)
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, qs: QuantState, bias: Optional[torch.Tensor],
+                lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], lora_scale: float) -> torch.Tensor:
+    """x [..., K] -> [..., N] through the differentiable fused op (arguments already validated)."""
+    N, K = qs.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K).contiguous()
+    y = ops.matmul_4bit(x2, packed_as_bytes(packed), *ops.state_args(qs), qs.blocksize, qs.quant_type, N, K, bias,
+                        lora_A, lora_B, lora_scale)
+    return y.view(*lead, N)

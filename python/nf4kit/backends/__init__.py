@@ -1,0 +1,119 @@
+"""Backend registry and per-call dispatch (DESIGN.md §2).
+
+A backend is a module in this package with:
+  NAME: str
+  is_available() -> bool          usable on this machine at all
+  serves(device) -> bool          can run on tensors of this device
+  <op>(*args) for the ops it implements (the signatures of nf4kit/reference.py);
+  an op may return NotImplemented for arguments it cannot serve, and the next backend runs.
+
+Default chain: CUDA tensors -> cuda, triton, torch; CPU tensors -> cpu, torch.
+`NF4KIT_BACKEND=name` or `with nf4kit.use_backend(name):` puts `name` first.
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+import os
+import threading
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+
+BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
+_MODULES = {"cuda": "cuda", "triton": "triton", "cpu": "cpu", "torch": "torch_ref"}
+# CUDA tensors: which compiled backend leads.  The triton kernels are the ones tested in CI
+# (interpreter); see README "Backends" for the status of the hand-written CUDA kernels.
+CUDA_DEFAULT_CHAIN = ("cuda", "triton", "torch")
+CPU_DEFAULT_CHAIN = ("cpu", "torch")
+
+_loaded: dict[str, Optional[ModuleType]] = {}
+_local = threading.local()
+# (op, backend) -> number of calls served; tests use it to prove which kernel ran.
+call_counts: collections.Counter = collections.Counter()
+last_backend: dict[str, str] = {}
+
+
+def get(name: str) -> Optional[ModuleType]:
+    """The backend module, or None if it cannot be imported."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown nf4kit backend {name!r}; choose from {BACKEND_NAMES}")
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+        except ImportError:
+            _loaded[name] = None
+    return _loaded[name]
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine now, in default priority order."""
+    out = []
+    for name in BACKEND_NAMES:
+        mod = get(name)
+        if mod is not None and mod.is_available():
+            out.append(name)
+    return out
+
+
+def _forced() -> Optional[str]:
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get("NF4KIT_BACKEND", "").strip()
+    return env or None
+
+
+class use_backend:
+    """Put backend `name` first for calls in this thread.
+
+    `with nf4kit.use_backend("triton"): ...` restores the previous choice on exit; a plain
+    call `nf4kit.use_backend("cpu")` keeps it until `nf4kit.use_backend(None)`.
+    """
+
+    def __init__(self, name: Optional[str]) -> None:
+        if name is not None and name not in BACKEND_NAMES:
+            raise ValueError(f"unknown nf4kit backend {name!r}; choose from {BACKEND_NAMES}")
+        if not hasattr(_local, "stack"):
+            _local.stack = []
+        self._depth = len(_local.stack)
+        if name is None:
+            _local.stack.clear()
+        else:
+            _local.stack.append(name)
+
+    def __enter__(self) -> "use_backend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del _local.stack[self._depth:]
+
+
+def chain(device: torch.device) -> list[str]:
+    default = CUDA_DEFAULT_CHAIN if device.type == "cuda" else CPU_DEFAULT_CHAIN
+    forced = _forced()
+    if forced is not None and forced not in BACKEND_NAMES:
+        raise ValueError(f"NF4KIT_BACKEND={forced!r} is not a backend; choose from {BACKEND_NAMES}")
+    names = ([forced] if forced else []) + [b for b in default if b != forced]
+    if "torch" not in names:
+        names.append("torch")
+    return names
+
+
+def run(op: str, device: torch.device, *args: Any) -> Any:
+    """Run `op` on the first backend of the chain that serves it."""
+    for name in chain(device):
+        mod = get(name)
+        if mod is None or not mod.is_available() or not mod.serves(device):
+            continue
+        fn = getattr(mod, op, None)
+        if fn is None:
+            continue
+        result = fn(*args)
+        if result is NotImplemented:
+            continue
+        call_counts[(op, name)] += 1
+        last_backend[op] = name
+        return result
+    raise RuntimeError(f"nf4kit: no backend could run {op} on {device}")  # torch always can

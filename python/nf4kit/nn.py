@@ -1,0 +1,1 @@
+"""Drop-in layers (Linear4bit, LoRALinear4bit, quantize_model): see issue 7."""

@@ -220,7 +220,7 @@ class QuantState:
             meta = unpack_json(qs_dict.pop(key))
             suffix = key.split(".")[-1].replace("bitsandbytes__", "")
             if meta.get("quant_type") != suffix:
-                raise ValueError(f"quant_state: key says {suffix!r} but its JSON says {meta.get('quant_type')!r}")
+                raise ValueError(f"quant_state: the key says quant_type {suffix!r} but its JSON says {meta.get('quant_type')!r}")
             qs_dict.update(meta)
         d = {k.split(".")[-1]: v for k, v in qs_dict.items()}
         unknown = set(d) - set(cls.valid_qs_keys)

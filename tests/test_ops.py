@@ -1,0 +1,152 @@
+"""The op layer: torch.library.opcheck on every custom op, backend dispatch and fallback,
+torch.compile tracing, and property tests of every backend against reference.py."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nf4kit
+from nf4kit import backends, ops, reference
+from nf4kit import format as fmt
+from conftest import assert_ran, slow_backend
+
+
+def _state(shape=(24, 40), blocksize=64, nested=True, quant_type="nf4", device="cpu"):
+    A = torch.randn(shape, device=device)
+    packed, qs = nf4kit.quantize_4bit(A, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+    return A, packed.reshape(-1), qs
+
+
+def _op_samples(device):
+    A, packed, qs = _state(device=device)
+    N, K = qs.shape
+    x = torch.randn(5, K, device=device)
+    dy = torch.randn(5, N, device=device)
+    la, lb = torch.randn(4, K, device=device), torch.randn(N, 4, device=device)
+    code = fmt.dynamic_map().to(device)
+    q8, am8 = ops.quantize_blockwise(A.reshape(-1), code, 256)
+    qi, ai = ops.quantize_absmax_int8(A.reshape(-1), 64)
+    sa = ops.state_args(qs)
+    return {
+        "quantize_4bit": (A, 64, "nf4"),
+        "dequantize_4bit": (packed, *sa, 64, "nf4", A.numel(), torch.bfloat16),
+        "quantize_blockwise": (A.reshape(-1), code, 256),
+        "dequantize_blockwise": (q8, am8, code, 256, torch.float32),
+        "quantize_absmax_int8": (A.reshape(-1), 64),
+        "dequantize_absmax_int8": (qi, ai, 64, torch.float16),
+        "matmul_4bit": (x, packed, *sa, 64, "nf4", N, K, torch.randn(N, device=device), la, lb, 0.5),
+        "matmul_4bit_backward_input": (dy, packed, *sa, 64, "nf4", N, K, la, lb, 0.5),
+    }
+
+
+@pytest.mark.parametrize("op", list(ops.ALL_OPS))
+def test_opcheck(op, backend_device):
+    backend, device = backend_device
+    args = _op_samples(device)[op]
+    torch.library.opcheck(ops.ALL_OPS[op], args, test_utils=("test_schema", "test_faketensor",
+                                                             "test_aot_dispatch_static"))
+
+
+def test_matmul_autograd_opcheck():
+    _, packed, qs = _state()
+    N, K = qs.shape
+    x = torch.randn(3, K, requires_grad=True)
+    la = torch.randn(4, K, requires_grad=True)
+    lb = torch.randn(N, 4, requires_grad=True)
+    bias = torch.randn(N, requires_grad=True)
+    torch.library.opcheck(ops.matmul_4bit, (x, packed, *ops.state_args(qs), 64, "nf4", N, K, bias, la, lb, 2.0),
+                          test_utils=("test_autograd_registration", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph_dequantize():
+    _, packed, qs = _state()
+    sa = ops.state_args(qs)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(p, a, na, nc, off):
+        return ops.dequantize_4bit(p, a, na, nc, off, 64, "nf4", 24 * 40, torch.float32) * 2
+
+    assert torch.equal(f(packed, *sa), nf4kit.dequantize_4bit(packed, qs).reshape(-1) * 2)
+
+
+def test_use_backend_nesting_and_env(monkeypatch):
+    _, packed, qs = _state()
+    with nf4kit.use_backend("torch"):
+        nf4kit.dequantize_4bit(packed, qs)
+        assert_ran("dequantize_4bit", "torch")
+        with nf4kit.use_backend("cpu" if "cpu" in nf4kit.available_backends() else "torch") as _:
+            nf4kit.dequantize_4bit(packed, qs)
+        nf4kit.dequantize_4bit(packed, qs)
+        assert_ran("dequantize_4bit", "torch")
+    monkeypatch.setenv("NF4KIT_BACKEND", "torch")
+    nf4kit.dequantize_4bit(packed, qs)
+    assert_ran("dequantize_4bit", "torch")
+
+
+def test_fallback_when_backend_declines(monkeypatch):
+    """A backend returning NotImplemented hands the call to the next one: never a wrong answer."""
+    declining = types.SimpleNamespace(NAME="cpu", is_available=lambda: True, serves=lambda d: True,
+                                      dequantize_4bit=lambda *a: NotImplemented)
+    monkeypatch.setitem(backends._loaded, "cpu", declining)
+    _, packed, qs = _state()
+    out = nf4kit.dequantize_4bit(packed, qs)
+    assert_ran("dequantize_4bit", "torch")
+    assert torch.equal(out, nf4kit.reference.dequantize_4bit(packed, *ops.state_args(qs), 64, "nf4", 960,
+                                                             torch.float32).view(24, 40))
+
+
+def test_forced_backend_that_cannot_serve_device_falls_back():
+    _, packed, qs = _state()
+    with nf4kit.use_backend("cuda"):  # CPU tensors: cuda never serves them
+        nf4kit.dequantize_4bit(packed, qs)
+    assert backends.last_backend["dequantize_4bit"] != "cuda"
+
+
+def test_available_backends_and_build_info():
+    avail = nf4kit.available_backends()
+    assert "torch" in avail
+    info = nf4kit.build_info()
+    assert info["backends_available"] == avail
+    assert set(info) >= {"cpu_kernels", "cuda_kernels", "cuda_archs", "triton", "torch"}
+
+
+# ---------------------------------------------------------------- property tests
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 130), blocksize=st.sampled_from(fmt.BLOCKSIZES),
+       quant_type=st.sampled_from(fmt.QUANT_TYPES), nested=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       out_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       scale=st.sampled_from([1e-6, 0.02, 1.0, 300.0]), seed=st.integers(0, 2**16))
+def test_property_backends_match_reference(rows, cols, blocksize, quant_type, nested, dtype, out_dtype, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    A = (torch.randn(rows, cols, generator=g) * scale).to(dtype)
+    with nf4kit.use_backend("torch"):
+        p_ref, qs_ref = nf4kit.quantize_4bit(A, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+        out_ref = nf4kit.dequantize_4bit(p_ref, qs_ref, dtype=out_dtype)
+    for b in nf4kit.available_backends():
+        for device in ("cuda", "cpu") if torch.cuda.is_available() else ("cpu",):
+            if not backends.get(b).serves(torch.device(device)) or (slow_backend(b, device) and A.numel() > 2048):
+                continue
+            with nf4kit.use_backend(b):
+                p, qs = nf4kit.quantize_4bit(A.to(device), blocksize=blocksize, compress_statistics=nested,
+                                             quant_type=quant_type)
+                out = nf4kit.dequantize_4bit(p, qs, dtype=out_dtype)
+            assert torch.equal(p.cpu(), p_ref), (b, device)
+            assert torch.equal(qs.absmax.cpu(), qs_ref.absmax), (b, device)
+            assert torch.equal(out.cpu(), out_ref), (b, device)
+
+
+def test_reference_dequant_is_one_multiply_then_round():
+    """out = dtype(fp32(table[c]) * fp32(absmax)) — checked against float64 arithmetic."""
+    A = torch.randn(64, 64) * 7
+    packed, qs = nf4kit.quantize_4bit(A, compress_statistics=False)
+    codes = reference.unpack_codes(packed.reshape(-1), A.numel())
+    vals64 = fmt.code_table("nf4").double()[codes] * qs.absmax.double().repeat_interleave(64)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        # the fp32 product of two fp32 values, rounded once more into dt
+        expected = vals64.float().to(dt)
+        assert torch.equal(nf4kit.dequantize_4bit(packed, qs, dtype=dt).reshape(-1), expected)

@@ -1,6 +1,10 @@
 // CUDA kernel entry points (host functions in csrc/cuda/*.cu).  Each takes raw device
-// pointers, sizes and a cudaStream_t (as void*), launches on that stream and returns
-// 0 or the cudaError_t of the launch.
+// pointers, sizes and a cudaStream_t (as void*), launches on that stream without
+// synchronising or allocating (CUDA-graph safe) and returns 0, a negative nf4kit::Status
+// for arguments it does not support, or the cudaError_t of the launch.
+//
+// Python (nf4kit/backends/cuda.py) validates shapes, dtypes and alignment first; these
+// functions only re-check what would make a kernel read or write out of bounds.
 #pragma once
 #include <stdint.h>
 
@@ -9,12 +13,44 @@ namespace cuda {
 
 const char* error_string(int status);
 
+// A [n] (in_dtype: core::DType) -> packed [(n+1)/2] uint8, absmax [ceil(n/blocksize)] fp32.
+// blocksize: a power of two in 32..4096.
 int quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int quant_type, uint8_t* packed,
                   float* absmax, void* stream);
 
+// packed [(n+1)/2] -> out [n] (out_dtype).  Plain state: absmax fp32 [nb] (absmax_q null).
+// Nested state: absmax_q uint8 [nb], nested_absmax fp32 [ceil(nb/256)], nested_code fp32
+// [256], offset fp32 [1] (a device pointer: no host sync); absmax null.
 int dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* nested_absmax,
                     const float* nested_code, const float* offset, int64_t n, int blocksize, int quant_type,
                     void* out, int out_dtype, void* stream);
+
+// 8-bit dynamic map: A [n] -> q [n] uint8 (nearest of the sorted code[256]), absmax fp32 [nb].
+int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, const float* code, uint8_t* q,
+                       float* absmax, void* stream);
+int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n, int blocksize,
+                         void* out, int out_dtype, void* stream);
+
+// Decode GEMV (M <= 8): partial[s][m][n] = sum over split s of x[m, k] * deq(W)[n, k], then
+// y[m, n] = T(sum_s partial + bias[n] + sum_j lora_t[m, j] * lora_b[n, j]).
+// W [N, K] packed row-major, K % 32 == 0; x [M, K] (x_dtype), 16-byte aligned.
+// J chunks of 32 per lane per split, S splits: S * 32 * J * 32 >= K.  partial: fp32 [S*M*N]
+// scratch from the caller.  bias fp32 [N] or null; lora_t fp32 [M, r] (already scaled),
+// lora_b fp32 [N, r], or null.  y [M, N] in x_dtype.
+int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
+              const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
+              int blocksize, int quant_type, int J, int S, float* partial, const float* bias, const float* lora_t,
+              const float* lora_b, int r, void* y, void* stream);
+
+// Fused dequant-GEMM on tensor cores (mma.sync m16n8k16, fp32 accumulate), dtype fp16/bf16.
+// forward (transposed == 0): Y[M, N] = A[M, K] . deq(W)^T + A2[M, R] . B2[N, R]^T + bias
+// backward (transposed == 1): Y[M, K] = A[M, N] . deq(W) + A2[M, R] . B2[R, K]
+// W [N, K] packed, K % 32 == 0; backward needs N % 8 == 0; R % 64 == 0 (A2/B2 null when R == 0);
+// every pointer 16-byte aligned.  bias fp32 [N] or null (forward only).
+int gemm_4bit(int dtype, int transposed, const void* A, int M, int N, int64_t K, const uint8_t* packed,
+              const float* absmax, const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code,
+              const float* offset, int blocksize, int quant_type, const void* A2, const void* B2, int R,
+              const float* bias, void* Y, void* stream);
 
 }  // namespace cuda
 }  // namespace nf4kit

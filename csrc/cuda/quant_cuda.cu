@@ -1,8 +1,6 @@
-// CUDA quantize / dequantize kernels.  Arithmetic from core/nf4_core.h.
-#include <cuda_runtime.h>
-
-#include "core/nf4_core.h"
-#include "core/status.h"
+// CUDA quantize / dequantize kernels (4-bit NF4/FP4 and the 8-bit dynamic map).
+// Arithmetic from core/nf4_core.h; every kernel is bit-identical to reference.py.
+#include "cuda/common.cuh"
 #include "cuda/cuda_kernels.h"
 
 namespace nf4kit {
@@ -11,59 +9,225 @@ namespace cuda {
 const char* error_string(int status) { return cudaGetErrorString(static_cast<cudaError_t>(status)); }
 
 namespace {
+using namespace detail;
 
-template <int kDType>
-__device__ __forceinline__ float load_f32(const void* p, int64_t i) {
-  if (kDType == core::kFloat32) return static_cast<const float*>(p)[i];
-  uint16_t h = static_cast<const uint16_t*>(p)[i];
-  return kDType == core::kFloat16 ? core::f16_bits_to_f32(h) : core::bf16_bits_to_f32(h);
+constexpr int kThreads = 256;
+
+inline unsigned grid_for(int64_t work_items, int threads) {
+  int64_t g = (work_items + threads - 1) / threads;
+  if (g < 1) g = 1;
+  if (g > (int64_t(1) << 30)) g = int64_t(1) << 30;  // the kernels loop over the rest (grid stride)
+  return (unsigned)g;
 }
 
-// One warp per block of the 4-bit format; lanes stride over the block's element pairs.
-template <int kDType>
-__global__ void quantize_4bit_kernel(const void* __restrict__ in, int64_t n, int blocksize, int quant_type,
-                                     uint8_t* __restrict__ packed, float* __restrict__ absmax, int64_t nblocks) {
-  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// ------------------------------------------------------------------ 4-bit quantize
+// One warp per block: warp-level absmax, then each lane encodes element pairs (one byte).
+// Blocks have an even size, so a byte never straddles two blocks.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    quantize_4bit_kernel(const T* __restrict__ in, int64_t n, int blocksize, int quant_type,
+                         uint8_t* __restrict__ packed, float* __restrict__ absmax, int64_t nblocks) {
   const int lane = threadIdx.x & 31;
-  if (warp >= nblocks) return;
-  const int64_t start = warp * blocksize;
-  const int count = (int)((n - start) < blocksize ? (n - start) : blocksize);
-  float amax = 0.0f;
-  for (int j = lane; j < count; j += 32) amax = fmaxf(amax, fabsf(load_f32<kDType>(in, start + j)));
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if (lane == 0) absmax[warp] = amax;
-  const float inv = core::block_inverse(amax);
-  for (int j = 2 * lane; j < count; j += 64) {
-    uint8_t hi = core::quantize_value(quant_type, load_f32<kDType>(in, start + j), inv);
-    uint8_t lo = (j + 1 < count) ? core::quantize_value(quant_type, load_f32<kDType>(in, start + j + 1), inv)
-                                 : core::zero_code(quant_type);
-    packed[(start + j) >> 1] = core::pack_pair(hi, lo);
+  const int64_t nwarps = (int64_t)gridDim.x * (kThreads / 32);
+  for (int64_t blk = ((int64_t)blockIdx.x * kThreads + threadIdx.x) >> 5; blk < nblocks; blk += nwarps) {
+    const int64_t start = blk * blocksize;
+    const int count = (int)(n - start < blocksize ? n - start : blocksize);
+    const T* src = in + start;
+    float amax = 0.0f;
+    for (int j = lane; j < count; j += 32) amax = fmaxf(amax, fabsf(to_f32(src[j])));
+    amax = warp_max(amax);
+    if (lane == 0) absmax[blk] = amax;
+    const float inv = core::block_inverse(amax);  // __frcp_rn: correctly rounded
+    uint8_t* dst = packed + (start >> 1);
+    for (int j = 2 * lane; j < count; j += 64) {
+      const uint8_t hi = core::quantize_value(quant_type, to_f32(src[j]), inv);
+      const uint8_t lo =
+          j + 1 < count ? core::quantize_value(quant_type, to_f32(src[j + 1]), inv) : core::zero_code(quant_type);
+      dst[j >> 1] = core::pack_pair(hi, lo);
+    }
   }
 }
+
+// ------------------------------------------------------------------ 4-bit dequantize
+// One thread per 32 elements (16 packed bytes, one 16-byte load; blocksize >= 32 is a power
+// of two so the 32 share one absmax), nested absmax decoded in the same launch.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_4bit_kernel(const uint8_t* __restrict__ packed, Absmax am, int64_t n, int log2_bs, int quant_type,
+                           T* __restrict__ out) {
+  __shared__ float table[16];
+  init_table(table, quant_type);
+  __syncthreads();
+  const int64_t nchunks = (n + 31) >> 5;
+  const bool vec_ok = (reinterpret_cast<uintptr_t>(packed) & 15) == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
+  const int64_t stride = (int64_t)gridDim.x * kThreads;
+  for (int64_t c = (int64_t)blockIdx.x * kThreads + threadIdx.x; c < nchunks; c += stride) {
+    const int64_t e0 = c << 5;
+    const float s = am(e0 >> log2_bs);
+    if (vec_ok && e0 + 32 <= n) {
+      const uint4 w = __ldcs(reinterpret_cast<const uint4*>(packed + (e0 >> 1)));  // streamed once
+      float v[32];
+      lookup32(w, table, v);
+#pragma unroll
+      for (int j = 0; j < 32; ++j) v[j] = __fmul_rn(v[j], s);
+      store32<T>(out + e0, v);
+    } else {  // tail (or an unaligned view): element by element
+      for (int j = 0; j < 32 && e0 + j < n; ++j) {
+        const uint8_t byte = packed[(e0 + j) >> 1];
+        const int code = (j & 1) ? core::low_code(byte) : core::high_code(byte);
+        out[e0 + j] = from_f32<T>(__fmul_rn(table[code], s));
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ 8-bit dynamic map
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    quantize_blockwise_kernel(const T* __restrict__ in, int64_t n, int blocksize, const float* __restrict__ code,
+                              uint8_t* __restrict__ q, float* __restrict__ absmax, int64_t nblocks) {
+  __shared__ float map[256];
+  map[threadIdx.x] = code[threadIdx.x];  // kThreads == 256
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t nwarps = (int64_t)gridDim.x * (kThreads / 32);
+  for (int64_t blk = ((int64_t)blockIdx.x * kThreads + threadIdx.x) >> 5; blk < nblocks; blk += nwarps) {
+    const int64_t start = blk * blocksize;
+    const int count = (int)(n - start < blocksize ? n - start : blocksize);
+    const T* src = in + start;
+    float amax = 0.0f;
+    for (int j = lane; j < count; j += 32) amax = fmaxf(amax, fabsf(to_f32(src[j])));
+    amax = warp_max(amax);
+    if (lane == 0) absmax[blk] = amax;
+    const float inv = core::block_inverse(amax);
+    for (int j = lane; j < count; j += 32) q[start + j] = core::dynamic_encode(core::mul_rn(to_f32(src[j]), inv), map);
+  }
+}
+
+// One thread per 16 codes (one 16-byte load); blocksize >= 16 is a power of two.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_blockwise_kernel(const uint8_t* __restrict__ q, const float* __restrict__ absmax,
+                                const float* __restrict__ code, int64_t n, int log2_bs, T* __restrict__ out) {
+  __shared__ float map[256];
+  map[threadIdx.x] = code[threadIdx.x];
+  __syncthreads();
+  const int64_t nchunks = (n + 15) >> 4;
+  const bool vec_ok = (reinterpret_cast<uintptr_t>(q) & 15) == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
+  const int64_t stride = (int64_t)gridDim.x * kThreads;
+  for (int64_t c = (int64_t)blockIdx.x * kThreads + threadIdx.x; c < nchunks; c += stride) {
+    const int64_t e0 = c << 4;
+    const float s = __ldg(absmax + (e0 >> log2_bs));
+    if (vec_ok && e0 + 16 <= n) {
+      const uint4 w = __ldcs(reinterpret_cast<const uint4*>(q + e0));
+      float v[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const uint32_t word = i < 4 ? w.x : i < 8 ? w.y : i < 12 ? w.z : w.w;  // resolved at compile time
+        v[i] = __fmul_rn(map[(word >> (8 * (i & 3))) & 0xffu], s);
+      }
+      if constexpr (sizeof(T) == 4) {
+        float4* o = reinterpret_cast<float4*>(out + e0);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+      } else {
+        uint4* o = reinterpret_cast<uint4*>(out + e0);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+          o[i] = make_uint4(pack2<T>(v[8 * i], v[8 * i + 1]), pack2<T>(v[8 * i + 2], v[8 * i + 3]),
+                            pack2<T>(v[8 * i + 4], v[8 * i + 5]), pack2<T>(v[8 * i + 6], v[8 * i + 7]));
+      }
+    } else {
+      for (int j = 0; j < 16 && e0 + j < n; ++j) out[e0 + j] = from_f32<T>(__fmul_rn(map[q[e0 + j]], s));
+    }
+  }
+}
+
+template <template <typename> class Launcher, typename... Args>
+int dispatch_dtype(int dtype, Args... args) {
+  switch (dtype) {
+    case core::kFloat32: Launcher<float>::run(args...); break;
+    case core::kFloat16: Launcher<__half>::run(args...); break;
+    case core::kBFloat16: Launcher<__nv_bfloat16>::run(args...); break;
+    default: return kUnsupported;
+  }
+  return (int)cudaGetLastError();
+}
+
+template <typename T>
+struct Quantize4 {
+  static void run(const void* in, int64_t n, int blocksize, int quant_type, uint8_t* packed, float* absmax,
+                  int64_t nblocks, cudaStream_t s) {
+    quantize_4bit_kernel<T><<<grid_for(nblocks * 32, kThreads), kThreads, 0, s>>>(
+        static_cast<const T*>(in), n, blocksize, quant_type, packed, absmax, nblocks);
+  }
+};
+template <typename T>
+struct Dequantize4 {
+  static void run(const uint8_t* packed, Absmax am, int64_t n, int log2_bs, int quant_type, void* out,
+                  cudaStream_t s) {
+    dequantize_4bit_kernel<T><<<grid_for((n + 31) / 32, kThreads), kThreads, 0, s>>>(packed, am, n, log2_bs,
+                                                                                    quant_type, static_cast<T*>(out));
+  }
+};
+template <typename T>
+struct QuantizeBw {
+  static void run(const void* in, int64_t n, int blocksize, const float* code, uint8_t* q, float* absmax,
+                  int64_t nblocks, cudaStream_t s) {
+    quantize_blockwise_kernel<T><<<grid_for(nblocks * 32, kThreads), kThreads, 0, s>>>(
+        static_cast<const T*>(in), n, blocksize, code, q, absmax, nblocks);
+  }
+};
+template <typename T>
+struct DequantizeBw {
+  static void run(const uint8_t* q, const float* absmax, const float* code, int64_t n, int log2_bs, void* out,
+                  cudaStream_t s) {
+    dequantize_blockwise_kernel<T><<<grid_for((n + 15) / 16, kThreads), kThreads, 0, s>>>(
+        q, absmax, code, n, log2_bs, static_cast<T*>(out));
+  }
+};
 
 }  // namespace
 
 int quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int quant_type, uint8_t* packed,
                   float* absmax, void* stream) {
-  if (n <= 0 || blocksize <= 0 || (blocksize & 1)) return kBadArgument;
+  if (n <= 0 || !valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
+    return kBadArgument;
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  const int threads = 256;
-  const int64_t grid = (nblocks * 32 + threads - 1) / threads;
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (in_dtype) {
-    case core::kFloat32:
-      quantize_4bit_kernel<core::kFloat32><<<grid, threads, 0, s>>>(in, n, blocksize, quant_type, packed, absmax, nblocks);
-      break;
-    case core::kFloat16:
-      quantize_4bit_kernel<core::kFloat16><<<grid, threads, 0, s>>>(in, n, blocksize, quant_type, packed, absmax, nblocks);
-      break;
-    case core::kBFloat16:
-      quantize_4bit_kernel<core::kBFloat16><<<grid, threads, 0, s>>>(in, n, blocksize, quant_type, packed, absmax, nblocks);
-      break;
-    default:
-      return kUnsupported;
-  }
-  return (int)cudaGetLastError();
+  return dispatch_dtype<Quantize4>(in_dtype, in, n, blocksize, quant_type, packed, absmax, nblocks,
+                                   static_cast<cudaStream_t>(stream));
+}
+
+int dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* nested_absmax,
+                    const float* nested_code, const float* offset, int64_t n, int blocksize, int quant_type,
+                    void* out, int out_dtype, void* stream) {
+  if (n <= 0 || !valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
+    return kBadArgument;
+  if (absmax_q ? (!nested_absmax || !nested_code || !offset) : !absmax) return kBadArgument;
+  const Absmax am{absmax, absmax_q, nested_absmax, nested_code, offset};
+  return dispatch_dtype<Dequantize4>(out_dtype, packed, am, n, detail::log2_exact(blocksize), quant_type, out,
+                                     static_cast<cudaStream_t>(stream));
+}
+
+int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, const float* code, uint8_t* q,
+                       float* absmax, void* stream) {
+  if (n <= 0 || blocksize <= 0 || (blocksize & 1) || blocksize > (1 << 20)) return kBadArgument;
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  return dispatch_dtype<QuantizeBw>(in_dtype, in, n, blocksize, code, q, absmax, nblocks,
+                                    static_cast<cudaStream_t>(stream));
+}
+
+int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n, int blocksize,
+                         void* out, int out_dtype, void* stream) {
+  if (n <= 0 || blocksize < 16 || detail::log2_exact(blocksize) < 0) return kUnsupported;
+  return dispatch_dtype<DequantizeBw>(out_dtype, q, absmax, code, n, detail::log2_exact(blocksize), out,
+                                      static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace cuda

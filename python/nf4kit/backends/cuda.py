@@ -1,0 +1,365 @@
+"""The `cuda` backend: the hand-written CUDA kernels of csrc/cuda through nf4kit._C.
+
+EXPERIMENTAL until benchmarks/gpu_check.sh has passed on a GPU: the kernels compile in CI
+(sm_80, sm_90) but only run where a GPU is present.
+
+Every launch goes to the caller's current stream (`torch.cuda.current_stream().cuda_stream`),
+without synchronising and without allocating inside C++ (scratch buffers are torch tensors
+made here), so the ops can be captured in CUDA graphs.  A nonzero status raises
+RuntimeError naming the kernel (_native.check).
+
+Arguments are validated by nf4kit.functional; this module only checks what its kernels
+support (dtype, blocksize, layout, alignment) and returns NotImplemented otherwise, so the
+next backend serves the call (never a wrong answer).
+
+Matmul routing (per call, by M = rows of x):
+  * M <= GEMV_MAX_M: decode GEMV (packed W streamed once, split-K).
+  * M <= FUSED_MAX_M, fp16/bf16: fused dequant-GEMM on tensor cores, LoRA and bias in the
+    same output tile.  The backward uses the same kernel reading W transposed.
+  * otherwise (large M, fp32 activations, K % 32 != 0, unaligned views): the one-launch
+    dequantize kernel into a transient buffer, then cuBLAS (DESIGN.md §5, second regime).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .. import format as fmt
+from ._native import DTYPE_CODES, QUANT_TYPE_CODES, check, load, ptr
+
+NAME = "cuda"
+
+# Routing thresholds (module attributes so benchmarks/tests can move them).
+GEMV_MAX_M = 8
+FUSED_MAX_M = 1024
+_GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def is_available() -> bool:
+    C = load()
+    return C is not None and bool(getattr(C, "has_cuda", False)) and torch.cuda.is_available()
+
+
+def serves(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _C():
+    return load().cuda
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _ok_blocksize(blocksize: int) -> bool:
+    return 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0
+
+
+def _aligned(*ts: Optional[torch.Tensor]) -> bool:
+    return all(t is None or t.data_ptr() % 16 == 0 for t in ts)
+
+
+def _state(absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+           offset: Optional[torch.Tensor]):
+    """(pointer tuple for the kernels, tensors to keep alive) or None if unsupported.
+
+    Pointers: (absmax fp32 | 0, absmax_q uint8 | 0, nested_absmax, nested_code, offset); the
+    offset stays a device tensor so that no host sync happens.
+    """
+    if nested_absmax is None:
+        a = absmax.reshape(-1).float().contiguous()
+        return (ptr(a), 0, 0, 0, 0), (a,)
+    if absmax.dtype != torch.uint8 or nested_code is None or offset is None or nested_code.numel() != 256:
+        return None
+    q = absmax.reshape(-1).contiguous()
+    na = nested_absmax.reshape(-1).float().contiguous()
+    nc = nested_code.reshape(-1).float().contiguous()
+    off = offset.reshape(1).float().contiguous()
+    return (0, ptr(q), ptr(na), ptr(nc), ptr(off)), (q, na, nc, off)
+
+
+# ---------------------------------------------------------------- 4-bit
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
+    """A (any shape, fp32/fp16/bf16, CUDA) -> (packed uint8 [(n+1)//2], absmax fp32 [nb])."""
+    if A.dtype not in DTYPE_CODES or not _ok_blocksize(blocksize) or A.numel() == 0:
+        return NotImplemented
+    x = A.reshape(-1).contiguous()
+    n = x.numel()
+    with torch.cuda.device(x.device):
+        packed = torch.empty(fmt.packed_nbytes(n), dtype=torch.uint8, device=x.device)
+        absmax = torch.empty(fmt.num_blocks(n, blocksize), dtype=torch.float32, device=x.device)
+        check(_C().quantize_4bit(ptr(x), DTYPE_CODES[x.dtype], n, blocksize, QUANT_TYPE_CODES[quant_type],
+                                 ptr(packed), ptr(absmax), _stream(x.device)), "cuda.quantize_4bit")
+    return packed, absmax
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                    nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int,
+                    quant_type: str, numel: int, dtype: torch.dtype):
+    """packed uint8 [(numel+1)//2] -> [numel] in dtype; the nested decode runs in the same launch."""
+    if dtype not in DTYPE_CODES or not _ok_blocksize(blocksize) or numel <= 0 or packed.dtype != torch.uint8:
+        return NotImplemented
+    st = _state(absmax, nested_absmax, nested_code, offset)
+    if st is None:
+        return NotImplemented
+    (p_abs, p_q, p_na, p_nc, p_off), _keep = st
+    packed = packed.reshape(-1).contiguous()
+    with torch.cuda.device(packed.device):
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
+        check(_C().dequantize_4bit(ptr(packed), p_abs, p_q, p_na, p_nc, p_off, numel, blocksize,
+                                   QUANT_TYPE_CODES[quant_type], ptr(out), DTYPE_CODES[dtype],
+                                   _stream(packed.device)), "cuda.dequantize_4bit")
+    return out
+
+
+# ---------------------------------------------------------------- 8-bit dynamic map
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """A [n] -> (uint8 [n] nearest entries of the sorted code[256], absmax fp32 [nb])."""
+    if A.dtype not in DTYPE_CODES or blocksize <= 0 or blocksize % 2 or code.numel() != 256 or A.numel() == 0:
+        return NotImplemented
+    x = A.reshape(-1).contiguous()
+    code = code.reshape(-1).float().contiguous()
+    with torch.cuda.device(x.device):
+        q = torch.empty(x.numel(), dtype=torch.uint8, device=x.device)
+        absmax = torch.empty(fmt.num_blocks(x.numel(), blocksize), dtype=torch.float32, device=x.device)
+        check(_C().quantize_blockwise(ptr(x), DTYPE_CODES[x.dtype], x.numel(), blocksize, ptr(code), ptr(q),
+                                      ptr(absmax), _stream(x.device)), "cuda.quantize_blockwise")
+    return q, absmax
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                         dtype: torch.dtype):
+    """uint8 [n] -> [n] in dtype: T(code[q] * absmax[i // blocksize])."""
+    if (dtype not in DTYPE_CODES or q.dtype != torch.uint8 or blocksize < 16 or blocksize & (blocksize - 1)
+            or code.numel() != 256 or q.numel() == 0):
+        return NotImplemented
+    q = q.reshape(-1).contiguous()
+    absmax = absmax.reshape(-1).float().contiguous()
+    code = code.reshape(-1).float().contiguous()
+    with torch.cuda.device(q.device):
+        out = torch.empty(q.numel(), dtype=dtype, device=q.device)
+        check(_C().dequantize_blockwise(ptr(q), ptr(absmax), ptr(code), q.numel(), blocksize, ptr(out),
+                                        DTYPE_CODES[dtype], _stream(q.device)), "cuda.dequantize_blockwise")
+    return out
+
+
+# ---------------------------------------------------------------- matmuls
+def _gemv_split(N: int, K: int, device: torch.device) -> tuple[int, int]:
+    """(J chunks per lane, S splits): fewer chunks per warp (more splits) when N is small."""
+    cpr = K // 32
+    target_warps = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) * 32
+    J = 4
+    while J > 1 and N * -(-cpr // (32 * J)) < target_warps:
+        J //= 2
+    return J, -(-cpr // (32 * J))
+
+
+def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
+    out = t.new_zeros((t.shape[0], cols))
+    out[:, : t.shape[1]] = t
+    return out
+
+
+def _via_dequantize(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N, K, dtype):
+    """deq(W) [N, K] in dtype with the dequantize kernel (or the reference if it cannot)."""
+    W = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K, dtype)
+    if W is NotImplemented:
+        from .. import reference
+
+        W = reference.dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type,
+                                      N * K, dtype)
+    return W.view(N, K)
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, quant_type: str,
+                N: int, K: int, bias: Optional[torch.Tensor], lora_A: Optional[torch.Tensor],
+                lora_B: Optional[torch.Tensor], lora_scale: float):
+    """x [M, K] -> x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias, [M, N] in x.dtype (W [N, K], A [r, K], B [N, r])."""
+    if x.dtype not in DTYPE_CODES or x.dim() != 2 or x.shape[0] == 0 or not _ok_blocksize(blocksize):
+        return NotImplemented
+    st = _state(absmax, nested_absmax, nested_code, offset)
+    if st is None:
+        return NotImplemented
+    (p_abs, p_q, p_na, p_nc, p_off), _keep = st
+    M = x.shape[0]
+    dt = x.dtype
+    x = x.contiguous()
+    packed = packed.reshape(-1).contiguous()
+    fast = K % 32 == 0 and _aligned(x, packed)
+    qt = QUANT_TYPE_CODES[quant_type]
+    dev = x.device
+    with torch.cuda.device(dev):
+        if fast and M <= GEMV_MAX_M:
+            J, S = _gemv_split(N, K, dev)
+            partial = torch.empty(S * M * N, dtype=torch.float32, device=dev)
+            b = bias.reshape(-1).float().contiguous() if bias is not None else None
+            lt = lb = None
+            r = 0
+            if lora_A is not None:
+                r = lora_A.shape[0]
+                lt = ((x.float() @ lora_A.float().t()) * float(lora_scale)).contiguous()
+                lb = lora_B.float().contiguous()
+            y = torch.empty((M, N), dtype=dt, device=dev)
+            check(_C().gemv_4bit(ptr(x), DTYPE_CODES[dt], M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc, p_off,
+                                 blocksize, qt, J, S, ptr(partial), ptr(b), ptr(lt), ptr(lb), r, ptr(y),
+                                 _stream(dev)), "cuda.gemv_4bit")
+            return y
+        if fast and dt in _HALF_DTYPES and M <= FUSED_MAX_M:
+            A2 = B2 = None
+            R = 0
+            if lora_A is not None:
+                r = lora_A.shape[0]
+                R = -(-r // _GEMM_BK) * _GEMM_BK
+                t = (x @ lora_A.to(dt).t()).float() * float(lora_scale)
+                A2 = _pad_cols(t.to(dt), R)
+                B2 = _pad_cols(lora_B.to(dt), R)
+            b = bias.reshape(-1).float().contiguous() if bias is not None else None
+            y = torch.empty((M, N), dtype=dt, device=dev)
+            check(_C().gemm_4bit(DTYPE_CODES[dt], 0, ptr(x), M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc, p_off,
+                                 blocksize, qt, ptr(A2), ptr(B2), R, ptr(b), ptr(y), _stream(dev)),
+                  "cuda.gemm_4bit(forward)")
+            return y
+        # Large M, fp32, or a layout the fused kernels do not take: dequantize + cuBLAS.
+        W = _via_dequantize(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N, K, dt)
+        y = torch.nn.functional.linear(x, W, None if bias is None else bias.to(dt))
+        if lora_A is not None:
+            y = y + lora_scale * ((x @ lora_A.to(dt).t()) @ lora_B.to(dt).t())
+        return y
+
+
+def matmul_4bit_backward_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                               nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                               offset: Optional[torch.Tensor], blocksize: int, quant_type: str, N: int, K: int,
+                               lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], lora_scale: float):
+    """dy [M, N] -> dy·deq(W) + s·(dy·B)·A, [M, K] in dy.dtype, W read transposed in place."""
+    if dy.dtype not in DTYPE_CODES or dy.dim() != 2 or dy.shape[0] == 0 or not _ok_blocksize(blocksize):
+        return NotImplemented
+    st = _state(absmax, nested_absmax, nested_code, offset)
+    if st is None:
+        return NotImplemented
+    (p_abs, p_q, p_na, p_nc, p_off), _keep = st
+    M = dy.shape[0]
+    dt = dy.dtype
+    dy = dy.contiguous()
+    packed = packed.reshape(-1).contiguous()
+    dev = dy.device
+    with torch.cuda.device(dev):
+        if (dt in _HALF_DTYPES and K % 32 == 0 and N % 8 == 0 and M <= FUSED_MAX_M and _aligned(dy, packed)):
+            A2 = B2 = None
+            R = 0
+            if lora_A is not None:
+                r = lora_A.shape[0]
+                R = -(-r // _GEMM_BK) * _GEMM_BK
+                u = (dy @ lora_B.to(dt)).float() * float(lora_scale)
+                A2 = _pad_cols(u.to(dt), R)
+                B2 = lora_A.new_zeros((R, K), dtype=dt)
+                B2[:r] = lora_A.to(dt)
+            dx = torch.empty((M, K), dtype=dt, device=dev)
+            check(_C().gemm_4bit(DTYPE_CODES[dt], 1, ptr(dy), M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc, p_off,
+                                 blocksize, QUANT_TYPE_CODES[quant_type], ptr(A2), ptr(B2), R, 0, ptr(dx),
+                                 _stream(dev)), "cuda.gemm_4bit(backward)")
+            return dx
+        W = _via_dequantize(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N, K, dt)
+        dx = dy @ W
+        if lora_A is not None:
+            dx = dx + lora_scale * ((dy @ lora_B.to(dt)) @ lora_A.to(dt))
+        return dx
+
+
+# ---------------------------------------------------------------- self-test
+def selftest(verbose: bool = True) -> bool:
+    """Runs every kernel once on small odd shapes against reference.py; prints PASS/FAIL lines.
+
+    `python -m nf4kit.backends.cuda` — meant for a first run on a GPU, before the test suite.
+    """
+    from .. import reference as ref
+
+    if not is_available():
+        print("cuda backend not available:", "no _C.cuda" if not getattr(load(), "has_cuda", False) else "no GPU")
+        return False
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ok = True
+
+    def report(name: str, passed: bool, detail: str = "") -> None:
+        nonlocal ok
+        ok &= passed
+        if verbose or not passed:
+            print(f"{'PASS' if passed else 'FAIL'} {name} {detail}")
+
+    def run(name, fn):
+        try:
+            fn()
+        except Exception as e:  # a launch error must not hide the other kernels' results
+            report(name, False, f"raised {type(e).__name__}: {e}")
+
+    def quant_cases():
+        for n, bs, qt, dt in [(1, 64, "nf4", torch.float32), (1001, 32, "nf4", torch.bfloat16),
+                              (4097, 4096, "fp4", torch.float16), (70001, 128, "nf4", torch.float32)]:
+            A = torch.randn(n, generator=g).to(dt).to(dev)
+            p, a = quantize_4bit(A, bs, qt)
+            rp, ra = ref.quantize_4bit(A, bs, qt)
+            report(f"quantize_4bit n={n} bs={bs} {qt} {dt}", torch.equal(p, rp) and torch.equal(a, ra))
+            for odt in (torch.float32, torch.float16, torch.bfloat16):
+                out = dequantize_4bit(rp, ra, None, None, None, bs, qt, n, odt)
+                exp = ref.dequantize_4bit(rp, ra, None, None, None, bs, qt, n, odt)
+                report(f"dequantize_4bit n={n} bs={bs} {qt} ->{odt}", torch.equal(out, exp))
+            off = ra.double().mean().float()
+            code = fmt.dynamic_map().to(dev)
+            q, na = quantize_blockwise(ra - off, code, 256)
+            rq, rna = ref.quantize_blockwise(ra - off, code, 256)
+            report(f"quantize_blockwise nb={ra.numel()}", torch.equal(q, rq) and torch.equal(na, rna))
+            d8 = dequantize_blockwise(rq, rna, code, 256, torch.float32)
+            report(f"dequantize_blockwise nb={ra.numel()}",
+                   torch.equal(d8, ref.dequantize_blockwise(rq, rna, code, 256, torch.float32)))
+            out = dequantize_4bit(rp, rq, rna, code, off, bs, qt, n, torch.bfloat16)
+            exp = ref.dequantize_4bit(rp, rq, rna, code, off, bs, qt, n, torch.bfloat16)
+            report(f"dequantize_4bit nested n={n} bs={bs}", torch.equal(out, exp))
+
+    def mm_cases():
+        for M, N, K, dt, lora in [(1, 300, 256, torch.bfloat16, True), (3, 77, 4096, torch.float32, False),
+                                  (8, 1000, 96, torch.float16, True), (100, 129, 320, torch.bfloat16, True),
+                                  (257, 64, 64, torch.float16, False), (64, 256, 512, torch.bfloat16, True)]:
+            W = torch.randn(N, K, generator=g).to(dev)
+            p, a = ref.quantize_4bit(W, 64, "nf4")
+            x = torch.randn(M, K, generator=g).to(dt).to(dev)
+            bias = torch.randn(N, generator=g).to(dev)
+            A = (torch.randn(8, K, generator=g) * 0.1).to(dev) if lora else None
+            B = (torch.randn(N, 8, generator=g) * 0.1).to(dev) if lora else None
+            y = matmul_4bit(x, p, a, None, None, None, 64, "nf4", N, K, bias, A, B, 0.5)
+            Wd = ref.dequantize_4bit(p, a, None, None, None, 64, "nf4", N * K, torch.float64).view(N, K)
+            yr = x.double() @ Wd.t() + bias.double()
+            if lora:
+                yr = yr + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+            err = ((y.double() - yr).norm() / yr.norm()).item()
+            tol = 1e-5 if dt == torch.float32 else 1e-2
+            report(f"matmul_4bit M={M} N={N} K={K} {dt} lora={lora}", err < tol, f"rel_err={err:.2e}")
+            dy = torch.randn(M, N, generator=g).to(dt).to(dev)
+            dx = matmul_4bit_backward_input(dy, p, a, None, None, None, 64, "nf4", N, K, A, B, 0.5)
+            dxr = dy.double() @ Wd
+            if lora:
+                dxr = dxr + 0.5 * (dy.double() @ B.double()) @ A.double()
+            err = ((dx.double() - dxr).norm() / dxr.norm()).item()
+            report(f"backward_input M={M} N={N} K={K} {dt} lora={lora}", err < tol, f"rel_err={err:.2e}")
+
+    run("quantize/dequantize", quant_cases)
+    run("matmuls", mm_cases)
+    torch.cuda.synchronize()
+    print("cuda selftest:", "ALL PASS" if ok else "FAILURES")
+    return ok
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(0 if selftest() else 1)

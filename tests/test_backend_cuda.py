@@ -1,0 +1,264 @@
+"""The hand-written CUDA kernels (backend `cuda`) against reference.py.
+
+Skipped without a CUDA device (and without a CUDA build of nf4kit._C).  On a GPU:
+quantize / dequantize bit-exact for every blocksize, quant type, dtype, odd sizes and tails,
+nested (double-quant) state; GEMV, fused GEMM forward and backward by relative error
+against a float64 reference; the routing paths; CUDA-graph capture of dequantize.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nf4kit
+from nf4kit import backends, ops
+from nf4kit import format as fmt
+from nf4kit import reference as ref
+
+cuda_backend = backends.get("cuda")
+HAS_CUDA_BACKEND = cuda_backend is not None and cuda_backend.is_available()
+pytestmark = pytest.mark.skipif(
+    not HAS_CUDA_BACKEND,
+    reason="needs a CUDA device and nf4kit._C built with CUDA (the cuda backend only runs on a GPU)",
+)
+
+DEV = "cuda"
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+SIZES = (1, 2, 31, 33, 1001, 4097, 65537)  # odd counts, partial chunks, tails
+
+
+def _ran_cuda(op: str) -> None:
+    assert backends.last_backend.get(op) == "cuda", f"{op} ran on {backends.last_backend.get(op)}, not cuda"
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(shape, dtype, seed, scale=1.0) -> torch.Tensor:
+    return (torch.randn(shape, generator=_gen(seed)) * scale).to(dtype).to(DEV)
+
+
+def _state(n: int, blocksize: int, quant_type: str, nested: bool, seed: int):
+    """(packed, absmax, nested_absmax, nested_code, offset) made by the reference."""
+    A = _rand((n,), torch.float32, seed) * (1 + torch.rand(n, generator=_gen(seed + 1)).to(DEV) * 10)
+    packed, absmax = ref.quantize_4bit(A, blocksize, quant_type)
+    if not nested:
+        return packed, absmax, None, None, None
+    q, nested_absmax, offset = ref.double_quantize(absmax)
+    return packed, q, nested_absmax, fmt.dynamic_map().to(DEV), offset
+
+
+# ---------------------------------------------------------------- quantize / dequantize, bit-exact
+@pytest.mark.parametrize("blocksize", fmt.BLOCKSIZES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_4bit_bit_exact(blocksize, quant_type):
+    for i, n in enumerate(SIZES):
+        for dt in FLOATS:
+            A = _rand((n,), dt, 10 * i + blocksize, scale=3.0)
+            A[: min(n, blocksize)] = 0  # an all-zero block (or part of one)
+            with nf4kit.use_backend("cuda"):
+                packed, absmax = ops.quantize_4bit(A, blocksize, quant_type)
+            _ran_cuda("quantize_4bit")
+            rp, ra = ref.quantize_4bit(A, blocksize, quant_type)
+            assert torch.equal(packed, rp), (n, dt)
+            assert torch.equal(absmax, ra), (n, dt)
+
+
+@pytest.mark.parametrize("blocksize", fmt.BLOCKSIZES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_4bit_bit_exact(blocksize, quant_type, nested):
+    for i, n in enumerate(SIZES):
+        st = _state(n, blocksize, quant_type, nested, seed=i)
+        for dt in FLOATS:
+            with nf4kit.use_backend("cuda"):
+                out = ops.dequantize_4bit(*st, blocksize, quant_type, n, dt)
+            _ran_cuda("dequantize_4bit")
+            assert torch.equal(out, ref.dequantize_4bit(*st, blocksize, quant_type, n, dt)), (n, dt)
+
+
+def test_dequantize_4bit_unaligned_view():
+    """A packed view that is not 16-byte aligned takes the element-wise path: same bits."""
+    n, bs = 4096 + 77, 64
+    packed, absmax, *_ = _state(n, bs, "nf4", False, seed=3)
+    buf = torch.zeros(packed.numel() + 1, dtype=torch.uint8, device=DEV)
+    buf[1:] = packed
+    view = buf[1:]
+    assert view.data_ptr() % 16 != 0
+    with nf4kit.use_backend("cuda"):
+        out = ops.dequantize_4bit(view, absmax, None, None, None, bs, "nf4", n, torch.bfloat16)
+    _ran_cuda("dequantize_4bit")
+    assert torch.equal(out, ref.dequantize_4bit(packed, absmax, None, None, None, bs, "nf4", n, torch.bfloat16))
+
+
+@pytest.mark.parametrize("blocksize", [32, 256, 4096])
+def test_blockwise_8bit_bit_exact(blocksize):
+    code = fmt.dynamic_map().to(DEV)
+    for i, n in enumerate((1, 255, 257, 5000, 70001)):
+        for dt in FLOATS:
+            A = _rand((n,), dt, 100 + i)
+            with nf4kit.use_backend("cuda"):
+                q, absmax = ops.quantize_blockwise(A, code, blocksize)
+            _ran_cuda("quantize_blockwise")
+            rq, ra = ref.quantize_blockwise(A, code, blocksize)
+            assert torch.equal(q, rq) and torch.equal(absmax, ra), (n, dt)
+            for odt in FLOATS:
+                with nf4kit.use_backend("cuda"):
+                    out = ops.dequantize_blockwise(rq, ra, code, blocksize, odt)
+                _ran_cuda("dequantize_blockwise")
+                assert torch.equal(out, ref.dequantize_blockwise(rq, ra, code, blocksize, odt)), (n, dt, odt)
+
+
+def test_public_api_double_quant_matches_reference():
+    """nf4kit.quantize_4bit(compress_statistics=True) on cuda == the reference's state, bit for bit."""
+    A = _rand((333, 129), torch.bfloat16, 7)
+    with nf4kit.use_backend("cuda"):
+        packed, qs = nf4kit.quantize_4bit(A, blocksize=64, compress_statistics=True)
+        W = nf4kit.dequantize_4bit(packed, qs)
+    _ran_cuda("dequantize_4bit")
+    rp, ra = ref.quantize_4bit(A, 64, "nf4")
+    rq, rn, roff = ref.double_quantize(ra)
+    assert torch.equal(packed.view(-1), rp)
+    assert torch.equal(qs.absmax, rq) and torch.equal(qs.state2.absmax, rn) and torch.equal(qs.offset, roff)
+    exp = ref.dequantize_4bit(rp, rq, rn, fmt.dynamic_map().to(DEV), roff, 64, "nf4", A.numel(), torch.bfloat16)
+    assert torch.equal(W.view(-1), exp)
+
+
+# ---------------------------------------------------------------- matmuls, relative error vs float64
+def _tol(dt):
+    return 1e-5 if dt == torch.float32 else 1e-2
+
+
+def _relerr(out, exp):
+    return ((out.double() - exp).norm() / exp.norm()).item()
+
+
+def _weight(N, K, blocksize, quant_type, nested, seed):
+    st = _state(N * K, blocksize, quant_type, nested, seed)
+    W64 = ref.dequantize_4bit(*st, blocksize, quant_type, N * K, torch.float64).view(N, K)
+    return st, W64
+
+
+MM_CASES = [  # (M, N, K, blocksize, nested)
+    (1, 300, 256, 64, False),
+    (3, 77, 4096, 128, True),
+    (8, 1000, 96, 32, False),
+    (16, 129, 320, 64, True),
+    (100, 256, 512, 4096, False),  # blocks cross rows
+    (257, 72, 64, 256, True),  # blocksize > K
+    (5, 40, 100, 64, False),  # K % 32 != 0: dequantize + cuBLAS path
+]
+
+
+@pytest.mark.parametrize("M,N,K,blocksize,nested", MM_CASES)
+@pytest.mark.parametrize("dt", FLOATS)
+@pytest.mark.parametrize("lora", [False, True])
+def test_matmul_forward(M, N, K, blocksize, nested, dt, lora):
+    st, W64 = _weight(N, K, blocksize, "nf4", nested, seed=M + N)
+    x = _rand((M, K), dt, 1)
+    bias = _rand((N,), torch.float32, 2)
+    r = 12
+    A = _rand((r, K), dt, 3, 0.1) if lora else None
+    B = _rand((N, r), dt, 4, 0.1) if lora else None
+    with nf4kit.use_backend("cuda"):
+        y = ops.matmul_4bit(x, st[0], *st[1:], blocksize, "nf4", N, K, bias, A, B, 0.7)
+    _ran_cuda("matmul_4bit")
+    assert y.dtype == dt and y.shape == (M, N)
+    exp = x.double() @ W64.t() + bias.double()
+    if lora:
+        exp = exp + 0.7 * (x.double() @ A.double().t()) @ B.double().t()
+    assert _relerr(y, exp) < _tol(dt)
+
+
+@pytest.mark.parametrize("M,N,K,blocksize,nested", MM_CASES)
+@pytest.mark.parametrize("dt", FLOATS)
+@pytest.mark.parametrize("lora", [False, True])
+def test_matmul_backward_input(M, N, K, blocksize, nested, dt, lora):
+    st, W64 = _weight(N, K, blocksize, "fp4", nested, seed=M * N)
+    dy = _rand((M, N), dt, 5)
+    r = 70  # > one 64-wide LoRA tile
+    A = _rand((r, K), dt, 6, 0.1) if lora else None
+    B = _rand((N, r), dt, 7, 0.1) if lora else None
+    with nf4kit.use_backend("cuda"):
+        dx = ops.matmul_4bit_backward_input(dy, st[0], *st[1:], blocksize, "fp4", N, K, A, B, 1.5)
+    _ran_cuda("matmul_4bit_backward_input")
+    assert dx.dtype == dt and dx.shape == (M, K)
+    exp = dy.double() @ W64
+    if lora:
+        exp = exp + 1.5 * (dy.double() @ B.double()) @ A.double()
+    assert _relerr(dx, exp) < _tol(dt)
+
+
+@pytest.mark.parametrize("route", ["gemv", "fused", "dequant"])
+def test_matmul_routes(monkeypatch, route):
+    """Every matmul route of backends/cuda.py gives the same answer for one M."""
+    M, N, K = 6, 136, 256
+    monkeypatch.setattr(cuda_backend, "GEMV_MAX_M", 8 if route == "gemv" else 0)
+    monkeypatch.setattr(cuda_backend, "FUSED_MAX_M", 1024 if route == "fused" else 0)
+    st, W64 = _weight(N, K, 64, "nf4", True, seed=11)
+    x = _rand((M, K), torch.bfloat16, 8)
+    A, B = _rand((4, K), torch.bfloat16, 9, 0.1), _rand((N, 4), torch.bfloat16, 10, 0.1)
+    with nf4kit.use_backend("cuda"):
+        y = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, A, B, 2.0)
+        dx = ops.matmul_4bit_backward_input(y, st[0], *st[1:], 64, "nf4", N, K, A, B, 2.0)
+    _ran_cuda("matmul_4bit_backward_input")
+    exp = x.double() @ W64.t() + 2.0 * (x.double() @ A.double().t()) @ B.double().t()
+    assert _relerr(y, exp) < 1e-2
+    expdx = y.double() @ W64 + 2.0 * (y.double() @ B.double()) @ A.double()
+    assert _relerr(dx, expdx) < 1e-2
+
+
+def test_autograd_through_cuda():
+    """nf4kit.matmul_4bit forward + backward (x, bias, LoRA grads) served by the cuda kernels."""
+    N, K, M = 96, 128, 33
+    W = _rand((N, K), torch.float32, 12)
+    with nf4kit.use_backend("cuda"):
+        packed, qs = nf4kit.quantize_4bit(W, blocksize=64, compress_statistics=True)
+        x = _rand((M, K), torch.bfloat16, 13).requires_grad_()
+        A = _rand((8, K), torch.bfloat16, 14, 0.1).requires_grad_()
+        B = _rand((N, 8), torch.bfloat16, 15, 0.1).requires_grad_()
+        y = nf4kit.matmul_4bit(x, packed, qs, lora_A=A, lora_B=B, lora_scale=0.5)
+        y.float().square().sum().backward()
+    _ran_cuda("matmul_4bit")
+    _ran_cuda("matmul_4bit_backward_input")
+    W64 = nf4kit.dequantize_4bit(packed, qs, dtype=torch.float32).double()
+    x64 = x.detach().double().requires_grad_()
+    y64 = x64 @ W64.t() + 0.5 * (x64 @ A.detach().double().t()) @ B.detach().double().t()
+    (y64.square().sum()).backward()
+    assert _relerr(x.grad, x64.grad) < 2e-2
+
+
+# ---------------------------------------------------------------- CUDA graphs
+def test_dequantize_cuda_graph_capture():
+    n, bs = 8192 + 33, 64
+    st = _state(n, bs, "nf4", True, seed=21)
+    with nf4kit.use_backend("cuda"):
+        ops.dequantize_4bit(*st, bs, "nf4", n, torch.bfloat16)  # warm up outside the graph
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ops.dequantize_4bit(*st, bs, "nf4", n, torch.bfloat16)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = ops.dequantize_4bit(*st, bs, "nf4", n, torch.bfloat16)
+    _ran_cuda("dequantize_4bit")
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref.dequantize_4bit(*st, bs, "nf4", n, torch.bfloat16))
+
+
+def test_kernel_error_is_raised_with_its_name():
+    """A status from C++ becomes a RuntimeError naming the kernel (here: an unsupported blocksize)."""
+    from nf4kit.backends import _native
+
+    C = _native.load()
+    x = torch.ones(64, device=DEV)
+    packed = torch.empty(32, dtype=torch.uint8, device=DEV)
+    absmax = torch.empty(1, device=DEV)
+    status = C.cuda.quantize_4bit(x.data_ptr(), 0, 64, 48, 0, packed.data_ptr(), absmax.data_ptr(),
+                                  torch.cuda.current_stream().cuda_stream)
+    with pytest.raises(RuntimeError, match="cuda.quantize_4bit"):
+        _native.check(status, "cuda.quantize_4bit")

@@ -10,6 +10,9 @@ import torch
 # Triton's interpreter must be chosen before triton is imported (DESIGN.md §6).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# bitsandbytes is an oracle in these tests: keep nf4kit's entry point from replacing its
+# kernels at import (tests/integrations enable it explicitly).
+os.environ.setdefault("NF4KIT_BNB_BACKEND", "0")
 
 import pathlib  # noqa: E402
 

@@ -34,3 +34,8 @@ __all__ = [
     "dequantize_blockwise", "matmul_4bit", "quantize_4bit", "quantize_absmax_int8", "quantize_blockwise",
     "use_backend", "nn", "ops", "reference", "format",
 ]
+
+try:  # issue 5: nf4kit.from_pretrained (transformers itself is imported lazily, on call)
+    from .integrations.transformers import from_pretrained  # noqa: E402,F401
+except ImportError:  # pragma: no cover
+    pass

@@ -14,7 +14,6 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as BF  # noqa: E402
 
-import nf4kit  # noqa: E402
 from nf4kit import reference  # noqa: E402
 from nf4kit.integrations import bitsandbytes as nbnb  # noqa: E402
 
@@ -248,8 +247,7 @@ _EP_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("env", ["1", "0"])
-def test_entry_point_discovered_by_bitsandbytes(tmp_path, env):
+def test_entry_point_discovered_by_bitsandbytes(tmp_path, env="1"):
     """bitsandbytes finds the entry point through importlib.metadata: install a throwaway
     dist-info that declares it (what pyproject's [project.entry-points] produces)."""
     dist = tmp_path / "nf4kit_bnb_backend_test-0.0.dist-info"

@@ -1,0 +1,369 @@
+"""nf4kit as a kernel backend for bitsandbytes (>= 0.48, tested with 0.50.2).
+
+bitsandbytes routes its 4-bit and 8-bit block-wise work through torch.library ops in the
+``bitsandbytes`` namespace (``bitsandbytes/_ops.py``) and looks up a kernel per device.
+`enable()` registers nf4kit's kernels for
+
+    bitsandbytes::quantize_4bit, dequantize_4bit (+ .out), gemv_4bit (+ .out), gemm_4bit,
+    quantize_blockwise, dequantize_blockwise (+ .out)
+
+on the CPU and CUDA dispatch keys, in a private ``torch.library.Library`` fragment, so that
+`disable()` removes exactly those registrations and bitsandbytes' own kernels are back.
+
+bitsandbytes calls every entry point of the ``bitsandbytes.backends`` group at the end of
+``import bitsandbytes`` (after its own kernels are registered) and turns any exception into
+an import error; `entry_point` therefore catches everything and only warns.  Set
+``NF4KIT_BNB_BACKEND=0`` to keep the entry point from registering anything.
+
+Schemas are honoured as bitsandbytes defines them: the packed weight ``B`` may be stored as
+any dtype (viewed as uint8 bytes), ``shapeB = [N, K]``, ``gemm_4bit`` gets the double-quant
+state unexpanded (``absmax`` = nested fp32 absmax, ``absmax_8bit`` uint8 codes,
+``absmax_code`` fp32[256], ``absmax_offset`` fp32 0-d), other absmax are fp32.  One
+deliberate difference: bitsandbytes' CPU ``quantize_blockwise`` (used for double quant)
+finds codes with an approximate lookup table, nf4kit picks the exact nearest code, so a
+few nested absmax codes can differ by one step from stock bitsandbytes on CPU.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+
+ENV_VAR = "NF4KIT_BNB_BACKEND"
+DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+OPS = (
+    "quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "gemv_4bit", "gemv_4bit.out", "gemm_4bit",
+    "quantize_blockwise", "dequantize_blockwise", "dequantize_blockwise.out",
+)
+
+# (bitsandbytes op, device type) -> number of calls nf4kit served; tests use it to prove
+# that nf4kit's kernels ran (nf4kit.backends.call_counts says which nf4kit backend ran).
+call_counts: collections.Counter = collections.Counter()
+_lib: Optional[torch.library.Library] = None
+
+
+# ---------------------------------------------------------------- helpers
+def _as_bytes(B: torch.Tensor) -> torch.Tensor:
+    """Packed 4-bit codes as a flat uint8 tensor, whatever the storage dtype (FSDP stores bf16...)."""
+    flat = B.contiguous().reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def _count(op: str, device: torch.device) -> None:
+    call_counts[(op, device.type)] += 1
+
+
+def _table_type(code: torch.Tensor) -> Optional[str]:
+    """'nf4' / 'fp4' if `code` is exactly that 16-entry table, else None."""
+    from .. import format as fmt
+
+    if code.numel() != 16:
+        return None
+    c = code.detach().reshape(-1).float().cpu()
+    for qt in fmt.QUANT_TYPES:
+        if torch.equal(c, fmt.code_table(qt)):
+            return qt
+    return None
+
+
+def _nf4kit_state(shape: Sequence[int], absmax: torch.Tensor, blocksize: int, quant_type: str,
+                  dtype: torch.dtype, absmax_8bit: Optional[torch.Tensor] = None,
+                  absmax_code: Optional[torch.Tensor] = None,
+                  absmax_offset: Optional[torch.Tensor] = None):
+    """An nf4kit QuantState over bitsandbytes' loose op arguments (no copies of fp32 data)."""
+    from .. import format as fmt
+    from ..format import QuantState
+
+    code = fmt.code_table(quant_type, absmax.device)
+    if absmax_8bit is None:
+        return QuantState(absmax=absmax.float().reshape(-1), shape=torch.Size(shape), code=code,
+                          blocksize=blocksize, quant_type=quant_type, dtype=dtype)
+    state2 = QuantState(absmax=absmax.float().reshape(-1), code=absmax_code.float().reshape(-1),
+                        blocksize=fmt.NESTED_BLOCKSIZE, dtype=torch.float32)
+    return QuantState(absmax=absmax_8bit.reshape(-1), shape=torch.Size(shape), code=code, blocksize=blocksize,
+                      quant_type=quant_type, dtype=dtype, offset=absmax_offset.float().reshape(()), state2=state2)
+
+
+def _packed_for(B: torch.Tensor, n: int) -> torch.Tensor:
+    """The first (n+1)//2 bytes of B (bitsandbytes reads no more than that)."""
+    from .. import format as fmt
+
+    b = _as_bytes(B)
+    need = fmt.packed_nbytes(n)
+    if b.numel() < need:
+        raise ValueError(f"nf4kit/bitsandbytes: packed weight holds {b.numel()} bytes, shape needs {need}")
+    return b[:need] if b.numel() > need else b
+
+
+def _unpack_cpu_layout(B: torch.Tensor, absmax: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undo bitsandbytes' AVX512-BF16 CPU weight layout (``packing_format_for_cpu``).
+
+    bitsandbytes' Linear4bit, in eval mode on a CPU with AVX512-BF16, repacks its weight as
+    [N, K/2] bytes in tiles of 32 rows (low nibbles = first 32 codes of a 64-code group) and
+    stores absmax as bf16 [K/blocksize, N].  Returns (standard packed uint8 [N*K/2],
+    absmax fp32 [N*K/blocksize]) holding the same values.
+    """
+    tile = 32
+    p = B.contiguous().view(torch.uint8).reshape(-1, tile)
+    groups = torch.cat([p & 15, p >> 4], dim=1)                      # [-1, 64]: 32 low, 32 high
+    codes = groups.reshape(N // tile, K // 2, tile, 2).transpose(1, 2).reshape(-1)  # row-major [N, K]
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return packed.contiguous(), absmax.t().reshape(-1).float().contiguous()
+
+
+def _generic_dequant_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                          n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize with an arbitrary 16-entry code (neither NF4 nor FP4): a pure-torch path."""
+    p = packed.to(torch.int64)
+    idx = torch.stack([p >> 4, p & 15], dim=1).reshape(-1)[:n]
+    scale = absmax.float().reshape(-1)[torch.arange(n, device=packed.device) // blocksize]
+    return (code.float().reshape(-1)[idx] * scale).to(dtype)
+
+
+# ---------------------------------------------------------------- kernels (bitsandbytes schemas)
+def _quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str,
+                   quant_storage: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    from .. import format as fmt
+    from .. import ops
+
+    fmt.check_blocksize(blocksize)
+    fmt.check_quant_type(quant_type)
+    if A.dtype not in fmt.FLOAT_DTYPES:
+        raise TypeError(f"Blockwise 4bit quantization only supports 16/32-bit floats, but got {A.dtype}")
+    _count("quantize_4bit", A.device)
+    n = A.numel()
+    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    if n == 0:
+        return (torch.empty((0, 1), dtype=quant_storage, device=A.device),
+                torch.empty((0,), dtype=torch.float32, device=A.device))
+    packed, absmax = ops.quantize_4bit(A.contiguous(), blocksize, quant_type)
+    if quant_storage != torch.uint8:
+        if packed.numel() % itemsize:
+            raise ValueError(f"{packed.numel()} packed bytes do not fill whole {quant_storage} elements")
+        packed = packed.view(quant_storage)
+    return packed.unsqueeze(1), absmax
+
+
+def _dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                     shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    from .. import format as fmt
+    from .. import ops
+
+    fmt.check_blocksize(blocksize)
+    fmt.check_quant_type(quant_type)
+    if dtype not in fmt.FLOAT_DTYPES:
+        raise TypeError(f"Blockwise 4bit dequantization only supports 16/32-bit floats, but got {dtype}")
+    _count("dequantize_4bit", A.device)
+    n = math.prod(shape)
+    if n == 0:
+        return torch.empty(tuple(shape), dtype=dtype, device=A.device)
+    nb = fmt.num_blocks(n, blocksize)
+    if absmax.numel() < nb:
+        raise ValueError(f"absmax has {absmax.numel()} entries, {n} values in blocks of {blocksize} need {nb}")
+    am = absmax.reshape(-1)[:nb].float().contiguous()
+    out = ops.dequantize_4bit(_packed_for(A, n), am, None, None, None, blocksize, quant_type, n, dtype)
+    return out.view(tuple(shape))
+
+
+def _dequantize_4bit_out(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                         shape: Sequence[int], dtype: torch.dtype, out: torch.Tensor) -> None:
+    out.copy_(_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype))
+
+
+def _gemv_4bit(A: torch.Tensor, B: torch.Tensor, shapeB: Sequence[int], absmax: torch.Tensor,
+               code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    from .. import functional as F
+
+    N, K = int(shapeB[0]), int(shapeB[1])
+    _count("gemv_4bit", A.device)
+    if A.numel() == 0:
+        return A.new_empty((*A.shape[:-1], N))
+    if absmax.dim() == 2:  # bitsandbytes' CPU AVX512-BF16 layout, see _unpack_cpu_layout
+        packed, absmax = _unpack_cpu_layout(B, absmax, N, K)
+    else:
+        packed, absmax = _packed_for(B, N * K), absmax.reshape(-1).float()
+    quant_type = _table_type(code)
+    if quant_type is None:  # a custom 16-entry code: not a format nf4kit kernels know
+        W = _generic_dequant_4bit(packed, absmax, code, blocksize, N * K, A.dtype).view(N, K)
+        return torch.nn.functional.linear(A, W)
+    qs = _nf4kit_state((N, K), absmax, blocksize, quant_type, A.dtype)
+    return F.matmul_4bit(A, packed, qs)
+
+
+def _gemv_4bit_out(A: torch.Tensor, B: torch.Tensor, shapeB: Sequence[int], absmax: torch.Tensor,
+                   code: torch.Tensor, blocksize: int, out: torch.Tensor) -> None:
+    out.copy_(_gemv_4bit(A, B, shapeB, absmax, code, blocksize))
+
+
+def _gemm_4bit(A: torch.Tensor, B: torch.Tensor, shapeB: Sequence[int], absmax: torch.Tensor, blocksize: int,
+               quant_type: str, bias: Optional[torch.Tensor] = None, absmax_8bit: Optional[torch.Tensor] = None,
+               absmax_code: Optional[torch.Tensor] = None,
+               absmax_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    from .. import functional as F
+
+    N, K = int(shapeB[0]), int(shapeB[1])
+    _count("gemm_4bit", A.device)
+    if A.numel() == 0:
+        return A.new_empty((*A.shape[:-1], N))
+    if absmax_8bit is not None and (absmax_code is None or absmax_offset is None):
+        raise ValueError("gemm_4bit: absmax_8bit needs absmax_code and absmax_offset")
+    qs = _nf4kit_state((N, K), absmax, blocksize, quant_type, A.dtype, absmax_8bit, absmax_code, absmax_offset)
+    return F.matmul_4bit(A, _packed_for(B, N * K), qs, bias=None if bias is None else bias.to(A.dtype))
+
+
+def _quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from .. import format as fmt
+    from .. import ops, reference
+
+    if A.dtype not in fmt.FLOAT_DTYPES:
+        raise TypeError(f"Blockwise quantization only supports 16/32-bit floats, but got {A.dtype}")
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    _count("quantize_blockwise", A.device)
+    if A.numel() == 0:
+        return torch.empty_like(A, dtype=torch.uint8), torch.empty((0,), dtype=torch.float32, device=A.device)
+    x, code = A.reshape(-1).contiguous(), code.float().reshape(-1).contiguous()
+    if blocksize in fmt.BLOCKSIZES and code.numel() == 256:
+        q, am = ops.quantize_blockwise(x, code, blocksize)
+    else:  # any other block size or map: nf4kit's reference (pure torch, same rule)
+        q, am = reference.quantize_blockwise(x, code, blocksize)
+    return q.view(A.shape), am
+
+
+def _dequantize_blockwise(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    from .. import format as fmt
+    from .. import ops, reference
+
+    if A.dtype != torch.uint8:
+        raise TypeError(f"A must be uint8, got {A.dtype}")
+    if dtype not in fmt.FLOAT_DTYPES:
+        raise TypeError(f"Blockwise dequantization only supports 16/32-bit floats, but got {dtype}")
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    _count("dequantize_blockwise", A.device)
+    n = A.numel()
+    if n == 0:
+        return torch.empty_like(A, dtype=dtype)
+    nb = fmt.num_blocks(n, blocksize)
+    if absmax.numel() < nb:
+        raise ValueError(f"absmax has {absmax.numel()} entries, {n} codes in blocks of {blocksize} need {nb}")
+    q = A.reshape(-1).contiguous()
+    am = absmax.reshape(-1)[:nb].float().contiguous()
+    code = code.float().reshape(-1).contiguous()
+    if blocksize in fmt.BLOCKSIZES and code.numel() == 256:
+        out = ops.dequantize_blockwise(q, am, code, blocksize, dtype)
+    else:
+        out = reference.dequantize_blockwise(q, am, code, blocksize, dtype)
+    return out.view(A.shape)
+
+
+def _dequantize_blockwise_out(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                              dtype: torch.dtype, out: torch.Tensor) -> None:
+    out.copy_(_dequantize_blockwise(A, absmax, code, blocksize, dtype))
+
+
+_KERNELS = {
+    "quantize_4bit": _quantize_4bit,
+    "dequantize_4bit": _dequantize_4bit,
+    "dequantize_4bit.out": _dequantize_4bit_out,
+    "gemv_4bit": _gemv_4bit,
+    "gemv_4bit.out": _gemv_4bit_out,
+    "gemm_4bit": _gemm_4bit,
+    "quantize_blockwise": _quantize_blockwise,
+    "dequantize_blockwise": _dequantize_blockwise,
+    "dequantize_blockwise.out": _dequantize_blockwise_out,
+}
+
+
+# ---------------------------------------------------------------- public switch
+def is_enabled() -> bool:
+    """True while nf4kit's kernels are registered for bitsandbytes' ops."""
+    return _lib is not None
+
+
+def enable(devices: Sequence[str] = ("cpu", "cuda")) -> bool:
+    """Register nf4kit's kernels for bitsandbytes' 4-bit / block-wise ops on `devices`.
+
+    Idempotent.  Imports bitsandbytes' op definitions (``bitsandbytes._ops``) if needed.
+    Returns True when registered.  An explicit call registers even if NF4KIT_BNB_BACKEND=0
+    (the variable only gates the automatic entry point).
+    """
+    global _lib
+    if _lib is not None:
+        return True
+    import importlib
+
+    importlib.import_module("bitsandbytes._ops")  # defines the bitsandbytes:: schemas
+    if _lib is not None:  # importing bitsandbytes ran our entry point already
+        return True
+    lib = torch.library.Library("bitsandbytes", "FRAGMENT")  # noqa: TOR901 (our own fragment)
+    try:
+        with warnings.catch_warnings():
+            # "Overriding a previously registered kernel": that is the point.
+            warnings.simplefilter("ignore")
+            for op in OPS:
+                for dev in devices:
+                    if dev not in DEVICE_KEYS:
+                        raise ValueError(f"unsupported device {dev!r}; choose from {tuple(DEVICE_KEYS)}")
+                    lib.impl(op, _KERNELS[op], DEVICE_KEYS[dev])
+    except Exception:
+        lib._destroy()
+        raise
+    _lib = lib
+    return True
+
+
+def disable() -> None:
+    """Remove nf4kit's registrations: bitsandbytes' own kernels serve its ops again."""
+    global _lib
+    if _lib is not None:
+        lib, _lib = _lib, None
+        lib._destroy()
+
+
+class enabled:
+    """Context manager: nf4kit kernels on (True) or off (False) inside, previous state after."""
+
+    def __init__(self, on: bool = True, devices: Sequence[str] = ("cpu", "cuda")) -> None:
+        self.on, self.devices = on, devices
+
+    def __enter__(self) -> "enabled":
+        self.was = is_enabled()
+        if self.on:
+            enable(self.devices)
+        else:
+            disable()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.was and not is_enabled():
+            enable(self.devices)
+        elif not self.was and is_enabled():
+            disable()
+
+
+def _env_allows() -> bool:
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def entry_point() -> None:
+    """The ``bitsandbytes.backends`` entry point: runs at the end of ``import bitsandbytes``.
+
+    Never raises (bitsandbytes would turn it into an ImportError); problems become a warning.
+    """
+    try:
+        if not _env_allows():
+            return
+        enable()
+    except Exception as e:  # noqa: BLE001 - must never break `import bitsandbytes`
+        try:
+            disable()
+        except Exception:  # noqa: BLE001
+            pass
+        warnings.warn(f"nf4kit: could not register as a bitsandbytes backend ({type(e).__name__}: {e}); "
+                      "bitsandbytes' own kernels are used", RuntimeWarning, stacklevel=2)

@@ -19,22 +19,26 @@ def _rand(shape, dtype, seed):
     return (torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 3).to(dtype)
 
 
+BNB_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def bnb_cpu_dequant_is_exact(shape, blocksize: int) -> bool:
-    """bitsandbytes 0.50.2's C++ CPU dequantize_4bit (used for an even last dim) indexes absmax
-    per row, so it is wrong when blocks span rows (last dim not a multiple of blocksize);
-    an odd last dim goes to its generic path, which is right."""
-    return shape[-1] % 2 == 1 or shape[-1] % blocksize == 0
+    """bitsandbytes 0.50.2's AVX-512 C++ CPU dequantize_4bit (used for an even last dim)
+    indexes absmax per row, so it is wrong when blocks span rows (last dim not a multiple of
+    blocksize); its AVX2 kernel and its generic path (odd last dim) are right."""
+    return not BNB_AVX512 or shape[-1] % 2 == 1 or shape[-1] % blocksize == 0
 
 
 def test_bitsandbytes_cpu_dequant_defect_is_real():
-    """Documents the defect above: our output follows the format, theirs does not."""
+    """Documents the defect above: our output follows the format; theirs does exactly where
+    bnb_cpu_dequant_is_exact says so."""
     A = _rand((40, 96), torch.float32, seed=2)
     qb, sb = F.quantize_4bit(A, blocksize=64, compress_statistics=False, quant_type="nf4")
     ours = nf4kit.dequantize_4bit(qb, nf4kit.QuantState.from_dict(sb.as_dict(packed=True)))
     ref = nf4kit.reference.dequantize_4bit(qb.reshape(-1), sb.absmax, None, None, None, 64, "nf4", A.numel(),
                                            torch.float32).view(A.shape)
     assert torch.equal(ours, ref)
-    assert not torch.equal(F.dequantize_4bit(qb, sb), ref)
+    assert torch.equal(F.dequantize_4bit(qb, sb), ref) == bnb_cpu_dequant_is_exact(A.shape, 64)
 
 
 def _assert_same_codes(ours: torch.Tensor, theirs: torch.Tensor, A: torch.Tensor, blocksize: int) -> None:

@@ -7,6 +7,7 @@ import torch
 
 import nf4kit
 from nf4kit import format as fmt
+from conftest import slow_backend
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -65,7 +66,9 @@ def _assert_same_codes(ours: torch.Tensor, theirs: torch.Tensor, A: torch.Tensor
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_plain_state_matches_bitsandbytes(blocksize, quant_type, backend_device):
     backend, device = backend_device
-    for i, shape in enumerate(SHAPES):
+    # the Triton interpreter runs each program in Python: fewer, smaller cases there
+    shapes = SHAPES[1:3] if slow_backend(backend, device) else SHAPES
+    for i, shape in enumerate(shapes):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             A = _rand(shape, dtype, seed=blocksize * 7 + i)
             qb, sb = F.quantize_4bit(A, blocksize=blocksize, compress_statistics=False, quant_type=quant_type)
@@ -82,7 +85,7 @@ def test_plain_state_matches_bitsandbytes(blocksize, quant_type, backend_device)
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
 def test_nested_state_matches_bitsandbytes(blocksize, backend_device):
     backend, device = backend_device
-    A = _rand((515, 129), torch.float32, seed=blocksize)
+    A = _rand((131, 129) if slow_backend(backend, device) else (515, 129), torch.float32, seed=blocksize)
     qb, sb = F.quantize_4bit(A, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
     qn, sn = nf4kit.quantize_4bit(A.to(device), blocksize=blocksize, compress_statistics=True)
     assert torch.equal(qn.cpu(), qb)

@@ -1,7 +1,13 @@
 // Portable CPU quantize / dequantize kernels: OpenMP over blocks, scalar inner loops
 // written so the compiler vectorises them.  Arithmetic comes from core/nf4_core.h.
+// The public entry points at the end of this file dispatch to the AVX2 kernels
+// (quant_avx2.cpp) when the CPU has them; the code here is the generic fallback.
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "core/nf4_core.h"
 #include "core/status.h"
@@ -36,7 +42,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-int quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int quant_type,
+static int generic_quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int quant_type,
                   uint8_t* packed, float* absmax) {
   if (n <= 0 || blocksize <= 0 || (blocksize & 1)) return kBadArgument;
   const int64_t nblocks = ceil_div(n, blocksize);
@@ -59,7 +65,7 @@ int quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int qu
   return kOk;
 }
 
-int dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q,
+static int generic_dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q,
                     const float* nested_absmax, const float* nested_code, const float* offset,
                     int64_t n, int blocksize, int quant_type, void* out, int out_dtype) {
   if (n <= 0 || blocksize <= 0 || (blocksize & 1)) return kBadArgument;
@@ -92,7 +98,7 @@ int dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* a
   return kOk;
 }
 
-int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, const float* code,
+static int generic_quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, const float* code,
                        uint8_t* q, float* absmax) {
   if (n <= 0 || blocksize <= 0) return kBadArgument;
   const int64_t nblocks = ceil_div(n, blocksize);
@@ -110,7 +116,7 @@ int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, c
   return kOk;
 }
 
-int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
+static int generic_dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                          int blocksize, void* out, int out_dtype) {
   if (n <= 0 || blocksize <= 0) return kBadArgument;
   const int64_t nblocks = ceil_div(n, blocksize);
@@ -131,5 +137,219 @@ int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* cod
   return kOk;
 }
 
+// Elements [e0, e1) of a 4-bit tensor -> out[0 .. e1-e0), scalar.
+static void generic_dequantize_range(const Q4Args& q, int64_t e0, int64_t e1, void* out, int out_dtype) {
+  float table[16];
+  for (int c = 0; c < 16; ++c) table[c] = core::code_value(q.quant_type, c);
+  const float off = q.offset ? *q.offset : 0.0f;
+  float buf[256];
+  for (int64_t e = e0; e < e1;) {
+    const int64_t b = e / q.blocksize;
+    const int64_t seg_end = (b + 1) * q.blocksize < e1 ? (b + 1) * q.blocksize : e1;
+    const float scale = q.absmax ? q.absmax[b]
+                                 : core::nested_absmax_decode(q.absmax_q[b], q.nested_code,
+                                                              q.nested_absmax[b / core::kNestedBlocksize], off);
+    while (e < seg_end) {
+      const int count = (int)(seg_end - e < 256 ? seg_end - e : 256);
+      for (int j = 0; j < count; ++j) {
+        const int64_t g = e + j;
+        const uint8_t byte = q.packed[g >> 1];
+        buf[j] = table[(g & 1) ? core::low_code(byte) : core::high_code(byte)] * scale;
+      }
+      store_from_f32(out, out_dtype, e - e0, buf, count);
+      e += count;
+    }
+  }
+}
+
+static int generic_dequantize_4bit_tile(const Q4Args& q, int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t k0,
+                                        int64_t k1, void* out, int out_dtype) {
+  const int64_t width = k1 - k0;
+  const int64_t esize = out_dtype == core::kFloat32 ? 4 : 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = n0; r < n1; ++r)
+    generic_dequantize_range(q, r * K + k0, r * K + k1, static_cast<char*>(out) + (r - n0) * width * esize,
+                             out_dtype);
+  (void)N;
+  return kOk;
+}
+
+// ---------------------------------------------------------------- int8 absmax (generic)
+static int generic_quantize_absmax_int8(const void* in, int in_dtype, int64_t n, int64_t blocksize, int8_t* q,
+                                        float* absmax) {
+  const int64_t bs = blocksize == 0 ? n : blocksize;
+  const int64_t nblocks = ceil_div(n, bs);
+  if (nblocks == 1) {
+    // One block (per tensor): parallel max, then parallel encode.
+    float amax = 0.0f;
+#pragma omp parallel for reduction(max : amax) schedule(static)
+    for (int64_t i = 0; i < n; ++i) amax = fmaxf(amax, fabsf(load_as_f32(in, in_dtype, i)));
+    absmax[0] = amax;
+    const float c = (1.0f / (amax > 1e-30f ? amax : 1e-30f)) * 127.0f;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      float v = nearbyintf(load_as_f32(in, in_dtype, i) * c);
+      v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+      q[i] = (int8_t)v;
+    }
+    return kOk;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t start = b * bs;
+    const int64_t count = (n - start < bs) ? n - start : bs;
+    float amax = 0.0f;
+    for (int64_t j = 0; j < count; ++j) amax = fmaxf(amax, fabsf(load_as_f32(in, in_dtype, start + j)));
+    absmax[b] = amax;
+    const float c = (1.0f / (amax > 1e-30f ? amax : 1e-30f)) * 127.0f;
+    for (int64_t j = 0; j < count; ++j) {
+      float v = nearbyintf(load_as_f32(in, in_dtype, start + j) * c);
+      v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+      q[start + j] = (int8_t)v;
+    }
+  }
+  return kOk;
+}
+
+static int generic_dequantize_absmax_int8(const int8_t* q, const float* absmax, int64_t n, int64_t blocksize,
+                                          void* out, int out_dtype) {
+  const int64_t bs = blocksize == 0 ? n : blocksize;
+  const int64_t chunk = 4096;
+#pragma omp parallel
+  {
+    float buf[4096];
+#pragma omp for schedule(static)
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+      const int count = (int)(n - c0 < chunk ? n - c0 : chunk);
+      for (int j = 0; j < count; ++j) buf[j] = (float)q[c0 + j] * (absmax[(c0 + j) / bs] / 127.0f);
+      store_from_f32(out, out_dtype, c0, buf, count);
+    }
+  }
+  return kOk;
+}
+
+// ---------------------------------------------------------------- dispatch
+namespace {
+bool detect_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  const char* env = getenv("NF4KIT_CPU_GENERIC");
+  if (env && env[0] && env[0] != '0') return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+bool use_avx2() {
+  static const bool ok = detect_avx2();
+  return ok;
+}
+
+const char* isa() { return use_avx2() ? "avx2" : "generic"; }
+
+void advise_hugepages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(2) << 20;
+  if (bytes < (int64_t)(4 * huge)) return;
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + (uintptr_t)bytes) & ~(huge - 1);
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);  // advice only: errors are harmless
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+static int64_t dtype_size(int dtype) { return dtype == core::kFloat32 ? 4 : 2; }
+static bool valid_dtype(int dtype) { return dtype >= core::kFloat32 && dtype <= core::kBFloat16; }
+
+int quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int quant_type, uint8_t* packed,
+                  float* absmax) {
+  if (n <= 0 || blocksize <= 0 || (blocksize & 1) || !valid_dtype(in_dtype)) return kBadArgument;
+  if (quant_type != core::kNF4 && quant_type != core::kFP4) return kBadArgument;
+  if (use_avx2()) return avx2::quantize_4bit(in, in_dtype, n, blocksize, quant_type, packed, absmax);
+  return generic_quantize_4bit(in, in_dtype, n, blocksize, quant_type, packed, absmax);
+}
+
+int dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q,
+                    const float* nested_absmax, const float* nested_code, const float* offset, int64_t n,
+                    int blocksize, int quant_type, void* out, int out_dtype) {
+  if (n <= 0 || blocksize <= 0 || (blocksize & 1) || !valid_dtype(out_dtype)) return kBadArgument;
+  if (absmax == nullptr && (absmax_q == nullptr || nested_absmax == nullptr || nested_code == nullptr ||
+                            offset == nullptr))
+    return kBadArgument;
+  advise_hugepages(out, n * dtype_size(out_dtype));
+  if (use_avx2()) {
+    const Q4Args q{packed, absmax, absmax_q, nested_absmax, nested_code, offset, n, blocksize, quant_type};
+    return avx2::dequantize_4bit(q, out, out_dtype);
+  }
+  return generic_dequantize_4bit(packed, absmax, absmax_q, nested_absmax, nested_code, offset, n, blocksize,
+                                 quant_type, out, out_dtype);
+}
+
+int dequantize_4bit_tile(const Q4Args& q, int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
+                         void* out, int out_dtype) {
+  if (q.blocksize <= 0 || (q.blocksize & 1) || !valid_dtype(out_dtype) || N <= 0 || K <= 0 || N * K != q.n)
+    return kBadArgument;
+  if (n0 < 0 || n1 > N || n0 >= n1 || k0 < 0 || k1 > K || k0 >= k1) return kBadArgument;
+  if (q.absmax == nullptr && (q.absmax_q == nullptr || q.nested_absmax == nullptr || q.nested_code == nullptr ||
+                              q.offset == nullptr))
+    return kBadArgument;
+  if (use_avx2()) return avx2::dequantize_4bit_tile(q, N, K, n0, n1, k0, k1, out, out_dtype);
+  return generic_dequantize_4bit_tile(q, N, K, n0, n1, k0, k1, out, out_dtype);
+}
+
+int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, const float* code, uint8_t* q,
+                       float* absmax) {
+  if (n <= 0 || blocksize <= 0 || !valid_dtype(in_dtype)) return kBadArgument;
+  if (use_avx2()) return avx2::quantize_blockwise(in, in_dtype, n, blocksize, code, q, absmax);
+  return generic_quantize_blockwise(in, in_dtype, n, blocksize, code, q, absmax);
+}
+
+int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n, int blocksize,
+                         void* out, int out_dtype) {
+  if (n <= 0 || blocksize <= 0 || !valid_dtype(out_dtype)) return kBadArgument;
+  advise_hugepages(out, n * dtype_size(out_dtype));
+  if (use_avx2()) return avx2::dequantize_blockwise(q, absmax, code, n, blocksize, out, out_dtype);
+  return generic_dequantize_blockwise(q, absmax, code, n, blocksize, out, out_dtype);
+}
+
+int quantize_absmax_int8(const void* in, int in_dtype, int64_t n, int64_t blocksize, int8_t* q, float* absmax) {
+  if (n <= 0 || blocksize < 0 || !valid_dtype(in_dtype)) return kBadArgument;
+  if (use_avx2()) return avx2::quantize_absmax_int8(in, in_dtype, n, blocksize, q, absmax);
+  return generic_quantize_absmax_int8(in, in_dtype, n, blocksize, q, absmax);
+}
+
+int dequantize_absmax_int8(const int8_t* q, const float* absmax, int64_t n, int64_t blocksize, void* out,
+                           int out_dtype) {
+  if (n <= 0 || blocksize < 0 || !valid_dtype(out_dtype)) return kBadArgument;
+  advise_hugepages(out, n * dtype_size(out_dtype));
+  if (use_avx2()) return avx2::dequantize_absmax_int8(q, absmax, n, blocksize, out, out_dtype);
+  return generic_dequantize_absmax_int8(q, absmax, n, blocksize, out, out_dtype);
+}
+
+static bool valid_q4(const Q4Args& q, int64_t N, int64_t K) {
+  if (N <= 0 || K <= 0 || N * K != q.n || q.blocksize <= 0 || (q.blocksize & (q.blocksize - 1))) return false;
+  if (q.absmax == nullptr && (q.absmax_q == nullptr || q.nested_absmax == nullptr || q.nested_code == nullptr ||
+                              q.offset == nullptr))
+    return false;
+  return q.quant_type == core::kNF4 || q.quant_type == core::kFP4;
+}
+
+int gemv_4bit(const float* x, int64_t M, const Q4Args& q, int64_t N, int64_t K, const float* bias, float* y) {
+  if (M <= 0 || !valid_q4(q, N, K)) return kBadArgument;
+  if (!use_avx2()) return kUnsupported;
+  return avx2::gemv_4bit(x, M, q, N, K, bias, y);
+}
+
+int gemv_t_4bit(const float* dy, int64_t M, const Q4Args& q, int64_t N, int64_t K, float* dx) {
+  if (M <= 0 || !valid_q4(q, N, K)) return kBadArgument;
+  if (!use_avx2()) return kUnsupported;
+  return avx2::gemv_t_4bit(dy, M, q, N, K, dx);
+}
+
 }  // namespace cpu
 }  // namespace nf4kit
+

@@ -95,7 +95,7 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 # ---------------------------------------------------------------- int8 absmax (textbook)
 def quantize_absmax_int8(X: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q = round(fp32(127 / absmax) * x) (half to even), per tensor (blocksize 0) or per block.
+    """q = round(fp32(127 * fp32(1 / absmax)) * x) (half to even), per tensor (blocksize 0) or per block.
 
     Returns (int8 [n], absmax fp32 [nblocks] (one entry per tensor when blocksize == 0)).
     """
@@ -105,7 +105,9 @@ def quantize_absmax_int8(X: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
     nb = fmt.num_blocks(n, bs)
     blocks = torch.nn.functional.pad(x, (0, nb * bs - n)).view(nb, bs)
     absmax = blocks.abs().amax(dim=1)
-    c = 127.0 / absmax.clamp(min=1e-30)
+    # c = 127 · (1/absmax): a correctly rounded reciprocal, then one multiply (spelled out,
+    # so the arithmetic does not depend on how torch lowers a scalar division).
+    c = absmax.clamp(min=1e-30).reciprocal() * 127.0
     q = torch.round(blocks * c[:, None]).clamp(-127, 127).to(torch.int8)
     return q.reshape(-1)[:n], absmax
 

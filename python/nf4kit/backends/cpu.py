@@ -1,7 +1,19 @@
 """The `cpu` backend: C++ kernels of csrc/cpu through nf4kit._C, CPU tensors only.
 
 Arguments are validated by nf4kit.functional before they get here; this module only
-prepares contiguous buffers and checks the status code.
+prepares contiguous buffers, picks the kernel and checks the status code.  Anything it
+cannot serve returns NotImplemented, and the `torch` backend runs instead.
+
+The C++ side picks AVX2 kernels at run time when the CPU has AVX2/FMA/F16C (see
+`isa()`), else portable ones; quantize/dequantize results are bit-identical either way.
+
+matmul_4bit / matmul_4bit_backward_input never materialise the whole dequantized weight:
+  * M <= GEMV_MAX_M (AVX2 only): one fused C++ kernel decodes the packed weight on the fly
+    with fp32 accumulation (forward: OpenMP over output rows; backward: over rows of W with
+    per-thread [M, K] accumulators);
+  * larger M (or no AVX2): the weight is dequantized one tile at a time (a band of rows for
+    the forward, a band of columns for the backward) into a transient buffer in the compute
+    dtype, and torch's GEMM writes straight into the matching slice of the output.
 """
 from __future__ import annotations
 
@@ -14,6 +26,15 @@ from ._native import DTYPE_CODES, QUANT_TYPE_CODES, check, load, ptr
 
 NAME = "cpu"
 
+# Largest M served by the fused small-M kernels, per activation dtype (crossover against the
+# tiled path measured on a 2-core AMD EPYC (Zen 4): torch's bf16 GEMM is several times faster
+# than its fp32/fp16 GEMM there, so the tiled path takes over earlier for bf16).
+GEMV_MAX_M = {torch.float32: 16, torch.float16: 16, torch.bfloat16: 6}
+GEMV_T_MAX_M = {torch.float32: 12, torch.float16: 12, torch.bfloat16: 6}
+# Transient tile of the large-M path, in elements of the weight (2 Mi elements: 8 MiB fp32,
+# 4 MiB bf16 -- L3-resident, and wide enough for torch's GEMM to run at full speed).
+TILE_ELEMS = 1 << 21
+
 
 def is_available() -> bool:
     C = load()
@@ -24,12 +45,35 @@ def serves(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def isa() -> str:
+    """'avx2' or 'generic': which C++ implementation serves calls on this CPU."""
+    C = load()
+    return C.cpu.isa() if C is not None else "none"
+
+
 def _float_input(A: torch.Tensor) -> torch.Tensor:
     return A.reshape(-1).contiguous()
 
 
+def _state(absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+           offset: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[int, int, int, int, int]]:
+    """(tensors to keep alive, (absmax, absmax_q, nested_absmax, nested_code, offset) pointers)."""
+    if nested_absmax is None:
+        a = absmax.reshape(-1).float().contiguous()
+        return [a], (ptr(a), 0, 0, 0, 0)
+    q = absmax.reshape(-1).contiguous()
+    if q.dtype != torch.uint8:
+        raise TypeError(f"nested absmax codes must be uint8, got {q.dtype}")
+    na = nested_absmax.reshape(-1).float().contiguous()
+    nc = nested_code.reshape(-1).float().contiguous()
+    off = offset.reshape(1).float().contiguous()
+    return [q, na, nc, off], (0, ptr(q), ptr(na), ptr(nc), ptr(off))
+
+
+# ---------------------------------------------------------------- 4-bit
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
-    if A.dtype not in DTYPE_CODES:
+    """A (any shape, fp32/fp16/bf16) -> (packed uint8 [(n+1)//2], absmax fp32 [ceil(n/blocksize)])."""
+    if A.dtype not in DTYPE_CODES or A.numel() == 0:
         return NotImplemented
     x = _float_input(A)
     n = x.numel()
@@ -43,22 +87,23 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
                     nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int,
                     quant_type: str, numel: int, dtype: torch.dtype):
-    if dtype not in DTYPE_CODES:
+    """packed uint8 [(numel+1)//2] -> [numel] in dtype (fp32/fp16/bf16), double-quant decode fused."""
+    if dtype not in DTYPE_CODES or numel == 0:
         return NotImplemented
-    packed = packed.contiguous()
+    packed = packed.reshape(-1).contiguous()
     out = torch.empty(numel, dtype=dtype)
-    nested = nested_absmax is not None
-    absmax = absmax.contiguous()
-    check(load().cpu.dequantize_4bit(
-        ptr(packed), 0 if nested else ptr(absmax), ptr(absmax) if nested else 0,
-        ptr(nested_absmax.contiguous()) if nested else 0, ptr(nested_code.contiguous()) if nested else 0,
-        ptr(offset.reshape(1).contiguous()) if nested else 0, numel, blocksize, QUANT_TYPE_CODES[quant_type],
-        ptr(out), DTYPE_CODES[dtype]), "cpu.dequantize_4bit")
+    keep, (a, aq, na, nc, off) = _state(absmax, nested_absmax, nested_code, offset)
+    check(load().cpu.dequantize_4bit(ptr(packed), a, aq, na, nc, off, numel, blocksize,
+                                     QUANT_TYPE_CODES[quant_type], ptr(out), DTYPE_CODES[dtype]),
+          "cpu.dequantize_4bit")
+    del keep
     return out
 
 
+# ---------------------------------------------------------------- 8-bit dynamic map
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
-    if A.dtype not in DTYPE_CODES:
+    """A [n] -> (uint8 [n], absmax fp32 [ceil(n/blocksize)]) with the sorted 256-entry `code`."""
+    if A.dtype not in DTYPE_CODES or A.numel() == 0 or code.numel() != 256:
         return NotImplemented
     x = _float_input(A)
     code = code.float().contiguous()
@@ -71,11 +116,166 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                          dtype: torch.dtype):
-    if dtype not in DTYPE_CODES:
+    """uint8 [n] -> [n] in dtype: T(code[q] * absmax[block])."""
+    if dtype not in DTYPE_CODES or q.numel() == 0 or code.numel() != 256:
         return NotImplemented
     q = q.reshape(-1).contiguous()
+    absmax = absmax.reshape(-1).float().contiguous()
+    code = code.reshape(-1).float().contiguous()
     out = torch.empty(q.numel(), dtype=dtype)
-    check(load().cpu.dequantize_blockwise(ptr(q), ptr(absmax.float().contiguous()), ptr(code.float().contiguous()),
-                                          q.numel(), blocksize, ptr(out), DTYPE_CODES[dtype]),
-          "cpu.dequantize_blockwise")
+    check(load().cpu.dequantize_blockwise(ptr(q), ptr(absmax), ptr(code), q.numel(), blocksize, ptr(out),
+                                          DTYPE_CODES[dtype]), "cpu.dequantize_blockwise")
     return out
+
+
+# ---------------------------------------------------------------- int8 absmax
+def quantize_absmax_int8(X: torch.Tensor, blocksize: int):
+    """X [n] -> (int8 [n], absmax fp32 [nblocks]); blocksize 0 = one scale for the tensor."""
+    if X.dtype not in DTYPE_CODES or X.numel() == 0 or blocksize < 0:
+        return NotImplemented
+    x = _float_input(X)
+    n = x.numel()
+    nb = 1 if blocksize == 0 else fmt.num_blocks(n, blocksize)
+    q = torch.empty(n, dtype=torch.int8)
+    absmax = torch.empty(nb, dtype=torch.float32)
+    check(load().cpu.quantize_absmax_int8(ptr(x), DTYPE_CODES[x.dtype], n, blocksize, ptr(q), ptr(absmax)),
+          "cpu.quantize_absmax_int8")
+    return q, absmax
+
+
+def dequantize_absmax_int8(q: torch.Tensor, absmax: torch.Tensor, blocksize: int, dtype: torch.dtype):
+    """int8 [n] -> [n] in dtype: T(fp32(q) * fp32(absmax / 127))."""
+    if dtype not in DTYPE_CODES or q.numel() == 0 or q.dtype != torch.int8 or blocksize < 0:
+        return NotImplemented
+    q = q.reshape(-1).contiguous()
+    absmax = absmax.reshape(-1).float().contiguous()
+    out = torch.empty(q.numel(), dtype=dtype)
+    check(load().cpu.dequantize_absmax_int8(ptr(q), ptr(absmax), q.numel(), blocksize, ptr(out),
+                                            DTYPE_CODES[dtype]), "cpu.dequantize_absmax_int8")
+    return out
+
+
+# ---------------------------------------------------------------- matmuls
+def _matmul_ok(t: torch.Tensor, blocksize: int, N: int, K: int) -> bool:
+    # The tile / fused kernels index blocks by shifts: power-of-two blocksizes (all the format allows).
+    return (t.dtype in DTYPE_CODES and t.dim() == 2 and N > 0 and K > 0 and blocksize > 0
+            and blocksize & (blocksize - 1) == 0)
+
+
+def _tile_rows(total_rows: int, row_len: int) -> int:
+    return max(1, min(total_rows, TILE_ELEMS // max(row_len, 1)))
+
+
+def _lora_fp32(y: torch.Tensor, x: torch.Tensor, lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor],
+               lora_scale: float, backward: bool) -> None:
+    """y (fp32) += s·(x·Aᵀ)·Bᵀ (forward) or s·(x·B)·A (backward), in fp32, in place."""
+    if lora_A is None:
+        return
+    A, B = lora_A.float(), lora_B.float()
+    if backward:
+        y.addmm_(x @ B, A, alpha=lora_scale)
+    else:
+        y.addmm_(x @ A.t(), B.t(), alpha=lora_scale)
+
+
+def _matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, quant_type: str,
+                N: int, K: int, bias: Optional[torch.Tensor], lora_A: Optional[torch.Tensor],
+                lora_B: Optional[torch.Tensor], lora_scale: float):
+    """x [M, K] -> x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias, [M, N] in x.dtype (W [N, K] packed)."""
+    if not _matmul_ok(x, blocksize, N, K) or x.shape[1] != K:
+        return NotImplemented
+    C = load()
+    M = x.shape[0]
+    if M == 0:
+        return torch.empty((0, N), dtype=x.dtype)
+    packed = packed.reshape(-1).contiguous()
+    keep, (a, aq, na, nc, off) = _state(absmax, nested_absmax, nested_code, offset)
+    qt = QUANT_TYPE_CODES[quant_type]
+    if M <= GEMV_MAX_M[x.dtype] and C.cpu.isa() == "avx2":
+        # Fused decode + GEMV in fp32 (x converted once); LoRA's M×r term in fp32 with torch.
+        xf = x.float().contiguous()
+        y = torch.empty((M, N), dtype=torch.float32)
+        bf = bias.float().contiguous() if bias is not None else None
+        check(C.cpu.gemv_4bit(ptr(xf), M, ptr(packed), a, aq, na, nc, off, blocksize, qt, N, K, ptr(bf), ptr(y)),
+              "cpu.gemv_4bit")
+        _lora_fp32(y, xf, lora_A, lora_B, lora_scale, backward=False)
+        del keep
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+    # Large M: bands of weight rows, dequantized into one transient buffer, GEMM into out[:, band].
+    cdt = x.dtype
+    xc = x.contiguous()
+    out = torch.empty((M, N), dtype=cdt)
+    nt = _tile_rows(N, K)
+    buf = torch.empty(nt * K, dtype=cdt)
+    bc = bias.to(cdt) if bias is not None else None
+    for n0 in range(0, N, nt):
+        n1 = min(N, n0 + nt)
+        w = buf[: (n1 - n0) * K].view(n1 - n0, K)
+        check(C.cpu.dequantize_4bit_tile(ptr(packed), a, aq, na, nc, off, blocksize, qt, N, K, n0, n1, 0, K,
+                                         ptr(w), DTYPE_CODES[cdt]), "cpu.dequantize_4bit_tile")
+        if bc is not None:
+            torch.addmm(bc[n0:n1], xc, w.t(), out=out[:, n0:n1])
+        else:
+            torch.mm(xc, w.t(), out=out[:, n0:n1])
+    if lora_A is not None:
+        out.addmm_(xc @ lora_A.to(cdt).t(), lora_B.to(cdt).t(), alpha=lora_scale)
+    del keep
+    return out
+
+
+def _matmul_4bit_backward_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                               nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                               offset: Optional[torch.Tensor], blocksize: int, quant_type: str, N: int, K: int,
+                               lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], lora_scale: float):
+    """dy [M, N] -> dy·deq(W) + s·(dy·B)·A, [M, K] in dy.dtype."""
+    if not _matmul_ok(dy, blocksize, N, K) or dy.shape[1] != N:
+        return NotImplemented
+    C = load()
+    M = dy.shape[0]
+    if M == 0:
+        return torch.empty((0, K), dtype=dy.dtype)
+    packed = packed.reshape(-1).contiguous()
+    keep, (a, aq, na, nc, off) = _state(absmax, nested_absmax, nested_code, offset)
+    qt = QUANT_TYPE_CODES[quant_type]
+    if M <= GEMV_T_MAX_M[dy.dtype] and C.cpu.isa() == "avx2":
+        dyf = dy.float().contiguous()
+        dx = torch.empty((M, K), dtype=torch.float32)
+        check(C.cpu.gemv_t_4bit(ptr(dyf), M, ptr(packed), a, aq, na, nc, off, blocksize, qt, N, K, ptr(dx)),
+              "cpu.gemv_t_4bit")
+        _lora_fp32(dx, dyf, lora_A, lora_B, lora_scale, backward=True)
+        del keep
+        return dx if dy.dtype == torch.float32 else dx.to(dy.dtype)
+    # Large M: bands of weight columns W[:, k0:k1] (N × kt), GEMM into dx[:, k0:k1]; every
+    # output element is produced by one GEMM (no accumulation across tiles in a low dtype).
+    cdt = dy.dtype
+    dyc = dy.contiguous()
+    dx = torch.empty((M, K), dtype=cdt)
+    kt = _tile_rows(K, N)
+    if kt < K:
+        kt = max(8, kt - kt % 8)
+    buf = torch.empty(N * min(kt, K), dtype=cdt)
+    for k0 in range(0, K, kt):
+        k1 = min(K, k0 + kt)
+        w = buf[: N * (k1 - k0)].view(N, k1 - k0)
+        check(C.cpu.dequantize_4bit_tile(ptr(packed), a, aq, na, nc, off, blocksize, qt, N, K, 0, N, k0, k1,
+                                         ptr(w), DTYPE_CODES[cdt]), "cpu.dequantize_4bit_tile")
+        torch.mm(dyc, w, out=dx[:, k0:k1])
+    if lora_A is not None:
+        dx.addmm_(dyc @ lora_B.to(cdt), lora_A.to(cdt), alpha=lora_scale)
+    del keep
+    return dx
+
+
+def matmul_4bit(*args):
+    """x [M, K] -> x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias, [M, N] in x.dtype (arguments as reference.matmul_4bit)."""
+    # The op computes in the dtypes it was given: an enclosing autocast must not recast the
+    # torch GEMMs used inside (they mix an fp32 LoRA term or a tile buffer with x).
+    with torch.autocast("cpu", enabled=False):
+        return _matmul_4bit(*args)
+
+
+def matmul_4bit_backward_input(*args):
+    """dy [M, N] -> dy·deq(W) + s·(dy·B)·A, [M, K] in dy.dtype (arguments as reference)."""
+    with torch.autocast("cpu", enabled=False):
+        return _matmul_4bit_backward_input(*args)

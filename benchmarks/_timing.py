@@ -1,0 +1,112 @@
+"""do_bench-style timing: warm up, estimate, then the median of many repetitions.
+
+GPU: CUDA events around each call, with the L2 cache flushed before every repetition (by
+writing a buffer larger than L2), so that a weight which would fit in L2 (a 4096×4096 NF4
+weight is 8 MiB, the H100's L2 50 MB) is read from HBM as in a real model.
+CPU: perf_counter around each call.  Nothing here asserts a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class Timing:
+    """Median / min / max seconds of `reps` timed calls."""
+
+    median_s: float
+    min_s: float
+    max_s: float
+    reps: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_flush_buf: dict[str, torch.Tensor] = {}
+
+
+def _l2_flush_buffer(device: torch.device) -> Optional[torch.Tensor]:
+    if device.type != "cuda":
+        return None
+    key = str(device)
+    if key not in _flush_buf:
+        # 256 MiB: several times any current L2 (H100 50 MB, H200 60 MB).
+        _flush_buf[key] = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
+    return _flush_buf[key]
+
+
+def bench(fn: Callable[[], object], device: torch.device | str, warmup_ms: float = 25.0, rep_ms: float = 100.0,
+          min_reps: int = 3, max_reps: int = 200, flush_l2: bool = True, prewarmed: bool = False) -> Timing:
+    """Time `fn()` on `device` (its work must run on that device).
+
+    The first call is untimed (compilation, autotuning, allocator warm-up; skipped when the
+    caller has just made it: prewarmed=True); a short estimate then sets how many warm-up calls
+    fill `warmup_ms` and how many timed calls fill `rep_ms` (between min_reps and max_reps).
+    Returns the median and spread of the timed calls.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _bench_cuda(fn, device, warmup_ms, rep_ms, min_reps, max_reps, flush_l2, prewarmed)
+    return _bench_cpu(fn, warmup_ms, rep_ms, min_reps, max_reps, prewarmed)
+
+
+def _bench_cpu(fn, warmup_ms, rep_ms, min_reps, max_reps, prewarmed=False) -> Timing:
+    if not prewarmed:
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    est = max(time.perf_counter() - t0, 1e-7)
+    times = []
+    if est * 1e3 >= rep_ms / min_reps:  # slow call (seconds on 2 cores): the estimate is a sample too
+        times.append(est)
+    for _ in range(max(0, min(int(warmup_ms * 1e-3 / est), 50) - 1)):
+        fn()
+    n = max(min_reps, min(max_reps, int(rep_ms * 1e-3 / est))) - len(times)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), min(times), max(times), len(times))
+
+
+def _bench_cuda(fn, device, warmup_ms, rep_ms, min_reps, max_reps, flush_l2, prewarmed=False) -> Timing:
+    with torch.cuda.device(device):
+        if not prewarmed:
+            fn()
+        torch.cuda.synchronize()
+        cache = _l2_flush_buffer(device) if flush_l2 else None
+        # estimate: 3 calls, each after a flush
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            if cache is not None:
+                cache.zero_()
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        est = max(start.elapsed_time(end) / 3 * 1e-3, 1e-7)  # includes the flush: conservative
+        for _ in range(max(1, min(int(warmup_ms * 1e-3 / est), 200))):
+            fn()
+        n = max(min_reps, min(max_reps, int(rep_ms * 1e-3 / est)))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            if cache is not None:
+                cache.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
+    return Timing(statistics.median(times), min(times), max(times), n)
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Short GPU validation for a tight device budget (about 4 minutes of command time): build for
+# sm_90, the CUDA backend's self-test, its kernel tests, headline benchmarks of the cuda and
+# triton backends against cuBLAS/bitsandbytes, and compute-sanitizer memcheck on the self-test.
+# The full check is benchmarks/gpu_check.sh (needs ~8 minutes).
+#   run(command="bash benchmarks/gpu_quick.sh", carry=[".whl"])
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
+log "commit $(cat .nf4kit_commit 2>/dev/null || git rev-parse HEAD 2>/dev/null) card $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+NF4KIT_CUDA_ARCHS=90 NF4KIT_BUILD_DIR=/tmp/nf4kit-build NF4KIT_BUILD_JOBS=16 \
+  timeout 75 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+log "build rc=$? ($(python3 -c 'import nf4kit;b=nf4kit.build_info();print(b["backends_available"], b["cuda_archs"])' 2>&1 | tail -1))"
+
+timeout 30 python3 -m nf4kit.backends.cuda > "$OUT/selftest.log" 2>&1
+log "selftest rc=$? pass=$(grep -c ^PASS "$OUT/selftest.log") fail=$(grep -c ^FAIL "$OUT/selftest.log")"
+grep -v "^PASS" "$OUT/selftest.log" | tail -25
+
+timeout -s INT 45 python3 -m pytest tests/test_backend_cuda.py -q -rf -n 8 -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
+log "test_backend_cuda rc=$? $(tail -1 "$OUT/tests_cuda.log")"
+grep -E "^FAILED|Error" "$OUT/tests_cuda.log" | head -20
+
+timeout -s INT 50 python3 -m benchmarks.run --device cuda --backends cuda,triton \
+  --cases dequantize_4bit,matmul_4bit,matmul_4bit_lora,backward_input --shapes 4096x14336 --m 1,16,256,4096 \
+  --budget-s 35 --json "$OUT/bench.json" --md "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+log "bench rc=$?"
+
+CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 40 "$CS" --tool memcheck --leak-check no --print-limit 20 \
+  python3 -m nf4kit.backends.cuda > "$OUT/sanitizer.log" 2>&1
+log "sanitizer rc=$? $(grep -h 'ERROR SUMMARY' "$OUT/sanitizer.log" | head -1)"
+echo "==== bench"; cat "$OUT/bench.md" 2>/dev/null | head -60 || tail -30 "$OUT/bench.log"
+echo "==== summary"; cat "$OUT/summary.txt"

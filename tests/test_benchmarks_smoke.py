@@ -1,0 +1,125 @@
+"""Smoke tests of the benchmark tooling: `benchmarks.run --quick` runs on tiny shapes and
+produces its table and JSON; missing anchors print "n/a"; the roofline arithmetic; the GPU
+report assembler on a synthetic stage directory.  No timing assertion: benchmarks measure,
+tests don't (DESIGN.md §7)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# the benchmarks package lives at the repository root (not installed)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import anchors, gpu_report, roofline as rl  # noqa: E402
+from benchmarks import run as bench  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_quick(tmp_path, *extra):
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    rc = bench.main(["--device", "cpu", "--quick", "--json", str(js), "--md", str(md), *extra])
+    assert rc == 0
+    return json.loads(js.read_text()), md.read_text()
+
+
+def test_quick_run_produces_table_and_json(tmp_path):
+    data, md = _run_quick(tmp_path)
+    rows, meta = data["rows"], data["meta"]
+    assert meta["device"] == "cpu" and meta["ceilings"]["copy_bw_Bps"] > 0 and meta["ceilings"]["matmul_rate_flops"] > 0
+    assert meta["backends"], "no backend serves the CPU"
+    kinds = {r["case"] for r in rows}
+    assert kinds == set(bench.ALL_CASES)
+    ours = [r for r in rows if r["kind"] == "nf4kit"]
+    assert not [r for r in ours if r.get("error")], [r["error"] for r in ours if r.get("error")]
+    for r in ours:
+        assert r["time_s"] is not None and r["reps"] >= 1
+        assert r["served_by"], r  # nf4kit.backends.last_backend was recorded
+        assert r["backend"] in meta["backends"]
+        assert r["floor_s"] > 0 and r["bound"] in ("memory", "compute")
+        if "rel_err_vs_torch" in r:  # sanity column: each backend agrees with the oracle
+            tol = 1e-2 if r["case"] != "dequantize_4bit" else 0.0
+            assert r["rel_err_vs_torch"] <= tol, r
+    # every nf4kit row of a case compares against the anchors that ran for that case
+    anchors_ran = {(r["label"], r["impl"]) for r in rows if r["kind"] == "anchor" and r.get("time_s")}
+    for r in ours:
+        assert set(r["vs_anchor"]) == {a for (lbl, a) in anchors_ran if lbl == r["label"]}
+    assert "| case | impl | ran on | time |" in md
+    assert "Ceilings measured in this run" in md
+    for b in meta["backends"]:
+        assert f"nf4kit[{b}]" in md
+
+
+def test_missing_bitsandbytes_prints_na(tmp_path, monkeypatch):
+    monkeypatch.setattr(anchors, "_bnb", None)
+    monkeypatch.setattr(anchors, "_bnb_error", "bitsandbytes not usable: simulated")
+    data, md = _run_quick(tmp_path, "--cases", "dequantize_4bit,matmul_4bit", "--shapes", "64x128", "--m", "1")
+    bnb_rows = [r for r in data["rows"] if r["kind"] == "anchor" and "bitsandbytes" in (r.get("note") or "")]
+    assert bnb_rows and all(r["time_s"] is None for r in bnb_rows)
+    assert "n/a" in md and "simulated" in md
+    dense = [r for r in data["rows"] if r["kind"] == "anchor" and "F.linear" in r["impl"]]
+    assert dense and all(r["time_s"] for r in dense)  # the other anchors still ran
+
+
+def test_plan_covers_the_targets():
+    gpu = bench.plan("cuda", quick=False)
+    labels = {c.label for c in gpu}
+    assert "dequantize_4bit(dq) 4096x14336" in labels
+    assert "matmul_4bit 4096x14336 M=1" in labels and "matmul_4bit 4096x14336 M=4096" in labels
+    assert "matmul_4bit_lora 4096x14336 M=4096" in labels and "backward_input 4096x14336 M=4096" in labels
+    assert bench.is_headline(gpu[0])  # the targets run first under a time budget
+    cpu = {c.label for c in bench.plan("cpu", quick=False)}
+    for must in ("dequantize_4bit(dq) 4096x4096", "dequantize_4bit(dq) 4096x14336", "matmul_4bit 4096x4096 M=1",
+                 "matmul_4bit 4096x14336 M=1", "matmul_4bit 4096x4096 M=256"):
+        assert must in cpu
+
+
+def test_roofline_arithmetic():
+    n = 4096 * 4096
+    w = rl.dequantize_4bit_work(n, torch.bfloat16, 64, nested=False)
+    assert w.bytes == n // 2 + 4 * (n // 64) + 2 * n and w.flops == 0
+    wn = rl.dequantize_4bit_work(n, torch.bfloat16, 64, nested=True)
+    assert wn.bytes == n // 2 + n // 64 + 4 * (n // 64 // 256) + 4 * 256 + 4 + 2 * n
+    m = rl.matmul_4bit_work(4096, 4096, 4096, torch.bfloat16)
+    assert m.flops == 2 * 4096**3 and m.bound(rl.H100) == "compute"
+    assert rl.matmul_4bit_work(1, 4096, 4096, torch.bfloat16).bound(rl.H100) == "memory"
+    assert m.floor_s(rl.H100) == pytest.approx(2 * 4096**3 / 800e12)
+    lo = rl.matmul_4bit_work(16, 4096, 4096, torch.bfloat16, r=16)
+    assert lo.flops == 2 * 16 * 4096 * 4096 + 2 * 16 * 16 * (4096 + 4096)
+    assert rl.format_time(None) == "n/a" and rl.format_time(2.5e-6) == "2.5 us"
+
+
+def test_gpu_report_assembles_a_report(tmp_path, capsys):
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    (work / "stages.tsv").write_text("env\t0\t3\t15\tH100\nbuild\t0\t42\t110\tbuilt\ntests\t1\t80\t120\t1 failed\n"
+                                     "sanitizer\t124\t70\t70\t\n")
+    (work / "card.txt").write_text("NVIDIA H100 80GB HBM3\n")
+    (work / "commit.txt").write_text("abc123\n")
+    (out / "junit.xml").write_text(
+        '<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="3" failures="1" errors="0" skipped="1" '
+        'time="1.5"><testcase classname="tests.test_x" name="test_a"/><testcase classname="tests.test_x" '
+        'name="test_b"><failure message="assert 1 == 2">trace</failure></testcase><testcase classname="tests.test_x" '
+        'name="test_c"><skipped/></testcase></testsuite></testsuites>')
+    (out / "sanitizer.log").write_text("  [cuda] dequantize ran on cuda\ngpu_sanitize: 0 problem(s)\n"
+                                       "========= ERROR SUMMARY: 0 errors\n")
+    assert gpu_report.main(["--work", str(work), "--out", str(out)]) == 0
+    rep = (out / "gpu_report.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in rep and "abc123" in rep
+    assert "1 passed, 1 failed, 0 errors, 1 skipped of 3" in rep
+    assert "tests.test_x::test_b" in rep and "TIMEOUT" in rep
+    assert "memcheck 0 error(s)" in rep
+    printed = capsys.readouterr().out
+    assert printed.rstrip().splitlines()[-1].startswith("report:")  # the summary is printed last
+
+
+def test_gpu_check_script_is_valid_bash():
+    r = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr

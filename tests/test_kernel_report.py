@@ -1,0 +1,197 @@
+"""Design invariants of the generated GPU code, checked on the CPU (issue 6 item 2).
+
+The Triton kernels are compiled for sm_80 / sm_90 without a GPU and the extension's CUDA
+cubins are disassembled (benchmarks.kernel_report); the rules: no spills, GEMMs on tensor
+cores, 128-bit loads in dequantize / GEMV, 128-bit stores in dequantize, no FMA in the PTX of
+the bit-exact kernels.  Each rule is also shown to FAIL on a deliberately broken kernel
+(benchmarks/_demo_kernels.py), so a green run means something.
+"""
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import sys
+
+import pytest
+
+# the benchmarks package lives at the repository root (not installed)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+triton = pytest.importorskip("triton")
+
+from benchmarks import kernel_report as kr  # noqa: E402
+
+CUOBJDUMP = kr.find_tool("cuobjdump")
+needs_cuobjdump = pytest.mark.skipif(CUOBJDUMP is None, reason="no cuobjdump (Triton wheel or CUDA toolkit)")
+
+
+# ---------------------------------------------------------------- parsers (no compiler needed)
+SASS = """
+	code for sm_90
+		Function : my_kernel
+	.headerflags	@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                  /* 0x00000a00ff017b82 */
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;       /* 0x000000040204798 */
+        /*0020*/               @P0 LDG.E.U8 R8, desc[UR4][R2.64] ;        /* 0x000000040204798 */
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ ; /* 0x0 */
+        /*0040*/              @!P1 STG.E.128 desc[UR4][R6.64], R8 ;       /* 0x0 */
+        /*0050*/                   STL [R1], R9 ;                          /* 0x0 */
+        /*0060*/                   FFMA R3, R4, R5, R6 ;                   /* 0x0 */
+        /*0070*/                   EXIT ;                                  /* 0x0 */
+		Function : other
+        /*0000*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;  /* 0x0 */
+"""
+
+RES = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function my_kernel:
+  REG:40 STACK:16 SHARED:1024 LOCAL:8 CONSTANT[0]:576 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function other:
+  REG:255 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:576 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_parse_sass_counts_instruction_classes():
+    ops = kr.parse_sass(SASS)
+    assert set(ops) == {"my_kernel", "other"}
+    f = kr.sass_features(ops["my_kernel"])
+    assert (f["ldg"], f["ldg128"], f["stg"], f["stg128"]) == (2, 1, 1, 1)
+    assert (f["hgmma"], f["hmma"], f["stl"], f["ldl"], f["ffma"]) == (1, 0, 1, 0, 1)
+    assert f["n_instr"] == 8
+    assert kr.sass_features(ops["other"])["hmma"] == 1
+
+
+def test_parse_res_usage():
+    res = kr.parse_res_usage(RES)
+    assert res["my_kernel"] == dict(regs=40, stack=16, static_smem=1024, local=8)
+    assert res["other"]["regs"] == 255
+
+
+def test_ptx_fma_count_and_entries():
+    ptx = """
+.visible .entry k1(
+.param .u64 p
+)
+{
+\tmul.rn.f32 \t%f3, %f1, %f2;
+\tadd.rn.f32 \t%f4, %f3, %f5;
+}
+.visible .entry k2(
+)
+{
+\tfma.rn.f32 \t%f3, %f1, %f2, %f4;
+\t@%p1 fma.rn.ftz.f32 \t%f3, %f1, %f2, %f4;
+\tfma.rn.f16x2 \t%r1, %r2, %r3, %r4;
+}
+"""
+    entries = kr.split_ptx_entries(ptx)
+    assert set(entries) == {"k1", "k2"}
+    assert kr.ptx_fma_count(entries["k1"]) == 0
+    assert kr.ptx_fma_count(entries["k2"]) == 2  # fp32 only
+
+
+@pytest.mark.parametrize("arch,regs,smem,threads,blocks,occ", [
+    (90, 32, 0, 128, 16, 1.0),          # warp slots limit: 64 warps / 4
+    (90, 255, 0, 256, 1, 0.125),        # 255 regs -> 8192 regs per warp -> 8 warps
+    (80, 64, 0, 256, 4, 0.5),           # 65536 / (64*32*8)
+    (90, 32, 100 * 1024, 128, 2, 0.125),  # shared memory: 228 KB / (100 KB + 1 KB reserved)
+    (80, 32, 200 * 1024, 128, 0, 0.0),  # over the per-block limit: does not launch
+])
+def test_occupancy(arch, regs, smem, threads, blocks, occ):
+    o = kr.occupancy(arch, regs, smem, threads)
+    assert o["blocks_per_sm"] == blocks
+    assert o["occupancy"] == pytest.approx(occ)
+
+
+def test_short_cuda_name():
+    assert kr.short_cuda_name("void nf4kit::cuda::(anonymous namespace)::quantize_4bit_kernel<2>(const void*, long)") \
+        == "quantize_4bit_kernel<2>"
+    assert kr.infer_role("dequantize_4bit_kernel<1>") == "dequantize"
+    assert kr.infer_role("gemv_4bit_splitk") == "gemv"
+    assert kr.infer_role("fused_matmul_lora_fwd") == "gemm"
+    assert kr.infer_role("matmul_backward_input") == "gemm_bwd"
+    assert kr.infer_role("quantize_4bit_kernel") == "quantize"
+
+
+def test_check_invariants_rules_on_synthetic_stats():
+    ok = kr.KernelStat("triton", "g", 90, role="gemm", hgmma=4, regs=128, threads=128)
+    assert kr.check_invariants([ok]) == []
+    bad = [
+        kr.KernelStat("triton", "g80", 80, role="gemm", hgmma=0, hmma=0),
+        kr.KernelStat("triton", "d", 90, role="dequantize", ldg=4, stg128=2),
+        kr.KernelStat("triton", "d2", 90, role="dequantize", ldg128=2, stg=3),
+        kr.KernelStat("triton", "s", 90, role="other", stl=2),
+        kr.KernelStat("cuda", "q", 90, role="quantize", bit_exact=True, ptx_fma=3),
+        kr.KernelStat("triton", "e", 90, error="boom"),
+    ]
+    rules = [(v.kernel, v.rule) for v in kr.check_invariants(bad)]
+    assert rules == [("g80", "tensor_cores"), ("d", "ldg128"), ("d2", "stg128"), ("s", "spills"), ("q", "fma"),
+                     ("e", "compile")]
+
+
+# ---------------------------------------------------------------- compiled kernels
+@pytest.fixture(scope="module")
+def demo_stats():
+    """The demo kernels compiled for sm_80 and sm_90 (subprocess without the interpreter; cached)."""
+    if CUOBJDUMP is None:
+        pytest.skip("no cuobjdump")
+    return kr.triton_stats("benchmarks._demo_kernels", archs=(80, 90))
+
+
+@needs_cuobjdump
+def test_demo_good_kernels_keep_every_invariant(demo_stats):
+    good = [s for s in demo_stats if s.expect_violation is None]
+    assert {s.name for s in good} == {"demo_dequant_nested", "demo_gemm"}
+    assert {s.arch for s in good} == {80, 90}
+    assert kr.check_invariants(good) == []
+    by = {(s.name, s.arch): s for s in good}
+    assert by[("demo_gemm", 80)].hmma > 0
+    assert by[("demo_gemm", 90)].hgmma + by[("demo_gemm", 90)].hmma > 0
+    assert by[("demo_dequant_nested", 90)].ldg128 > 0 and by[("demo_dequant_nested", 90)].ptx_fma == 0
+
+
+@needs_cuobjdump
+@pytest.mark.parametrize("name,rule", [
+    ("broken_fp_fusion", "fma"),
+    ("broken_bytewise_dequant", "ldg128"),
+    ("broken_gemm_no_tensor_cores", "tensor_cores"),
+    ("broken_gemm_spills", "spills"),
+])
+def test_each_invariant_fails_on_its_broken_kernel(demo_stats, name, rule):
+    stats = [s for s in demo_stats if s.name == name]
+    assert stats, f"{name} was not compiled"
+    assert all(s.error is None for s in stats), [s.error for s in stats]
+    for s in stats:
+        rules = {v.rule for v in kr.check_invariants([s])}
+        assert rule in rules, f"{name} sm_{s.arch}: expected a {rule} violation, got {rules}"
+
+
+def _registry_present() -> bool:
+    try:
+        return importlib.util.find_spec(kr.DEFAULT_REGISTRY) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@needs_cuobjdump
+@pytest.mark.skipif(not _registry_present(), reason=f"{kr.DEFAULT_REGISTRY} does not exist yet")
+def test_nf4kit_triton_kernels_keep_the_invariants():
+    """Every registered Triton kernel, first autotune config, sm_80 and sm_90."""
+    stats = kr.triton_stats(kr.DEFAULT_REGISTRY, archs=(80, 90), first_config_only=True)
+    assert stats, "the registry lists no kernels"
+    violations = kr.check_invariants(stats)
+    assert not violations, "\n".join(map(str, violations))
+    roles = collections.Counter(s.role for s in stats)
+    assert roles["dequantize"] > 0, "no dequantize kernel registered"
+
+
+@needs_cuobjdump
+def test_cuda_kernels_keep_the_invariants():
+    stats, note = kr.cuda_stats()
+    if not stats:
+        pytest.skip(f"no CUDA kernels to inspect: {note}")
+    violations = kr.check_invariants(stats)
+    assert not violations, "\n".join(map(str, violations))

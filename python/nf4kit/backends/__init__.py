@@ -7,8 +7,9 @@ A backend is a module in this package with:
   <op>(*args) for the ops it implements (the signatures of nf4kit/reference.py);
   an op may return NotImplemented for arguments it cannot serve, and the next backend runs.
 
-Default chain: CUDA tensors -> cuda, triton, torch; CPU tensors -> cpu, torch.
-`NF4KIT_BACKEND=name` or `with nf4kit.use_backend(name):` puts `name` first.
+Default chain: CPU tensors -> cpu, torch.  CUDA tensors -> cuda, triton, torch, except where
+the H100 benchmark (benchmarks/results/gpu_h100_2026-11-26) measured triton faster: see
+cuda_chain().  `NF4KIT_BACKEND=name` or `with nf4kit.use_backend(name):` puts `name` first.
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ import torch
 
 BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
 _MODULES = {"cuda": "cuda", "triton": "triton", "cpu": "cpu", "torch": "torch_ref"}
-# CUDA tensors: which compiled backend leads.  The triton kernels are the ones tested in CI
-# (interpreter); see README "Backends" for the status of the hand-written CUDA kernels.
 CUDA_DEFAULT_CHAIN = ("cuda", "triton", "torch")
+TRITON_FIRST_CHAIN = ("triton", "cuda", "torch")
+# Largest M at which the CUDA split-K GEMV beats the Triton kernels (H100, 4096x14336:
+# 68.7 vs 130 us at M = 1; 107 vs 200 us the other way at M = 16).
+CUDA_GEMV_MAX_M = 8
 CPU_DEFAULT_CHAIN = ("cpu", "torch")
 
 _loaded: dict[str, Optional[ModuleType]] = {}
@@ -90,8 +93,20 @@ class use_backend:
         del _local.stack[self._depth:]
 
 
-def chain(device: torch.device) -> list[str]:
-    default = CUDA_DEFAULT_CHAIN if device.type == "cuda" else CPU_DEFAULT_CHAIN
+def cuda_chain(op: Optional[str], args: tuple = ()) -> tuple[str, ...]:
+    """Backend order for CUDA tensors, per op and M, as measured on an H100 (2026-11-26):
+    triton's one-launch dequantize ran at 87% of copy bandwidth against cuda's 47%, and its
+    matmuls won from M = 16 up (forward and backward); cuda's GEMV won at M <= 8."""
+    if op == "dequantize_4bit" or op == "matmul_4bit_backward_input":
+        return TRITON_FIRST_CHAIN
+    if op == "matmul_4bit":
+        M = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else 0
+        return CUDA_DEFAULT_CHAIN if M <= CUDA_GEMV_MAX_M else TRITON_FIRST_CHAIN
+    return CUDA_DEFAULT_CHAIN
+
+
+def chain(device: torch.device, op: Optional[str] = None, args: tuple = ()) -> list[str]:
+    default = cuda_chain(op, args) if device.type == "cuda" else CPU_DEFAULT_CHAIN
     forced = _forced()
     if forced is not None and forced not in BACKEND_NAMES:
         raise ValueError(f"NF4KIT_BACKEND={forced!r} is not a backend; choose from {BACKEND_NAMES}")
@@ -103,7 +118,7 @@ def chain(device: torch.device) -> list[str]:
 
 def run(op: str, device: torch.device, *args: Any) -> Any:
     """Run `op` on the first backend of the chain that serves it."""
-    for name in chain(device):
+    for name in chain(device, op, args):
         mod = get(name)
         if mod is None or not mod.is_available() or not mod.serves(device):
             continue

@@ -24,7 +24,9 @@ cpu::Q4Args q4(std::uintptr_t packed, std::uintptr_t absmax, std::uintptr_t absm
 
 void bind_cpu(py::module_& m) {
   py::module_ c = m.def_submodule("cpu", "C++ CPU kernels");
-  c.def("isa", []() { return std::string(cpu::isa()); }, "implementation serving calls: 'avx2' or 'generic'");
+  c.def("set_isa_cap", [](int level) { return cpu::set_isa_cap(level); },
+        "cap the ISA level (0 generic, 1 avx2, 2 avx512) for benchmarks/tests; returns the level in force");
+  c.def("isa", []() { return std::string(cpu::isa()); }, "implementation serving calls: 'avx512', 'avx2' or 'generic'");
   c.def("quantize_4bit", [](std::uintptr_t in, int in_dtype, int64_t n, int blocksize, int quant_type,
                             std::uintptr_t packed, std::uintptr_t absmax) {
     py::gil_scoped_release nogil;

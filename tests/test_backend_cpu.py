@@ -2,8 +2,10 @@
 quantize/dequantize op, and matmuls within tolerance of a float64 reference.
 
 Every test forces the cpu backend and checks it really served the call (no silent
-fallback to the torch backend).  When the CPU has AVX2 the AVX2 kernels run; the generic
-C++ path is exercised too, in a subprocess with NF4KIT_CPU_GENERIC=1.
+fallback to the torch backend).  The best C++ implementation the CPU has serves the bulk of
+the tests (AVX-512, AVX2 or generic); every lower one is exercised too: in-process by capping
+the ISA (backends.cpu.cap_isa), and through the environment in subprocesses
+(NF4KIT_CPU_GENERIC=1, NF4KIT_CPU_ISA=avx2).
 """
 from __future__ import annotations
 
@@ -354,5 +356,145 @@ print("ok")
 def test_generic_cpu_path_subprocess() -> None:
     env = dict(os.environ, NF4KIT_CPU_GENERIC="1", OMP_NUM_THREADS="2")
     res = subprocess.run([sys.executable, "-c", _GENERIC_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------- every ISA path, one process
+def _available_isas() -> list[str]:
+    if cpu_backend is None or not cpu_backend.is_available():
+        return []
+    have = [i for i in ("avx512", "avx2", "generic") if cpu_backend.cap_isa(i) == i]
+    cpu_backend.cap_isa("avx512")
+    return have
+
+
+ISAS = _available_isas()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Caps the C++ implementation at one ISA for the test, restores the best one after."""
+    assert cpu_backend.cap_isa(request.param) == request.param
+    yield request.param
+    cpu_backend.cap_isa("avx512")
+
+
+def test_isa_paths_available() -> None:
+    # On x86-64 build machines at least AVX2 and the generic path exist; the best one is the default.
+    import nf4kit.backends._native as native
+    assert ISAS[-1] == "generic" and cpu_backend.isa() == ISAS[0] == native.load().cpu.isa()
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+def test_isa_dequantize_4bit_bit_exact(isa: str, blocksize: int) -> None:
+    # Plain and nested state, every output dtype, a tail of 16+ and of < 16 elements, odd count.
+    for n, nested in ((7 * blocksize + 16 + 5, False), (300 * 64 + 49, True), (33, False)):
+        x = rand(n, torch.float32, seed=n + blocksize, scale=3.0)
+        for qt in ("nf4", "fp4"):
+            with nf4kit.use_backend("torch"):
+                packed, qs = nf4kit.quantize_4bit(x, blocksize=blocksize, compress_statistics=nested, quant_type=qt)
+            pb, st = fmt.packed_as_bytes(packed), ops.state_args(qs)
+            for dt in DTYPES:
+                out = ops.dequantize_4bit(pb, *st, blocksize, qt, n, dt)
+                assert_ran("dequantize_4bit", "cpu")
+                assert_bit_equal(out, R.dequantize_4bit(pb, *st, blocksize, qt, n, dt))
+
+
+def test_isa_dequantize_4bit_extreme_absmax(isa: str) -> None:
+    # fp32 subnormal products (the bf16 rounding must not flush them), fp16 subnormals and
+    # overflow, huge values, zero absmax.  (No inf/NaN absmax: the format cannot produce one,
+    # and reference.py's bf16 NaN bits differ from the core's on every path.)
+    g = torch.Generator().manual_seed(7)
+    nb = 1024
+    absmax = torch.exp2(torch.empty(nb).uniform_(-149, 127.9, generator=g))
+    absmax[:12] = torch.tensor([0.0, 1e-45, 1e-40, 1.1754942e-38, 5.9604645e-08, 65520.0, 3.4e38, 3.3e38,
+                                1.5e-38, 2.0 ** -126, 2.0 ** -133, 1.0])
+    packed = torch.randint(0, 256, (nb * 32 // 2,), dtype=torch.uint8, generator=g)
+    for qt in ("nf4", "fp4"):
+        for dt in DTYPES:
+            out = ops.dequantize_4bit(packed, absmax, None, None, None, 32, qt, nb * 32, dt)
+            assert_bit_equal(out, R.dequantize_4bit(packed, absmax, None, None, None, 32, qt, nb * 32, dt))
+
+
+def test_isa_dequantize_4bit_tile_bit_exact(isa: str) -> None:
+    # Tiles at odd columns / widths (odd element starts inside a byte), rows crossing blocks.
+    from nf4kit.backends import _native
+    C = _native.load()
+    N, K, bs = 13, 197, 64
+    W = rand(N * K, torch.float32, seed=3)
+    packed, qs = nf4kit.quantize_4bit(W, blocksize=bs, compress_statistics=True)
+    pb, st = fmt.packed_as_bytes(packed), ops.state_args(qs)
+    keep, (a, aq, na, nc, off) = cpu_backend._state(*st)
+    for dt in DTYPES:
+        full = R.dequantize_4bit(pb, *st, bs, "nf4", N * K, dt).view(N, K)
+        for (n0, n1, k0, k1) in ((0, N, 0, K), (1, 12, 3, 196), (5, 6, 33, 130), (2, 9, 64, 65)):
+            out = torch.empty((n1 - n0) * (k1 - k0), dtype=dt)
+            _native.check(C.cpu.dequantize_4bit_tile(_native.ptr(pb), a, aq, na, nc, off, bs, 0, N, K, n0, n1, k0, k1,
+                                                     _native.ptr(out), _native.DTYPE_CODES[dt]), "tile")
+            assert_bit_equal(out.view(n1 - n0, k1 - k0), full[n0:n1, k0:k1].contiguous())
+    del keep
+
+
+# (N, K, blocksize): the AVX-512 GEMV paths -- K % 128 == 0 with blocksize >= 64 (blocks of
+# 64 and blocks crossing rows), K % 32 == 0 (blocks crossing rows, blocksize 32, K < blocksize)
+# -- and the fallback (K % 32 != 0).
+ISA_MATMUL_CASES = [(19, 640, 64), (11, 384, 256), (67, 96, 64), (40, 2080, 32), (9, 1056, 4096), (23, 100, 64)]
+
+
+@pytest.mark.parametrize("N,K,blocksize", ISA_MATMUL_CASES)
+def test_isa_fused_matmul_4bit(isa: str, N: int, K: int, blocksize: int) -> None:
+    g = torch.Generator().manual_seed(N + K)
+    W = torch.randn(N, K, generator=g)
+    with nf4kit.use_backend("torch"):
+        packed, qs = nf4kit.quantize_4bit(W, blocksize=blocksize, compress_statistics=True, quant_type="fp4")
+        Wd = nf4kit.dequantize_4bit(packed, qs, dtype=torch.float32).double()
+    pb, st = fmt.packed_as_bytes(packed), ops.state_args(qs)
+    bias = torch.randn(N, generator=g)
+    A, B = torch.randn(2, K, generator=g), torch.randn(N, 2, generator=g)
+    for M in (1, 3, 4, 9):  # M tiles of 4 and every remainder
+        x, dy = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+        y = ops.matmul_4bit(x, pb, *st, blocksize, "fp4", N, K, bias, A, B, 0.5)
+        assert_ran("matmul_4bit", "cpu")
+        ref = x.double() @ Wd.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+        assert rel_err(y, ref) < 1e-5, (M, rel_err(y, ref))
+        dx = ops.matmul_4bit_backward_input(dy, pb, *st, blocksize, "fp4", N, K, None, None, 1.0)
+        assert_ran("matmul_4bit_backward_input", "cpu")
+        assert rel_err(dx, dy.double() @ Wd) < 1e-5, (M, rel_err(dx, dy.double() @ Wd))
+
+
+def test_dequantize_4bit_streaming_output_bit_exact() -> None:
+    # Outputs >= 16 MiB take the AVX-512 non-temporal store path: bit-exact there too, with an
+    # odd tail; fp32 and bf16.
+    g = torch.Generator().manual_seed(9)
+    nmax = (8 << 20) + 37
+    packed = torch.randint(0, 256, ((nmax + 1) // 2,), dtype=torch.uint8, generator=g)
+    absmax = torch.rand(fmt.num_blocks(nmax, 64), generator=g) * 4
+    for dt, n in ((torch.bfloat16, nmax), (torch.float32, (4 << 20) + 37)):
+        out = ops.dequantize_4bit(packed, absmax, None, None, None, 64, "nf4", n, dt)
+        assert_ran("dequantize_4bit", "cpu")
+        assert_bit_equal(out, R.dequantize_4bit(packed, absmax, None, None, None, 64, "nf4", n, dt))
+
+
+_ISA_ENV_SCRIPT = r"""
+import torch, nf4kit
+from nf4kit import ops, reference as R
+from nf4kit.backends import cpu
+assert cpu.isa() == "avx2", cpu.isa()
+assert cpu.cap_isa("avx512") == "avx2"  # the environment cap holds
+x = torch.randn(4099)
+with nf4kit.use_backend("cpu"):
+    p, a = ops.quantize_4bit(x, 64, "nf4")
+    for dt in (torch.float32, torch.bfloat16):
+        assert torch.equal(ops.dequantize_4bit(p, a, None, None, None, 64, "nf4", 4099, dt).view(torch.uint8),
+                           R.dequantize_4bit(p, a, None, None, None, 64, "nf4", 4099, dt).view(torch.uint8))
+print("ok")
+"""
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="no AVX2 on this CPU")
+def test_isa_env_cap_subprocess() -> None:
+    env = dict(os.environ, NF4KIT_CPU_ISA="avx2", OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", _ISA_ENV_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr

@@ -1,9 +1,11 @@
 // C++ CPU kernels.  Pointers are raw; Python (nf4kit/backends/cpu.py) validates every
 // shape and dtype before calling, so these functions trust their sizes.
 //
-// Each entry point in namespace nf4kit::cpu picks, at run time, the AVX2 implementation
-// (csrc/cpu/*_avx2.cpp, namespace nf4kit::cpu::avx2) when the CPU has AVX2 + FMA + F16C,
-// and the portable one otherwise.  Both are bit-identical for the quantize/dequantize ops.
+// Each entry point in namespace nf4kit::cpu picks, at run time, the best implementation the
+// CPU has: AVX-512 (csrc/cpu/*_avx512.cpp, namespace nf4kit::cpu::avx512: 4-bit dequantize
+// and the fused GEMVs; needs AVX-512 F/BW/VL plus the AVX2 set), then AVX2
+// (csrc/cpu/*_avx2.cpp, nf4kit::cpu::avx2: AVX2 + FMA + F16C), then the portable code.
+// All are bit-identical for the quantize/dequantize ops.
 #pragma once
 #include <stdint.h>
 
@@ -25,10 +27,17 @@ struct Q4Args {
   int quant_type;
 };
 
-// True when the AVX2 kernels run on this CPU (AVX2, FMA and F16C present, and the
-// NF4KIT_CPU_GENERIC environment variable unset).
+// Run-time ISA level: 0 generic, 1 AVX2 (AVX2, FMA, F16C), 2 AVX-512 (AVX2 set + AVX-512
+// F/BW/VL).  Environment: NF4KIT_CPU_GENERIC=1 forces 0; NF4KIT_CPU_ISA=generic|avx2|avx512
+// caps the level (never above what the CPU has).  Read once, at the first call.
+int isa_level();
+// Benchmarks / tests: cap the level at run time (0, 1, 2; never above the detected one).
+// Returns the level now in force.  Not meant to be called while kernels run.
+int set_isa_cap(int level);
+// True when the AVX2 kernels (level >= 1) / AVX-512 kernels (level 2) run.
 bool use_avx2();
-// Which implementation serves calls: "avx2" or "generic".
+bool use_avx512();
+// Which implementation serves calls: "avx512", "avx2" or "generic".
 const char* isa();
 
 // A [n] (dtype in_dtype: core::DType) -> packed [(n+1)/2] uint8, absmax [ceil(n/blocksize)] fp32.
@@ -62,7 +71,7 @@ int dequantize_absmax_int8(const int8_t* q, const float* absmax, int64_t n, int6
 
 // Fused small-M forward: y [M, N] fp32 = x [M, K] fp32 · deq(W [N, K])ᵀ (+ bias fp32 [N] if
 // given).  W is decoded on the fly (fp32 accumulation); the dequantized weight is never
-// stored.  AVX2 only (kUnsupported otherwise).
+// stored.  AVX2 / AVX-512 only (kUnsupported on the generic path).
 int gemv_4bit(const float* x, int64_t M, const Q4Args& q, int64_t N, int64_t K, const float* bias, float* y);
 
 // Fused small-M backward: dx [M, K] fp32 = dy [M, N] fp32 · deq(W [N, K]).  AVX2 only.
@@ -84,6 +93,14 @@ int dequantize_absmax_int8(const int8_t* q, const float* absmax, int64_t n, int6
 int gemv_4bit(const float* x, int64_t M, const Q4Args& q, int64_t N, int64_t K, const float* bias, float* y);
 int gemv_t_4bit(const float* dy, int64_t M, const Q4Args& q, int64_t N, int64_t K, float* dx);
 }  // namespace avx2
+
+namespace avx512 {
+int dequantize_4bit(const Q4Args& q, void* out, int out_dtype);
+int dequantize_4bit_tile(const Q4Args& q, int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t k0,
+                         int64_t k1, void* out, int out_dtype);
+int gemv_4bit(const float* x, int64_t M, const Q4Args& q, int64_t N, int64_t K, const float* bias, float* y);
+int gemv_t_4bit(const float* dy, int64_t M, const Q4Args& q, int64_t N, int64_t K, float* dx);
+}  // namespace avx512
 
 // Linux: ask for transparent huge pages on the 2 MiB-aligned interior of a large fresh
 // output buffer before the first write.  A freshly mmapped buffer costs one page fault

@@ -12,7 +12,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#include <vector>
 
 #ifdef NF4KIT_WITH_OPENMP
 #include <omp.h>
@@ -33,6 +32,18 @@ namespace nf4kit {
 namespace cpu {
 namespace avx2 {
 namespace {
+
+// Uninitialised, 64-byte aligned scratch.  Not std::vector: its out-of-line template members
+// would be emitted here as weak symbols compiled for AVX2, and the linker could pick that copy
+// for the generic translation unit, which must run on CPUs without AVX2.
+struct ScratchBuf {
+  void* p;
+  explicit ScratchBuf(size_t bytes) : p(aligned_alloc(64, ((bytes + 63) / 64) * 64 + 64)) {}
+  ~ScratchBuf() { free(p); }
+  ScratchBuf(const ScratchBuf&) = delete;
+  ScratchBuf& operator=(const ScratchBuf&) = delete;
+};
+
 
 #define NF4_AI inline __attribute__((always_inline))
 
@@ -644,7 +655,8 @@ int gemv_t_4bit(const float* dy, int64_t M, const Q4Args& q, int64_t N, int64_t 
   // Private accumulators with a padded row stride: rows K floats apart (K a multiple of 1024)
   // would all map to the same L1 sets and evict each other.
   const int64_t ld = ((K + 15) / 16) * 16 + 16;
-  std::vector<float> partial((size_t)nt * (size_t)(M * ld));
+  ScratchBuf partial_buf((size_t)nt * (size_t)(M * ld) * sizeof(float));
+  float* const partial = static_cast<float*>(partial_buf.p);
 #pragma omp parallel num_threads(nt)
   {
 #ifdef NF4KIT_WITH_OPENMP
@@ -653,12 +665,13 @@ int gemv_t_4bit(const float* dy, int64_t M, const Q4Args& q, int64_t N, int64_t 
 #else
     const int tid = 0, nth = 1;
 #endif
-    float* acc = partial.data() + (size_t)tid * (size_t)(M * ld);
+    float* acc = partial + (size_t)tid * (size_t)(M * ld);
     memset(acc, 0, sizeof(float) * (size_t)(M * ld));
     const int64_t r0 = N * tid / nth, r1 = N * (tid + 1) / nth;
     // Per block segment: dv[m] = dy[m, n] * scale, then a[m, k] += W_code[k] * dv[m].
-    std::vector<__m256> dv((size_t)M);
-    std::vector<float> d1((size_t)M);
+    ScratchBuf dv_buf(sizeof(__m256) * (size_t)M), d1_buf(sizeof(float) * (size_t)M);
+    __m256* const dv = static_cast<__m256*>(dv_buf.p);
+    float* const d1 = static_cast<float*>(d1_buf.p);
     for (int64_t n = r0; n < r1; ++n) {
       walk_span(
           q.packed, sc, q.blocksize, n * K, K, t, table,
@@ -690,9 +703,9 @@ int gemv_t_4bit(const float* dy, int64_t M, const Q4Args& q, int64_t N, int64_t 
     // dx = sum of the per-thread accumulators, rows split across threads.
     for (int64_t m = M * tid / nth; m < M * (tid + 1) / nth; ++m) {
       float* d = dx + m * K;
-      memcpy(d, partial.data() + m * ld, sizeof(float) * (size_t)K);
+      memcpy(d, partial + m * ld, sizeof(float) * (size_t)K);
       for (int p = 1; p < nth; ++p) {
-        const float* src = partial.data() + (size_t)p * (size_t)(M * ld) + m * ld;
+        const float* src = partial + (size_t)p * (size_t)(M * ld) + m * ld;
         for (int64_t i = 0; i < K; ++i) d[i] += src[i];
       }
     }

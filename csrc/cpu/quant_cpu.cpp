@@ -1,10 +1,13 @@
 // Portable CPU quantize / dequantize kernels: OpenMP over blocks, scalar inner loops
 // written so the compiler vectorises them.  Arithmetic comes from core/nf4_core.h.
-// The public entry points at the end of this file dispatch to the AVX2 kernels
-// (quant_avx2.cpp) when the CPU has them; the code here is the generic fallback.
+// The public entry points at the end of this file dispatch to the AVX-512 kernels
+// (quant_avx512.cpp) or the AVX2 kernels (quant_avx2.cpp) when the CPU has them; the code
+// here is the generic fallback.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <atomic>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -230,24 +233,58 @@ static int generic_dequantize_absmax_int8(const int8_t* q, const float* absmax, 
 
 // ---------------------------------------------------------------- dispatch
 namespace {
-bool detect_avx2() {
+int detect_isa() {
 #if defined(__x86_64__) || defined(__i386__)
   const char* env = getenv("NF4KIT_CPU_GENERIC");
-  if (env && env[0] && env[0] != '0') return false;
+  if (env && env[0] && env[0] != '0') return 0;
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  int level = 0;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    level = 1;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+      level = 2;
+  }
+  // NF4KIT_CPU_ISA caps the level (tests run every path on one machine).
+  const char* cap = getenv("NF4KIT_CPU_ISA");
+  if (cap && cap[0]) {
+    const int c = strcmp(cap, "generic") == 0 ? 0 : strcmp(cap, "avx2") == 0 ? 1 : 2;
+    if (c < level) level = c;
+  }
+  return level;
 #else
-  return false;
+  return 0;
 #endif
 }
 }  // namespace
 
-bool use_avx2() {
-  static const bool ok = detect_avx2();
-  return ok;
+namespace {
+int detected_isa() {
+  static const int level = detect_isa();
+  return level;
+}
+std::atomic<int> g_isa_cap{2};
+}  // namespace
+
+int isa_level() {
+  const int d = detected_isa(), c = g_isa_cap.load(std::memory_order_relaxed);
+  return c < d ? c : d;
 }
 
-const char* isa() { return use_avx2() ? "avx2" : "generic"; }
+int set_isa_cap(int level) {
+  g_isa_cap.store(level < 0 ? 0 : level, std::memory_order_relaxed);
+  return isa_level();
+}
+bool use_avx2() { return isa_level() >= 1; }
+bool use_avx512() { return isa_level() >= 2; }
+
+const char* isa() {
+  switch (isa_level()) {
+    case 2: return "avx512";
+    case 1: return "avx2";
+    default: return "generic";
+  }
+}
 
 void advise_hugepages(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -283,6 +320,7 @@ int dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* a
   advise_hugepages(out, n * dtype_size(out_dtype));
   if (use_avx2()) {
     const Q4Args q{packed, absmax, absmax_q, nested_absmax, nested_code, offset, n, blocksize, quant_type};
+    if (use_avx512() && (blocksize & (blocksize - 1)) == 0) return avx512::dequantize_4bit(q, out, out_dtype);
     return avx2::dequantize_4bit(q, out, out_dtype);
   }
   return generic_dequantize_4bit(packed, absmax, absmax_q, nested_absmax, nested_code, offset, n, blocksize,
@@ -297,6 +335,8 @@ int dequantize_4bit_tile(const Q4Args& q, int64_t N, int64_t K, int64_t n0, int6
   if (q.absmax == nullptr && (q.absmax_q == nullptr || q.nested_absmax == nullptr || q.nested_code == nullptr ||
                               q.offset == nullptr))
     return kBadArgument;
+  if (use_avx512() && (q.blocksize & (q.blocksize - 1)) == 0)
+    return avx512::dequantize_4bit_tile(q, N, K, n0, n1, k0, k1, out, out_dtype);
   if (use_avx2()) return avx2::dequantize_4bit_tile(q, N, K, n0, n1, k0, k1, out, out_dtype);
   return generic_dequantize_4bit_tile(q, N, K, n0, n1, k0, k1, out, out_dtype);
 }
@@ -340,12 +380,14 @@ static bool valid_q4(const Q4Args& q, int64_t N, int64_t K) {
 
 int gemv_4bit(const float* x, int64_t M, const Q4Args& q, int64_t N, int64_t K, const float* bias, float* y) {
   if (M <= 0 || !valid_q4(q, N, K)) return kBadArgument;
+  if (use_avx512()) return avx512::gemv_4bit(x, M, q, N, K, bias, y);
   if (!use_avx2()) return kUnsupported;
   return avx2::gemv_4bit(x, M, q, N, K, bias, y);
 }
 
 int gemv_t_4bit(const float* dy, int64_t M, const Q4Args& q, int64_t N, int64_t K, float* dx) {
   if (M <= 0 || !valid_q4(q, N, K)) return kBadArgument;
+  if (use_avx512()) return avx512::gemv_t_4bit(dy, M, q, N, K, dx);
   if (!use_avx2()) return kUnsupported;
   return avx2::gemv_t_4bit(dy, M, q, N, K, dx);
 }

@@ -4,14 +4,15 @@ Arguments are validated by nf4kit.functional before they get here; this module o
 prepares contiguous buffers, picks the kernel and checks the status code.  Anything it
 cannot serve returns NotImplemented, and the `torch` backend runs instead.
 
-The C++ side picks AVX2 kernels at run time when the CPU has AVX2/FMA/F16C (see
-`isa()`), else portable ones; quantize/dequantize results are bit-identical either way.
+The C++ side picks at run time AVX-512 kernels (4-bit dequantize, fused GEMVs) when the CPU
+has AVX-512 F/BW/VL, AVX2 kernels when it has AVX2/FMA/F16C, else portable ones (see
+`isa()`); quantize/dequantize results are bit-identical on every path.
 
 matmul_4bit / matmul_4bit_backward_input never materialise the whole dequantized weight:
-  * M <= GEMV_MAX_M (AVX2 only): one fused C++ kernel decodes the packed weight on the fly
+  * M <= GEMV_MAX_M (AVX2 / AVX-512 only): one fused C++ kernel decodes the packed weight on the fly
     with fp32 accumulation (forward: OpenMP over output rows; backward: over rows of W with
     per-thread [M, K] accumulators);
-  * larger M (or no AVX2): the weight is dequantized one tile at a time (a band of rows for
+  * larger M (or the generic path): the weight is dequantized one tile at a time (a band of rows for
     the forward, a band of columns for the backward) into a transient buffer in the compute
     dtype, and torch's GEMM writes straight into the matching slice of the output.
 """
@@ -34,6 +35,8 @@ GEMV_T_MAX_M = {torch.float32: 12, torch.float16: 12, torch.bfloat16: 6}
 # Transient tile of the large-M path, in elements of the weight (2 Mi elements: 8 MiB fp32,
 # 4 MiB bf16 -- L3-resident, and wide enough for torch's GEMM to run at full speed).
 TILE_ELEMS = 1 << 21
+# C++ implementations that have the fused small-M kernels.
+_FUSED_ISAS = ("avx2", "avx512")
 
 
 def is_available() -> bool:
@@ -46,9 +49,24 @@ def serves(device: torch.device) -> bool:
 
 
 def isa() -> str:
-    """'avx2' or 'generic': which C++ implementation serves calls on this CPU."""
+    """'avx512', 'avx2' or 'generic': which C++ implementation serves calls on this CPU.
+
+    The C++ side picks the best the CPU has at the first call; NF4KIT_CPU_ISA=avx2|generic
+    (or NF4KIT_CPU_GENERIC=1) set before that caps it.
+    """
     C = load()
     return C.cpu.isa() if C is not None else "none"
+
+
+_ISA_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
+
+
+def cap_isa(name: str) -> str:
+    """Cap the C++ implementation at `name` ('generic', 'avx2', 'avx512'; never above what the
+    CPU has) for A/B benchmarks and tests in one process; returns the ISA now serving calls."""
+    C = load()
+    C.cpu.set_isa_cap(_ISA_LEVELS[name])
+    return C.cpu.isa()
 
 
 def _float_input(A: torch.Tensor) -> torch.Tensor:
@@ -192,7 +210,7 @@ def _matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ne
     packed = packed.reshape(-1).contiguous()
     keep, (a, aq, na, nc, off) = _state(absmax, nested_absmax, nested_code, offset)
     qt = QUANT_TYPE_CODES[quant_type]
-    if M <= GEMV_MAX_M[x.dtype] and C.cpu.isa() == "avx2":
+    if M <= GEMV_MAX_M[x.dtype] and C.cpu.isa() in _FUSED_ISAS:
         # Fused decode + GEMV in fp32 (x converted once); LoRA's M×r term in fp32 with torch.
         xf = x.float().contiguous()
         y = torch.empty((M, N), dtype=torch.float32)
@@ -238,7 +256,7 @@ def _matmul_4bit_backward_input(dy: torch.Tensor, packed: torch.Tensor, absmax: 
     packed = packed.reshape(-1).contiguous()
     keep, (a, aq, na, nc, off) = _state(absmax, nested_absmax, nested_code, offset)
     qt = QUANT_TYPE_CODES[quant_type]
-    if M <= GEMV_T_MAX_M[dy.dtype] and C.cpu.isa() == "avx2":
+    if M <= GEMV_T_MAX_M[dy.dtype] and C.cpu.isa() in _FUSED_ISAS:
         dyf = dy.float().contiguous()
         dx = torch.empty((M, K), dtype=torch.float32)
         check(C.cpu.gemv_t_4bit(ptr(dyf), M, ptr(packed), a, aq, na, nc, off, blocksize, qt, N, K, ptr(dx)),

@@ -1,0 +1,484 @@
+"""Fused 4-bit matmuls: forward Y = X·deq(W)ᵀ + s·(X·Aᵀ)·Bᵀ + bias and backward
+dX = dY·deq(W) + s·(dY·B)·A, with W [N, K] packed NF4/FP4 (double-quant decoded in-kernel).
+
+Kernels
+  _fused_matmul_kernel  tiles [BLOCK_M, BLOCK_P] of the output, loop over the reduction dim
+                        in BLOCK_Q steps: the packed W tile is loaded and dequantized in
+                        registers (never materialised in global memory), rounded to the
+                        activation dtype like the reference, and fed to tl.dot (tensor cores).
+                        FWD=True: W rows are output columns (dot with the transposed tile);
+                        FWD=False (backward dX): W rows are the reduction dim — the same packed
+                        bytes read in the other order, no repacking.  The LoRA up-projection
+                        (L [M, r] = s-less X·Aᵀ or dY·B, computed by one small torch matmul) is
+                        added into the same accumulator tile; bias in the epilogue.
+  _gemv_kernel          decode path, M <= 16: each program streams BLOCK_N rows of W over
+                        its share of K (split-K) once; M == 1 reduces with FMAs, 2..16 uses
+                        tl.dot with M padded to 16.  SPLIT_K > 1 writes fp32 partials that
+                        _splitk_reduce_kernel sums (deterministic) with bias and LoRA.
+
+Regimes (DESIGN.md §5): M <= GEMV_MAX_M -> gemv; M >= DEQUANT_GEMM_MIN_M on CUDA -> one-launch
+dequantize into a transient buffer + cuBLAS (LoRA folded with addmm_); otherwise fused.
+The thresholds (module attributes, or NF4KIT_TRITON_GEMV_MAX_M / _DEQUANT_GEMM_MIN_M /
+_FUSED_BACKWARD) default to the measured winners, see the comment at the constants.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import quant
+from ._common import (INTERPRET, _deq_tile, _dot, _round_to, _tile_bytes, _tile_scales, _tile_values, capability,
+                      device_constants, k_align, next_pow2)
+
+# Regimes on CUDA, measured on an H100 (Triton 3.6, torch 2.11, bf16, W 4096x14336 = [N, K],
+# blocksize 64, double quant; triton_kernels/_bench.py --quick, after the table/scale gathers
+# went through _gather_f32):
+#   copy bandwidth 2.95 TB/s; dequantize (one launch) 56.3 us = 2.62 TB/s = 89% of copy
+#   M = 1:  gemv kernel 35.7 us (BLOCK_N 8, BLOCK_K 1024)   cuBLAS bf16 on dense W: 56.1 us
+#   M = 16: gemv (tl.dot) kernel 107 us                    dequantize + cuBLAS: ~112 us
+#   M = 4096: fused forward 2.64 ms (128x128x128)          dequantize + cuBLAS + LoRA: 768 us
+#             (cuBLAS F.linear + LoRA on the dense weight: 666 us)
+# So: M <= 16 -> gemv kernel; M >= 17 -> one-launch dequantize + cuBLAS (LoRA via addmm_);
+# the fused tile kernels stay reachable (thresholds below, or NF4KIT_TRITON_* variables) for
+# the benchmark to re-measure the crossover; under the interpreter (CPU tests) the Triton
+# kernels always run.
+GEMV_MAX_M: int = int(os.environ.get("NF4KIT_TRITON_GEMV_MAX_M", "16"))
+# At and above this M (CUDA only): dequantize + cuBLAS; below it the Triton kernels.  0 = never.
+DEQUANT_GEMM_MIN_M: int = int(os.environ.get("NF4KIT_TRITON_DEQUANT_GEMM_MIN_M", "17"))
+# The backward dX takes dequantize + cuBLAS on CUDA unless this is set to 1 (the fused
+# backward kernel was not re-timed after the gather fix; before it, it was 25x slower).
+FUSED_BACKWARD: bool = os.environ.get("NF4KIT_TRITON_FUSED_BACKWARD", "0") == "1"
+# NF4KIT_TRITON_AUTOTUNE=0: use the first (heuristic) config of each bucket, no tuning runs.
+AUTOTUNE: bool = os.environ.get("NF4KIT_TRITON_AUTOTUNE", "1") != "0"
+MAX_LORA_RANK = 256
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _fused_matmul_kernel(
+        x_ptr, packed_ptr, absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, table_ptr, bias_ptr, l_ptr, rm_ptr, out_ptr,
+        M, P, Q, N, K, stride_wb, stride_xm, stride_om, stride_lm, stride_rr, stride_rp, RANK, lora_scale,
+        M_BUCKET,
+        BS: tl.constexpr, NESTED: tl.constexpr, K_ALIGN: tl.constexpr, FWD: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_LORA: tl.constexpr, R_PAD: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr):
+    """out [M, P] = x [M, Q] · Wop + s·L·Rm + bias.  FWD: P = N, Q = K, Wop = deq(W)ᵀ, Rm = Bᵀ.
+    Backward: P = K, Q = N, Wop = deq(W), Rm = A.  M_BUCKET is only an autotune key."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_p = tl.cdiv(P, BLOCK_P)
+    width = GROUP_M * num_p          # grouped order: GROUP_M row tiles share each W tile in L2
+    first_m = (pid // width) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_p = (pid % width) // gsize
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mmask = rm < M
+    pmask = rp < P
+    if NESTED:
+        offset = tl.load(offset_ptr)
+    else:
+        offset = 0.0
+    T: tl.constexpr = x_ptr.dtype.element_ty
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        rq = q0 + tl.arange(0, BLOCK_Q)
+        xt = tl.load(x_rows + rq[None, :], mask=mmask[:, None] & (rq < Q)[None, :], other=0.0)
+        if FWD:
+            w = _deq_tile(packed_ptr, absmax_ptr, nabs_ptr, ncode_ptr, offset, table_ptr, rp, q0, N, K, stride_wb,
+                          BS, NESTED, K_ALIGN, BLOCK_P, BLOCK_Q, INTERP)
+            acc = _dot(xt, tl.trans(_round_to(w, T, INTERP)), acc, INTERP, IEEE)
+        else:
+            w = _deq_tile(packed_ptr, absmax_ptr, nabs_ptr, ncode_ptr, offset, table_ptr, rq, pid_p * BLOCK_P, N, K,
+                          stride_wb, BS, NESTED, K_ALIGN, BLOCK_Q, BLOCK_P, INTERP)
+            acc = _dot(xt, _round_to(w, T, INTERP), acc, INTERP, IEEE)
+    if HAS_LORA:
+        j = tl.arange(0, R_PAD)
+        lt = tl.load(l_ptr + rm.to(tl.int64)[:, None] * stride_lm + j[None, :],
+                     mask=mmask[:, None] & (j < RANK)[None, :], other=0.0)
+        rt = tl.load(rm_ptr + j[:, None] * stride_rr + rp.to(tl.int64)[None, :] * stride_rp,
+                     mask=(j < RANK)[:, None] & pmask[None, :], other=0.0)
+        lacc = _dot(lt, rt, tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32), INTERP, IEEE)
+        acc += lora_scale * lacc
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rp, mask=pmask, other=0.0).to(tl.float32)[None, :]
+    optr = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rp[None, :]
+    tl.store(optr, _round_to(acc, T, INTERP), mask=mmask[:, None] & pmask[None, :])
+
+
+@triton.jit
+def _gemv_kernel(
+        x_ptr, packed_ptr, absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, table_ptr, bias_ptr, l_ptr, b_ptr, out_ptr,
+        ws_ptr, M, N, K, stride_wb, stride_xm, stride_om, stride_lm, RANK, lora_scale, M_BUCKET,
+        BS: tl.constexpr, NESTED: tl.constexpr, K_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_LORA: tl.constexpr, R_PAD: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Decode path, out [M, N] (M <= 16) = x [M, K] · deq(W)ᵀ (+ s·L·Bᵀ + bias).  Program
+    (pid_n, pid_s) streams rows [pid_n*BLOCK_N, +BLOCK_N) of W over K-slice pid_s once.
+    SPLIT_K == 1: full epilogue, store in x.dtype; else fp32 partials to ws [SPLIT_K, M, N]."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_s * k_per
+    k_hi = tl.minimum(K, k_lo + k_per)
+    if NESTED:
+        offset = tl.load(offset_ptr)
+    else:
+        offset = 0.0
+    T: tl.constexpr = x_ptr.dtype.element_ty
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    rm = tl.arange(0, BLOCK_M)
+    mmask = rm < M
+    if BLOCK_M == 1:
+        # FMA path.  Per run of G columns inside one block: absmax * sum(table[c] * x), so the
+        # scale multiply is once per run, not per element (fp32 throughout, no bf16 rounding of
+        # W: the ALU, not HBM, would otherwise bound M = 1).  The packed bytes of the next
+        # K-step are loaded before this one is used: a register double buffer that keeps two
+        # tiles of HBM reads in flight per program.
+        G: tl.constexpr = BS if BS < BLOCK_K else BLOCK_K
+        b = _tile_bytes(packed_ptr, rn, k_lo, k_hi, N, K, stride_wb, K_ALIGN, BLOCK_N, BLOCK_K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            b_next = _tile_bytes(packed_ptr, rn, k0 + BLOCK_K, k_hi, N, K, stride_wb, K_ALIGN, BLOCK_N, BLOCK_K)
+            rk = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + rk, mask=rk < k_hi, other=0.0).to(tl.float32)
+            v = _tile_values(b, table_ptr, rn, k0, K, K_ALIGN, BLOCK_N, BLOCK_K, INTERP)
+            a = _tile_scales(absmax_ptr, nabs_ptr, ncode_ptr, offset, rn, k0, N, K, BS, NESTED, K_ALIGN, BLOCK_N,
+                             BLOCK_K, INTERP)
+            if K_ALIGN >= G:
+                part = tl.sum((v * xv[None, :]).reshape(BLOCK_N, BLOCK_K // G, G), axis=2)
+                acc += tl.sum(part * a, axis=1)
+            else:
+                acc += tl.sum(v * a * xv[None, :], axis=1)
+            b = b_next
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = _round_to(_deq_tile(packed_ptr, absmax_ptr, nabs_ptr, ncode_ptr, offset, table_ptr, rn, k0, N, K,
+                                    stride_wb, BS, NESTED, K_ALIGN, BLOCK_N, BLOCK_K, INTERP), T, INTERP)
+            xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & (rk < k_hi)[None, :],
+                         other=0.0)
+            acc = _dot(xt, tl.trans(w), acc, INTERP, IEEE)
+    if SPLIT_K == 1:
+        if BLOCK_M == 1:
+            acc = _epilogue_row(acc, 0, rn, nmask, bias_ptr, l_ptr, b_ptr, stride_lm, RANK, lora_scale, HAS_BIAS,
+                                HAS_LORA, R_PAD)
+            tl.store(out_ptr + rn, _round_to(acc, T, INTERP), mask=nmask)
+        else:
+            if HAS_LORA:
+                j = tl.arange(0, R_PAD)
+                lt = tl.load(l_ptr + rm[:, None] * stride_lm + j[None, :], mask=mmask[:, None] & (j < RANK)[None, :],
+                             other=0.0)
+                bt = tl.load(b_ptr + rn.to(tl.int64)[None, :] * RANK + j[:, None],
+                             mask=(j < RANK)[:, None] & nmask[None, :], other=0.0)
+                acc += lora_scale * _dot(lt, bt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), INTERP, IEEE)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], _round_to(acc, T, INTERP),
+                     mask=mmask[:, None] & nmask[None, :])
+    else:
+        wsp = ws_ptr + pid_s.to(tl.int64) * M * N
+        if BLOCK_M == 1:
+            tl.store(wsp + rn, acc, mask=nmask)
+        else:
+            tl.store(wsp + rm[:, None] * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _epilogue_row(acc, m, rn, nmask, bias_ptr, l_ptr, b_ptr, stride_lm, RANK, lora_scale, HAS_BIAS: tl.constexpr,
+                  HAS_LORA: tl.constexpr, R_PAD: tl.constexpr):
+    """acc [BLOCK_N] of output row m += s·L[m]·B[rn]ᵀ + bias[rn] (fp32 FMAs)."""
+    if HAS_LORA:
+        j = tl.arange(0, R_PAD)
+        lt = tl.load(l_ptr + m * stride_lm + j, mask=j < RANK, other=0.0).to(tl.float32)
+        bt = tl.load(b_ptr + rn.to(tl.int64)[:, None] * RANK + j[None, :], mask=nmask[:, None] & (j < RANK)[None, :],
+                     other=0.0).to(tl.float32)
+        acc += lora_scale * tl.sum(bt * lt[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, l_ptr, b_ptr, out_ptr, M, N, stride_om, stride_lm, RANK, lora_scale,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                          R_PAD: tl.constexpr, INTERP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[m, n] = sum_s ws[s, m, n] (fixed order) + s·L[m]·B[n]ᵀ + bias[n], in out's dtype."""
+    m = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + (s * M + m).to(tl.int64) * N + rn, mask=nmask, other=0.0)
+    acc = _epilogue_row(acc, m, rn, nmask, bias_ptr, l_ptr, b_ptr, stride_lm, RANK, lora_scale, HAS_BIAS, HAS_LORA,
+                        R_PAD)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + rn, _round_to(acc, out_ptr.dtype.element_ty, INTERP),
+             mask=nmask)
+
+
+# ----------------------------------------------------------------------------- configs
+def _cfg(**kw) -> triton.Config:
+    warps = kw.pop("warps")
+    stages = kw.pop("stages")
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+def fused_configs(cap: tuple[int, int], large: bool) -> list[triton.Config]:
+    """Tile configs of the fused kernel for M in (16, DEQUANT_GEMM_MIN_M) ('medium') or above
+    ('large'), by architecture.  First entry = the untuned default."""
+    if INTERPRET:
+        return [_cfg(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32, GROUP_M=2, warps=4, stages=1)]
+    if cap[0] >= 9:  # H100: 228 KB smem; packed W stages are 1/4 the size of a bf16 tile
+        if large:
+            return [_cfg(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, warps=8, stages=4),
+                    _cfg(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=128, GROUP_M=8, warps=8, stages=3)]
+        return [_cfg(BLOCK_M=64, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, warps=4, stages=4),
+                _cfg(BLOCK_M=32, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, warps=4, stages=4),
+                _cfg(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=128, GROUP_M=8, warps=4, stages=4),
+                _cfg(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, warps=8, stages=3)]
+    # sm80 / sm86 / sm89 (A100: 164 KB smem) and anything older
+    if large:
+        return [_cfg(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=32, GROUP_M=8, warps=4, stages=4),
+                _cfg(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, warps=8, stages=3),
+                _cfg(BLOCK_M=128, BLOCK_P=256, BLOCK_Q=32, GROUP_M=8, warps=8, stages=3)]
+    return [_cfg(BLOCK_M=64, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, warps=4, stages=3),
+            _cfg(BLOCK_M=32, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, warps=4, stages=4),
+            _cfg(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=64, GROUP_M=8, warps=4, stages=4)]
+
+
+def gemv_configs(cap: tuple[int, int], m_one: bool) -> list[triton.Config]:
+    """Decode configs: M == 1 (FMA reduction, BLOCK_M = 1) or 2..16 (tl.dot, BLOCK_M = 16)."""
+    if INTERPRET:
+        if m_one:
+            return [_cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, warps=4, stages=1)]
+        return [_cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, warps=4, stages=1)]
+    if m_one:
+        return [_cfg(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, warps=4, stages=2),
+                _cfg(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=2, warps=4, stages=2),
+                _cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, warps=4, stages=2),
+                _cfg(BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, SPLIT_K=1, warps=8, stages=2),
+                _cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024, SPLIT_K=4, warps=8, stages=2),
+                _cfg(BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, warps=4, stages=2),
+                _cfg(BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, SPLIT_K=1, warps=4, stages=2),
+                _cfg(BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, SPLIT_K=2, warps=4, stages=2),
+                _cfg(BLOCK_M=1, BLOCK_N=2, BLOCK_K=1024, SPLIT_K=1, warps=4, stages=2)]
+    return [_cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, warps=4, stages=3),
+            _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=2, warps=4, stages=3),
+            _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, warps=4, stages=4),
+            _cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, SPLIT_K=4, warps=4, stages=3)]
+
+
+def max_split_k() -> int:
+    return max(c.kwargs["SPLIT_K"] for m_one in (True, False) for c in gemv_configs((9, 0), m_one))
+
+
+_TUNED: dict = {}
+_FORCED: dict = {}
+
+
+class force_config:
+    """Launch kernel `kind` ("fused" or "gemv") with this triton.Config instead of autotuning
+    (benchmarks time each config this way).  `with force_config("gemv", cfg): ...`"""
+
+    def __init__(self, kind: str, cfg: triton.Config) -> None:
+        self.kind, self.cfg = kind, cfg
+
+    def __enter__(self) -> "force_config":
+        _FORCED[self.kind] = self.cfg
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _FORCED.pop(self.kind, None)
+
+
+def _launcher(kind: str, cap: tuple[int, int], variant: bool):
+    """(kernel to launch, configs): an autotuned kernel on a GPU (keyed by M bucket and the
+    weight shape), or the raw kernel + first config under the interpreter / AUTOTUNE off."""
+    if kind in _FORCED:
+        return (_fused_matmul_kernel if kind == "fused" else _gemv_kernel), _FORCED[kind]
+    key = (kind, cap, variant, AUTOTUNE and not INTERPRET)
+    if key not in _TUNED:
+        fn = _fused_matmul_kernel if kind == "fused" else _gemv_kernel
+        cfgs = fused_configs(cap, variant) if kind == "fused" else gemv_configs(cap, variant)
+        if INTERPRET or not AUTOTUNE or len(cfgs) == 1:
+            _TUNED[key] = (fn, cfgs[0])
+        else:
+            keys = ["M_BUCKET", "P", "Q", "FWD"] if kind == "fused" else ["M_BUCKET", "N", "K"]
+            _TUNED[key] = (triton.autotune(configs=cfgs, key=keys)(fn), None)
+    return _TUNED[key]
+
+
+def _launch(kernel, cfg: Optional[triton.Config], grid, args: tuple, consts: dict):
+    if cfg is None:
+        kernel[grid](*args, **consts)
+    else:
+        kernel[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def m_bucket(M: int) -> int:
+    """Autotune key for M: next power of two, capped at 8192."""
+    return min(next_pow2(M), 8192)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _state(packed, absmax, nested_absmax, nested_code, offset, quant_type, device):
+    table, _, _ = device_constants(quant_type, device)
+    nested = nested_absmax is not None
+    absmax = absmax.contiguous()
+    return (packed.reshape(-1).contiguous(), absmax, nested_absmax.contiguous() if nested else absmax,
+            nested_code.float().contiguous() if nested else table,
+            offset.reshape(1).float().contiguous() if nested else table, table), nested
+
+
+def _supported(x: torch.Tensor, lora_A: Optional[torch.Tensor]) -> bool:
+    if x.dtype not in _FLOAT_DTYPES or x.dim() != 2:
+        return False
+    return lora_A is None or lora_A.shape[0] <= MAX_LORA_RANK
+
+
+def _w_args(K: int) -> tuple[int, int]:
+    """(bytes per row of W when rows are byte aligned, K_ALIGN)."""
+    ka = k_align(K)
+    return (K // 2 if ka >= 2 else 0), ka
+
+
+# ----------------------------------------------------------------------------- forward
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, quant_type: str,
+                N: int, K: int, bias: Optional[torch.Tensor], lora_A: Optional[torch.Tensor],
+                lora_B: Optional[torch.Tensor], lora_scale: float):
+    """x [M, K] (fp32/fp16/bf16) -> x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias, [M, N] in x.dtype.
+
+    W [N, K] packed uint8 [(N*K+1)//2], A [r, K], B [N, r].  NotImplemented (-> next backend)
+    for a non-2-D x, another dtype, or r > MAX_LORA_RANK.
+    """
+    if not _supported(x, lora_A):
+        return NotImplemented
+    T = x.dtype
+    M = x.shape[0]
+    dev = x.device
+    out = torch.empty((M, N), dtype=T, device=dev)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return reference_tail(out, x, bias, lora_A, lora_B, lora_scale)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    bias_t = bias.to(T).contiguous() if bias is not None else None
+    if lora_A is not None:
+        A_t = lora_A.to(T)
+        B_t = lora_B.to(T).contiguous()
+        L = (x @ A_t.t()).contiguous()      # [M, r]: the small down-projection, one GEMM
+    else:
+        B_t = L = None
+    if dev.type == "cuda" and DEQUANT_GEMM_MIN_M and M >= DEQUANT_GEMM_MIN_M:
+        W = quant.dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K,
+                                  T).view(N, K)
+        out = torch.addmm(bias_t, x, W.t()) if bias_t is not None else torch.mm(x, W.t())
+        if L is not None:
+            out.addmm_(L, B_t.t(), alpha=lora_scale)   # LoRA folded into a beta=1 GEMM
+        return out
+    st, nested = _state(packed, absmax, nested_absmax, nested_code, offset, quant_type, dev)
+    stride_wb, ka = _w_args(K)
+    r = lora_A.shape[0] if lora_A is not None else 0
+    dummy = st[5]
+    common = dict(BS=blocksize, NESTED=nested, K_ALIGN=ka, HAS_BIAS=bias is not None, HAS_LORA=L is not None,
+                  R_PAD=max(16, next_pow2(r)), INTERP=INTERPRET, IEEE=T == torch.float32)
+    cap = capability(dev)
+    if M <= GEMV_MAX_M:
+        kernel, cfg = _launcher("gemv", cap, M == 1)
+
+        def grid(meta):
+            return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+        # fp32 partials for the split-K configs (every config writes all it uses: no zeroing)
+        ws = torch.empty((max_split_k(), M, N), dtype=torch.float32, device=dev)
+        args = (x, *st[:6], bias_t if bias_t is not None else dummy, L if L is not None else dummy,
+                B_t if B_t is not None else dummy, out, ws, M, N, K, stride_wb, x.stride(0), out.stride(0),
+                L.stride(0) if L is not None else 0, r, float(lora_scale), m_bucket(M))
+        _launch(kernel, cfg, grid, args, common)
+        split = cfg.kwargs["SPLIT_K"] if cfg is not None else kernel.best_config.kwargs["SPLIT_K"]
+        if split > 1:
+            bn = 128
+            _splitk_reduce_kernel[(M, triton.cdiv(N, bn))](
+                ws, bias_t if bias_t is not None else dummy, L if L is not None else dummy,
+                B_t if B_t is not None else dummy, out, M, N, out.stride(0), L.stride(0) if L is not None else 0, r,
+                float(lora_scale), SPLIT_K=split, HAS_BIAS=bias is not None, HAS_LORA=L is not None,
+                R_PAD=common["R_PAD"], INTERP=INTERPRET, BLOCK_N=bn, num_warps=4)
+        return out
+    kernel, cfg = _launcher("fused", cap, M > 256)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_P"]),)
+
+    args = (x, *st[:6], bias_t if bias_t is not None else dummy, L if L is not None else dummy,
+            B_t if B_t is not None else dummy, out, M, N, K, N, K, stride_wb, x.stride(0), out.stride(0),
+            L.stride(0) if L is not None else 0, 1, r, r, float(lora_scale), m_bucket(M))
+    _launch(kernel, cfg, grid, args, dict(common, FWD=True))
+    return out
+
+
+def reference_tail(out, x, bias, lora_A, lora_B, lora_scale):
+    """K == 0: the product is empty; only bias (LoRA of an empty input is 0)."""
+    out.zero_()
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- backward
+def matmul_4bit_backward_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                               nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                               offset: Optional[torch.Tensor], blocksize: int, quant_type: str, N: int, K: int,
+                               lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], lora_scale: float):
+    """dy [M, N] -> dy·deq(W) + s·(dy·B)·A, [M, K] in dy.dtype.  The packed W [N, K] is read
+    in row order as the [reduction, output] operand: no transposed copy of W is made."""
+    if not _supported(dy, lora_A):
+        return NotImplemented
+    T = dy.dtype
+    M = dy.shape[0]
+    dev = dy.device
+    out = torch.empty((M, K), dtype=T, device=dev)
+    if M == 0 or K == 0:
+        return out
+    if N == 0:
+        return out.zero_()
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    if lora_A is not None:
+        A_t = lora_A.to(T).contiguous()
+        L = (dy @ lora_B.to(T)).contiguous()      # [M, r]
+    else:
+        A_t = L = None
+    if dev.type == "cuda" and ((DEQUANT_GEMM_MIN_M and M >= DEQUANT_GEMM_MIN_M) or not FUSED_BACKWARD):
+        W = quant.dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K,
+                                  T).view(N, K)
+        out = torch.mm(dy, W)
+        if L is not None:
+            out.addmm_(L, A_t, alpha=lora_scale)
+        return out
+    st, nested = _state(packed, absmax, nested_absmax, nested_code, offset, quant_type, dev)
+    stride_wb, ka = _w_args(K)
+    r = lora_A.shape[0] if lora_A is not None else 0
+    dummy = st[5]
+    consts = dict(BS=blocksize, NESTED=nested, K_ALIGN=ka, FWD=False, HAS_BIAS=False, HAS_LORA=L is not None,
+                  R_PAD=max(16, next_pow2(r)), INTERP=INTERPRET, IEEE=T == torch.float32)
+    kernel, cfg = _launcher("fused", capability(dev), M > 256)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_P"]),)
+
+    args = (dy, *st[:6], dummy, L if L is not None else dummy, A_t if A_t is not None else dummy, out,
+            M, K, N, N, K, stride_wb, dy.stride(0), out.stride(0), L.stride(0) if L is not None else 0, K, 1, r,
+            float(lora_scale), m_bucket(M))
+    _launch(kernel, cfg, grid, args, consts)
+    return out

@@ -144,7 +144,8 @@ __global__ void __launch_bounds__(kThreads)
                             pack2<T>(v[8 * i + 4], v[8 * i + 5]), pack2<T>(v[8 * i + 6], v[8 * i + 7]));
       }
     } else {
-      for (int j = 0; j < 16 && e0 + j < n; ++j) out[e0 + j] = from_f32<T>(__fmul_rn(map[q[e0 + j]], s));
+      const int count = (int)(n - e0 < 16 ? n - e0 : 16);
+      for (int j = 0; j < count; ++j) out[e0 + j] = from_f32<T>(__fmul_rn(map[q[e0 + j]], s));
     }
   }
 }

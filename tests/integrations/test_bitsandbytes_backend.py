@@ -231,6 +231,7 @@ def test_entry_point_never_raises(monkeypatch):
         raise RuntimeError("simulated failure")
 
     monkeypatch.setattr(nbnb, "enable", boom)
+    monkeypatch.setenv(nbnb.ENV_VAR, "1")          # the suite's conftest switches it off
     with pytest.warns(RuntimeWarning, match="could not register"):
         nbnb.entry_point()
     assert not nbnb.is_enabled()

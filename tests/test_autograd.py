@@ -20,6 +20,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small shapes: one intra-op thread (no OpenMP spin-waits on a shared 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -285,3 +294,11 @@ def test_plain_linear4bit_bias_grad():
     assert rel(layer.bias.grad, torch.full((32,), 5.0)) < 1e-6
     W = layer.dequantize(torch.float32)
     assert rel(x.grad, W.sum(0).expand(5, 64)) < 1e-5
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_opcheck_with_autograd(lora):
+    """torch.library.opcheck exercises the registered autograd formula (incl. aot_dispatch)."""
+    packed, qs, x, b, A, B = make_case(24, 64, 2, torch.float32, torch.float32, (5,), True, lora)
+    args = (x, packed.reshape(-1), *nf4kit.ops.state_args(qs), qs.blocksize, qs.quant_type, 24, 64, b, A, B, 1.5)
+    torch.library.opcheck(torch.ops.nf4kit.matmul_4bit.default, args)

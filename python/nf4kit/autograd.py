@@ -25,11 +25,14 @@ def _setup_context(ctx, inputs, output) -> None:
      lora_scale) = inputs
     ctx.meta = (blocksize, quant_type, N, K, lora_scale)
     has_lora = lora_A is not None
+    # x is kept only when a LoRA matrix needs its gradient (dA = s·(dy·B)ᵀ·x); the frozen path
+    # needs nothing but the packed weight and its state.
     need_x = has_lora and (lora_A.requires_grad or lora_B.requires_grad)
     ctx.has_lora = has_lora
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.save_for_backward(x if need_x else None, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B)
+    ctx.save_for_backward(x if need_x else None, packed, absmax, nested_absmax, nested_code, offset,
+                          lora_A if has_lora else None, lora_B if has_lora else None)
 
 
 def _backward(ctx, dy: torch.Tensor):
@@ -38,18 +41,19 @@ def _backward(ctx, dy: torch.Tensor):
     dx = dbias = dA = dB = None
     dy = dy.contiguous()
     if ctx.needs_input_grad[0]:
+        # dx = dy·deq(W) + s·(dy·B)·A in one fused op: W is dequantized tile by tile, never stored.
         dx = ops.matmul_4bit_backward_input(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                            quant_type, N, K, lora_A if ctx.has_lora else None,
-                                            lora_B if ctx.has_lora else None, s)
+                                            quant_type, N, K, lora_A, lora_B, s)
     if ctx.has_bias and ctx.needs_input_grad[10]:
         dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     if ctx.has_lora and (ctx.needs_input_grad[11] or ctx.needs_input_grad[12]):
         cdt = dy.dtype
         A, B = lora_A.to(cdt), lora_B.to(cdt)
+        xc = x.to(cdt)
         if ctx.needs_input_grad[11]:
-            dA = (s * ((dy @ B).t() @ x.to(cdt))).to(lora_A.dtype)
+            dA = (s * ((dy @ B).t() @ xc)).to(lora_A.dtype)      # [r, M]·[M, K]
         if ctx.needs_input_grad[12]:
-            dB = (s * (dy.t() @ (x.to(cdt) @ A.t()))).to(lora_B.dtype)
+            dB = (s * (dy.t() @ (xc @ A.t()))).to(lora_B.dtype)  # [N, M]·[M, r]
     return dx, None, None, None, None, None, None, None, None, None, dbias, dA, dB, None
 
 
@@ -58,10 +62,28 @@ torch.library.register_autograd("nf4kit::matmul_4bit", _backward, setup_context=
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, qs: QuantState, bias: Optional[torch.Tensor],
                 lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], lora_scale: float) -> torch.Tensor:
-    """x [..., K] -> [..., N] through the differentiable fused op (arguments already validated)."""
+    """x [..., K] -> [..., N] through the differentiable fused op (arguments already validated).
+
+    Computes in x.dtype — or, inside ``torch.autocast``, in the autocast dtype, as ``F.linear``
+    would.  bias / lora_A / lora_B are cast to that dtype with differentiable casts, so their
+    gradients come back in their own dtypes.  Any leading dimensions are flattened to M.
+    """
     N, K = qs.shape
+    dev_type = x.device.type
+    if torch.is_autocast_enabled(dev_type):
+        x = x.to(torch.get_autocast_dtype(dev_type))
+    cdt = x.dtype
+    if bias is not None and bias.dtype != cdt:
+        bias = bias.to(cdt)
+    if lora_A is not None:
+        if lora_A.dtype != cdt:
+            lora_A = lora_A.to(cdt)
+        if lora_B.dtype != cdt:
+            lora_B = lora_B.to(cdt)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K).contiguous()
+    x2 = x.reshape(-1, K)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
     y = ops.matmul_4bit(x2, packed_as_bytes(packed), *ops.state_args(qs), qs.blocksize, qs.quant_type, N, K, bias,
                         lora_A, lora_B, lora_scale)
     return y.view(*lead, N)

@@ -32,7 +32,10 @@ CUDA_GEMV_MAX_M = 8
 CPU_DEFAULT_CHAIN = ("cpu", "torch")
 
 _loaded: dict[str, Optional[ModuleType]] = {}
-_local = threading.local()
+# The forced-backend stack is process-wide, not thread-local: autograd runs CUDA backward
+# passes on its own threads, and a `with use_backend(...)` around .backward() must reach them.
+_stack: list[str] = []
+_stack_lock = threading.Lock()
 # (op, backend) -> number of calls served; tests use it to prove which kernel ran.
 call_counts: collections.Counter = collections.Counter()
 last_backend: dict[str, str] = {}
@@ -61,15 +64,14 @@ def available_backends() -> list[str]:
 
 
 def _forced() -> Optional[str]:
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+    if _stack:
+        return _stack[-1]
     env = os.environ.get("NF4KIT_BACKEND", "").strip()
     return env or None
 
 
 class use_backend:
-    """Put backend `name` first for calls in this thread.
+    """Put backend `name` first for the calls made while it is active (process-wide).
 
     `with nf4kit.use_backend("triton"): ...` restores the previous choice on exit; a plain
     call `nf4kit.use_backend("cpu")` keeps it until `nf4kit.use_backend(None)`.
@@ -78,19 +80,19 @@ class use_backend:
     def __init__(self, name: Optional[str]) -> None:
         if name is not None and name not in BACKEND_NAMES:
             raise ValueError(f"unknown nf4kit backend {name!r}; choose from {BACKEND_NAMES}")
-        if not hasattr(_local, "stack"):
-            _local.stack = []
-        self._depth = len(_local.stack)
-        if name is None:
-            _local.stack.clear()
-        else:
-            _local.stack.append(name)
+        with _stack_lock:
+            self._depth = len(_stack)
+            if name is None:
+                _stack.clear()
+            else:
+                _stack.append(name)
 
     def __enter__(self) -> "use_backend":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        del _local.stack[self._depth:]
+        with _stack_lock:
+            del _stack[self._depth:]
 
 
 def cuda_chain(op: Optional[str], args: tuple = ()) -> tuple[str, ...]:

@@ -53,6 +53,15 @@ def golden():
     return torch.load(DATA / "golden_nf4.pt", weights_only=True)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for small shapes: no OpenMP spin-waits on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def assert_ran(op: str, backend: str) -> None:
     """The last call of `op` was served by `backend` (no silent fallback)."""
     assert backends.last_backend.get(op) == backend, f"{op} ran on {backends.last_backend.get(op)}, not {backend}"

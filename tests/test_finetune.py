@@ -16,13 +16,7 @@ from nf4kit.nn import LoRALinear4bit, LoraConfig, quantize_model
 
 transformers = pytest.importorskip("transformers")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small shapes: one intra-op thread (no OpenMP spin-waits on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest.one_thread
 
 
 # ---------------------------------------------------------------- dataset

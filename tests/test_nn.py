@@ -15,13 +15,7 @@ BNB_KEYS = ["weight", "bias", "weight.absmax", "weight.quant_map", "weight.neste
             "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small shapes: one intra-op thread (no OpenMP spin-waits on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest.one_thread
 
 
 def rel(a, b):

@@ -138,6 +138,12 @@ NF4_HD uint8_t pack_pair(uint8_t first, uint8_t second) {
 NF4_HD uint8_t high_code(uint8_t byte) { return byte >> 4; }   // element 2i
 NF4_HD uint8_t low_code(uint8_t byte) { return byte & 15; }    // element 2i+1
 
+// Code of element g of a packed tensor (element 2i in the high nibble of byte i).
+NF4_HD int code_at(const uint8_t* packed, int64_t g) {
+  const uint8_t b = packed[g >> 1];
+  return (g & 1) ? low_code(b) : high_code(b);
+}
+
 // ---------------------------------------------------------------- 8-bit dynamic map
 // Nearest entry of a sorted 256-value map: the number of the 255 midpoints
 // (map[i] + map[i+1]) * 0.5 strictly below x (ties to the lower code).
@@ -156,6 +162,19 @@ NF4_HD uint8_t dynamic_encode(float x, const float* map) {
 NF4_HD float nested_absmax_decode(uint8_t q, const float* map, float nested_absmax, float offset) {
   return add_rn(mul_rn(map[q], nested_absmax), offset);
 }
+
+// Per-block absmax of a plain (absmax != nullptr) or double-quantized state.
+struct BlockScales {
+  const float* absmax;
+  const uint8_t* absmax_q;
+  const float* nested_absmax;
+  const float* nested_code;
+  float offset;
+  NF4_HD float operator()(int64_t b) const {
+    if (absmax) return absmax[b];
+    return nested_absmax_decode(absmax_q[b], nested_code, nested_absmax[b / kNestedBlocksize], offset);
+  }
+};
 
 // ---------------------------------------------------------------- dtype conversion
 NF4_HD uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }

@@ -70,24 +70,12 @@ NF4_AI __m512 load_table(int quant_type) {
   return _mm512_load_ps(t);
 }
 
-NF4_AI int code_at(const uint8_t* packed, int64_t g) {
-  const uint8_t b = packed[g >> 1];
-  return (g & 1) ? acore::low_code(b) : acore::high_code(b);
-}
+using acore::code_at;
 
 // ---------------------------------------------------------------- block scales
-struct Scales {
-  const float* absmax;
-  const uint8_t* absmax_q;
-  const float* nested_absmax;
-  const float* nested_code;
-  float offset;
-  NF4_AI float operator()(int64_t b) const {
-    if (absmax) return absmax[b];
-    // mul then add, two roundings: -ffp-contract=off keeps it so despite -mfma.
-    return acore::nested_absmax_decode(absmax_q[b], nested_code, nested_absmax[b / acore::kNestedBlocksize], offset);
-  }
-};
+// Per-block scales (plain or nested decode, two roundings: -ffp-contract=off keeps it so
+// despite -mfma in this file).
+using Scales = acore::BlockScales;
 
 inline Scales make_scales(const Q4Args& q) {
   return Scales{q.absmax, q.absmax_q, q.nested_absmax, q.nested_code, q.offset ? *q.offset : 0.0f};

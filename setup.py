@@ -32,6 +32,7 @@ class CMakeBuild(build_ext):
 
         out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = Path(os.environ.get("NF4KIT_BUILD_DIR", Path(self.build_temp) / "cmake")).resolve()
+        _drop_stale_cache(build_dir)
         build_dir.mkdir(parents=True, exist_ok=True)
         cmake = shutil.which("cmake") or "cmake"
         args = [
@@ -45,12 +46,25 @@ class CMakeBuild(build_ext):
             f"-DNF4KIT_CUDA_ARCHS={os.environ.get('NF4KIT_CUDA_ARCHS', '80;90')}",
         ]
         if shutil.which("ninja"):
-            args += ["-G", "Ninja"]
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={shutil.which('ninja')}"]
         subprocess.run(args, check=True)
         jobs = os.environ.get("NF4KIT_BUILD_JOBS", str(os.cpu_count() or 2))
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
         if not out_path.exists():
             raise RuntimeError(f"nf4kit: CMake did not produce {out_path}")
+
+
+def _drop_stale_cache(build_dir: Path) -> None:
+    """pip builds in a throw-away environment whose cmake and ninja paths CMake caches: a second
+    build in the same tree would call the deleted ones.  Start over when they are gone."""
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.exists():
+        return
+    for line in cache.read_text(errors="replace").splitlines():
+        for key in ("CMAKE_COMMAND:INTERNAL=", "CMAKE_MAKE_PROGRAM:FILEPATH="):
+            if line.startswith(key) and not Path(line[len(key):]).exists():
+                shutil.rmtree(build_dir, ignore_errors=True)
+                return
 
 
 setup(

@@ -340,28 +340,33 @@ NF4_AI __m128i pack32(__m256i c0, __m256i c1, __m256i c2, __m256i c3) {
   const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packus_epi16(m, m), 0x08);
   return _mm256_castsi256_si128(bytes);
 }
+// max |x| over in[start, start + count), 8 lanes at a time.
+NF4_AI float block_absmax(const void* in, int dtype, int64_t start, int64_t count) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m8 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= count; j += 8) m8 = _mm256_max_ps(m8, _mm256_and_ps(load8(in, dtype, start + j), absmask));
+  alignas(32) float f[8];
+  _mm256_store_ps(f, m8);
+  float amax = 0.0f;
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, f[i]);
+  for (; j < count; ++j) amax = fmaxf(amax, fabsf(load1(in, dtype, start + j)));
+  return amax;
+}
+
 }  // namespace
 
 int quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int quant_type, uint8_t* packed,
                   float* absmax) {
   const Encoder enc(quant_type);
   const int64_t nblocks = ceil_div(n, blocksize);
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t start = b * blocksize;
     const int64_t count = (n - start < blocksize) ? n - start : blocksize;
-    __m256 m8 = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= count; j += 8) m8 = _mm256_max_ps(m8, _mm256_and_ps(load8(in, in_dtype, start + j), absmask));
-    float amax = 0.0f;
-    {
-      alignas(32) float f[8];
-      _mm256_store_ps(f, m8);
-      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, f[i]);
-    }
-    for (; j < count; ++j) amax = fmaxf(amax, fabsf(load1(in, in_dtype, start + j)));
+    const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
+    int64_t j;
     const float inv = acore::block_inverse(amax);
     const __m256 iv = _mm256_set1_ps(inv);
     j = 0;
@@ -391,22 +396,13 @@ int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, c
   for (int i = 0; i < 255; ++i) mid[i] = acore::mul_rn(acore::add_rn(code[i], code[i + 1]), 0.5f);
   mid[255] = 0.0f;  // never read
   const int64_t nblocks = ceil_div(n, blocksize);
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t start = b * blocksize;
     const int64_t count = (n - start < blocksize) ? n - start : blocksize;
-    __m256 m8 = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= count; j += 8) m8 = _mm256_max_ps(m8, _mm256_and_ps(load8(in, in_dtype, start + j), absmask));
-    float amax = 0.0f;
-    {
-      alignas(32) float f[8];
-      _mm256_store_ps(f, m8);
-      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, f[i]);
-    }
-    for (; j < count; ++j) amax = fmaxf(amax, fabsf(load1(in, in_dtype, start + j)));
+    const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
+    int64_t j;
     const float inv = acore::block_inverse(amax);
     const __m256 iv = _mm256_set1_ps(inv);
     j = 0;
@@ -456,19 +452,6 @@ int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* cod
 // ================================================================ int8 absmax
 namespace {
 NF4_AI float int8_scale(float amax) { return (1.0f / (amax > 1e-30f ? amax : 1e-30f)) * 127.0f; }
-
-NF4_AI float block_absmax(const void* in, int dtype, int64_t start, int64_t count) {
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 m8 = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= count; j += 8) m8 = _mm256_max_ps(m8, _mm256_and_ps(load8(in, dtype, start + j), absmask));
-  alignas(32) float f[8];
-  _mm256_store_ps(f, m8);
-  float amax = 0.0f;
-  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, f[i]);
-  for (; j < count; ++j) amax = fmaxf(amax, fabsf(load1(in, dtype, start + j)));
-  return amax;
-}
 
 NF4_AI void int8_encode(const void* in, int dtype, int64_t start, int64_t count, float c, int8_t* q) {
   const __m256 cv = _mm256_set1_ps(c);

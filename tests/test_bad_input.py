@@ -193,6 +193,20 @@ def test_mismatched_devices(state):
         nf4kit.dequantize_4bit(packed, qs)
 
 
+def test_bad_out_buffer(state):
+    packed, qs = state
+    with pytest.raises(ValueError, match="contiguous with 3840 elements"):
+        nf4kit.dequantize_4bit(packed, qs, out=torch.empty(3839))
+    with pytest.raises(ValueError, match="not contiguous"):
+        nf4kit.dequantize_4bit(packed, qs, out=torch.empty(80, 48).t())
+    with pytest.raises(TypeError, match="out must be float32"):
+        nf4kit.dequantize_4bit(packed, qs, out=torch.empty(3840, dtype=torch.float64))
+    with pytest.raises(TypeError, match="match dtype"):
+        nf4kit.dequantize_4bit(packed, qs, dtype=torch.float16, out=torch.empty(3840))
+    with pytest.raises(ValueError, match="different devices"):
+        nf4kit.dequantize_4bit(packed, qs, out=torch.empty(3840, device="meta"))
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown nf4kit backend"):
         nf4kit.use_backend("tpu")

@@ -34,6 +34,7 @@ def _op_samples(device):
     return {
         "quantize_4bit": (A, 64, "nf4"),
         "dequantize_4bit": (packed, *sa, 64, "nf4", A.numel(), torch.bfloat16),
+        "dequantize_4bit_out": (packed, *sa, 64, "nf4", A.numel(), torch.empty(A.numel(), device=device)),
         "quantize_blockwise": (A.reshape(-1), code, 256),
         "dequantize_blockwise": (q8, am8, code, 256, torch.float32),
         "quantize_absmax_int8": (A.reshape(-1), 64),
@@ -49,6 +50,19 @@ def test_opcheck(op, backend_device):
     args = _op_samples(device)[op]
     torch.library.opcheck(ops.ALL_OPS[op], args, test_utils=("test_schema", "test_faketensor",
                                                              "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_into_out_matches(dtype, backend_device):
+    """out= writes the same bits in place, on every backend (natively or through a copy)."""
+    backend, device = backend_device
+    _, packed, qs = _state(shape=(37, 53), device=device)
+    out = torch.full((37 * 53,), float("nan"), dtype=dtype, device=device)
+    res = nf4kit.dequantize_4bit(packed, qs, out=out)
+    assert_ran("dequantize_4bit_out", backend)
+    assert res.data_ptr() == out.data_ptr() and res.shape == (37, 53)
+    with nf4kit.use_backend("torch"):
+        assert torch.equal(res.cpu(), nf4kit.dequantize_4bit(packed.cpu(), qs.clone().to("cpu"), dtype=dtype))
 
 
 def test_matmul_autograd_opcheck():

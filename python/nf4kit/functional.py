@@ -86,22 +86,37 @@ def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, QuantState, to
     return q, state2, offset
 
 
-def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState, dtype: Optional[torch.dtype] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """packed + QuantState -> tensor of shape quant_state.shape, dtype quant_state.dtype (or `dtype`).
 
     out = dtype(fp32(table[code]) * fp32(absmax[block])), the nested absmax decoded in the
-    same launch.  Bit-identical on every backend.
+    same launch.  Bit-identical on every backend.  `out`: a preallocated contiguous tensor of
+    quant_state.numel elements to write into (its dtype is the output dtype); it is returned
+    viewed as quant_state.shape.  Writing into mapped memory skips the page faults of a fresh
+    allocation, which dominate on a CPU.
     """
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a nf4kit QuantState, got {type(quant_state).__name__}")
     quant_state.validate(packed)
+    n = quant_state.numel
+    args = (fmt.packed_as_bytes(packed), *ops.state_args(quant_state), quant_state.blocksize, quant_state.quant_type,
+            n)
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+        if out.dtype not in fmt.FLOAT_DTYPES or (dtype is not None and dtype != out.dtype):
+            raise TypeError(f"out must be float32, float16 or bfloat16 (and match dtype), got {out.dtype}")
+        if out.numel() != n or not out.is_contiguous():
+            raise ValueError(f"out must be contiguous with {n} elements, got {tuple(out.shape)} "
+                             f"({'contiguous' if out.is_contiguous() else 'not contiguous'})")
+        _check_same_device({"packed": packed, "out": out})
+        ops.dequantize_4bit_out(*args, out.view(-1))
+        return out.view(quant_state.shape)
     dtype = quant_state.dtype if dtype is None else dtype
     if dtype not in fmt.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    n = quant_state.numel
-    out = ops.dequantize_4bit(fmt.packed_as_bytes(packed), *ops.state_args(quant_state), quant_state.blocksize,
-                              quant_state.quant_type, n, dtype)
-    return out.view(quant_state.shape)
+    return ops.dequantize_4bit(*args, dtype).view(quant_state.shape)
 
 
 # ---------------------------------------------------------------- 8-bit blockwise

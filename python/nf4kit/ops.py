@@ -47,6 +47,19 @@ def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type,
     return packed.new_empty((numel,), dtype=dtype)
 
 
+@torch.library.custom_op("nf4kit::dequantize_4bit_out", mutates_args=("out",))
+def dequantize_4bit_out(packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+                        offset: Optional[Tensor], blocksize: int, quant_type: str, numel: int, out: Tensor) -> None:
+    """dequantize_4bit into a preallocated contiguous `out` [numel] (its dtype is the output dtype)."""
+    backends.run("dequantize_4bit_out", packed.device, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                 quant_type, numel, out)
+
+
+@dequantize_4bit_out.register_fake
+def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, numel, out):
+    return None
+
+
 # ---------------------------------------------------------------- 8-bit dynamic map
 @torch.library.custom_op("nf4kit::quantize_blockwise", mutates_args=())
 def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
@@ -131,6 +144,7 @@ def _(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_t
 ALL_OPS = {
     "quantize_4bit": quantize_4bit,
     "dequantize_4bit": dequantize_4bit,
+    "dequantize_4bit_out": dequantize_4bit_out,
     "quantize_blockwise": quantize_blockwise,
     "dequantize_blockwise": dequantize_blockwise,
     "quantize_absmax_int8": quantize_absmax_int8,

@@ -118,13 +118,30 @@ def chain(device: torch.device, op: Optional[str] = None, args: tuple = ()) -> l
     return names
 
 
+def _out_adapter(mod: ModuleType, op: str):
+    """A backend without `<op>_out` serves it through `<op>` and a copy into `out` (the last arg)."""
+    base = getattr(mod, op[:-4], None) if op.endswith("_out") else None
+    if base is None:
+        return None
+
+    def fn(*args: Any) -> Any:
+        *inputs, out = args
+        result = base(*inputs, out.dtype)
+        if result is NotImplemented:
+            return NotImplemented
+        out.copy_(result)
+        return None
+
+    return fn
+
+
 def run(op: str, device: torch.device, *args: Any) -> Any:
     """Run `op` on the first backend of the chain that serves it."""
     for name in chain(device, op, args):
         mod = get(name)
         if mod is None or not mod.is_available() or not mod.serves(device):
             continue
-        fn = getattr(mod, op, None)
+        fn = getattr(mod, op, None) or _out_adapter(mod, op)
         if fn is None:
             continue
         result = fn(*args)

@@ -108,14 +108,24 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: O
     """packed uint8 [(numel+1)//2] -> [numel] in dtype (fp32/fp16/bf16), double-quant decode fused."""
     if dtype not in DTYPE_CODES or numel == 0:
         return NotImplemented
-    packed = packed.reshape(-1).contiguous()
     out = torch.empty(numel, dtype=dtype)
+    dequantize_4bit_out(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, numel, out)
+    return out
+
+
+def dequantize_4bit_out(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                        nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int,
+                        quant_type: str, numel: int, out: torch.Tensor):
+    """dequantize_4bit into a preallocated contiguous `out` [numel] (fp32/fp16/bf16)."""
+    if out.dtype not in DTYPE_CODES or numel == 0 or not out.is_contiguous() or out.numel() != numel:
+        return NotImplemented
+    packed = packed.reshape(-1).contiguous()
     keep, (a, aq, na, nc, off) = _state(absmax, nested_absmax, nested_code, offset)
     check(load().cpu.dequantize_4bit(ptr(packed), a, aq, na, nc, off, numel, blocksize,
-                                     QUANT_TYPE_CODES[quant_type], ptr(out), DTYPE_CODES[dtype]),
+                                     QUANT_TYPE_CODES[quant_type], ptr(out), DTYPE_CODES[out.dtype]),
           "cpu.dequantize_4bit")
     del keep
-    return out
+    return None
 
 
 # ---------------------------------------------------------------- 8-bit dynamic map

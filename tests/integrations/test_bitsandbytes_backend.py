@@ -11,6 +11,8 @@ import textwrap
 import pytest
 import torch
 
+import nf4kit
+
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as BF  # noqa: E402
 
@@ -122,8 +124,10 @@ def test_quant_storage_bf16_and_out_variants():
         assert p1.dtype == torch.bfloat16 and p1.shape == p0.shape
         assert torch.equal(p0.view(torch.uint8), p1.view(torch.uint8))
         out = torch.empty(64, 80)
+        ptr = out.data_ptr()
         BF.dequantize_4bit(p0, s0, out=out)       # dequantize_4bit.out (bf16-stored bytes)
-        assert torch.equal(out, d0)
+        assert torch.equal(out, d0) and out.data_ptr() == ptr
+        assert nf4kit.backends.last_backend["dequantize_4bit_out"] == "cpu"   # written in place
         gout = torch.empty(1, 64)
         BF.gemv_4bit(x, p0.t(), out=gout, state=s0)   # gemv_4bit.out (nested absmax decoded by bnb)
         assert rel(gout, x.double() @ d0.double().t()) < 1e-5

@@ -148,10 +148,10 @@ def _quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str,
     return packed.unsqueeze(1), absmax
 
 
-def _dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
-                     shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_4bit_args(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                          shape: Sequence[int], dtype: torch.dtype):
+    """Checks a bitsandbytes dequantize_4bit call; returns (n, the op's leading arguments)."""
     from .. import format as fmt
-    from .. import ops
 
     fmt.check_blocksize(blocksize)
     fmt.check_quant_type(quant_type)
@@ -160,18 +160,36 @@ def _dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quan
     _count("dequantize_4bit", A.device)
     n = math.prod(shape)
     if n == 0:
-        return torch.empty(tuple(shape), dtype=dtype, device=A.device)
+        return 0, None
     nb = fmt.num_blocks(n, blocksize)
     if absmax.numel() < nb:
         raise ValueError(f"absmax has {absmax.numel()} entries, {n} values in blocks of {blocksize} need {nb}")
     am = absmax.reshape(-1)[:nb].float().contiguous()
-    out = ops.dequantize_4bit(_packed_for(A, n), am, None, None, None, blocksize, quant_type, n, dtype)
-    return out.view(tuple(shape))
+    return n, (_packed_for(A, n), am, None, None, None, blocksize, quant_type, n)
+
+
+def _dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                     shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    from .. import ops
+
+    n, args = _dequantize_4bit_args(A, absmax, blocksize, quant_type, shape, dtype)
+    if n == 0:
+        return torch.empty(tuple(shape), dtype=dtype, device=A.device)
+    return ops.dequantize_4bit(*args, dtype).view(tuple(shape))
 
 
 def _dequantize_4bit_out(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                          shape: Sequence[int], dtype: torch.dtype, out: torch.Tensor) -> None:
-    out.copy_(_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype))
+    from .. import ops
+
+    if out.dtype != dtype or not out.is_contiguous() or out.device != A.device:
+        out.copy_(_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype))
+        return
+    n, args = _dequantize_4bit_args(A, absmax, blocksize, quant_type, shape, dtype)
+    if n:
+        if out.numel() != n:
+            raise ValueError(f"out has {out.numel()} elements, shape {tuple(shape)} needs {n}")
+        ops.dequantize_4bit_out(*args, out.view(-1))  # written in place
 
 
 def _gemv_4bit(A: torch.Tensor, B: torch.Tensor, shapeB: Sequence[int], absmax: torch.Tensor,

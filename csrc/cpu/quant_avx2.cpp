@@ -366,10 +366,9 @@ int quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int qu
     const int64_t count = (n - start < blocksize) ? n - start : blocksize;
     const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
-    int64_t j;
     const float inv = acore::block_inverse(amax);
     const __m256 iv = _mm256_set1_ps(inv);
-    j = 0;
+    int64_t j = 0;
     for (; j + 32 <= count; j += 32) {
       const __m256i c0 = enc.encode(_mm256_mul_ps(load8(in, in_dtype, start + j), iv));
       const __m256i c1 = enc.encode(_mm256_mul_ps(load8(in, in_dtype, start + j + 8), iv));
@@ -402,10 +401,9 @@ int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, c
     const int64_t count = (n - start < blocksize) ? n - start : blocksize;
     const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
-    int64_t j;
     const float inv = acore::block_inverse(amax);
     const __m256 iv = _mm256_set1_ps(inv);
-    j = 0;
+    int64_t j = 0;
     for (; j + 8 <= count; j += 8) {
       const __m256 x = _mm256_mul_ps(load8(in, in_dtype, start + j), iv);
       __m256i pos = _mm256_setzero_si256();

@@ -43,6 +43,20 @@ inline void store_from_f32(void* p, int dtype, int64_t i, const float* values, i
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// max |x| over in[start, start + count).
+inline float block_absmax(const void* in, int dtype, int64_t start, int64_t count) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < count; ++j) amax = fmaxf(amax, fabsf(load_as_f32(in, dtype, start + j)));
+  return amax;
+}
+
+// int8 absmax: c = fp32(127 * fp32(1 / max(absmax, 1e-30))); q = clamp(round_half_even(x * c)).
+inline float int8_scale(float amax) { return (1.0f / (amax > 1e-30f ? amax : 1e-30f)) * 127.0f; }
+inline int8_t int8_encode(float x, float c) {
+  float v = nearbyintf(x * c);
+  return (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+}
+
 }  // namespace
 
 static int generic_quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int quant_type,
@@ -54,8 +68,7 @@ static int generic_quantize_4bit(const void* in, int in_dtype, int64_t n, int bl
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t start = b * blocksize;
     const int64_t count = (n - start < blocksize) ? n - start : blocksize;
-    float amax = 0.0f;
-    for (int64_t j = 0; j < count; ++j) amax = fmaxf(amax, fabsf(load_as_f32(in, in_dtype, start + j)));
+    const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
     const float inv = core::block_inverse(amax);
     for (int64_t j = 0; j < count; j += 2) {
@@ -109,8 +122,7 @@ static int generic_quantize_blockwise(const void* in, int in_dtype, int64_t n, i
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t start = b * blocksize;
     const int64_t count = (n - start < blocksize) ? n - start : blocksize;
-    float amax = 0.0f;
-    for (int64_t j = 0; j < count; ++j) amax = fmaxf(amax, fabsf(load_as_f32(in, in_dtype, start + j)));
+    const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
     const float inv = core::block_inverse(amax);
     for (int64_t j = 0; j < count; ++j)
@@ -188,28 +200,19 @@ static int generic_quantize_absmax_int8(const void* in, int in_dtype, int64_t n,
 #pragma omp parallel for reduction(max : amax) schedule(static)
     for (int64_t i = 0; i < n; ++i) amax = fmaxf(amax, fabsf(load_as_f32(in, in_dtype, i)));
     absmax[0] = amax;
-    const float c = (1.0f / (amax > 1e-30f ? amax : 1e-30f)) * 127.0f;
+    const float c = int8_scale(amax);
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      float v = nearbyintf(load_as_f32(in, in_dtype, i) * c);
-      v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-      q[i] = (int8_t)v;
-    }
+    for (int64_t i = 0; i < n; ++i) q[i] = int8_encode(load_as_f32(in, in_dtype, i), c);
     return kOk;
   }
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t start = b * bs;
     const int64_t count = (n - start < bs) ? n - start : bs;
-    float amax = 0.0f;
-    for (int64_t j = 0; j < count; ++j) amax = fmaxf(amax, fabsf(load_as_f32(in, in_dtype, start + j)));
+    const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
-    const float c = (1.0f / (amax > 1e-30f ? amax : 1e-30f)) * 127.0f;
-    for (int64_t j = 0; j < count; ++j) {
-      float v = nearbyintf(load_as_f32(in, in_dtype, start + j) * c);
-      v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-      q[start + j] = (int8_t)v;
-    }
+    const float c = int8_scale(amax);
+    for (int64_t j = 0; j < count; ++j) q[start + j] = int8_encode(load_as_f32(in, in_dtype, start + j), c);
   }
   return kOk;
 }

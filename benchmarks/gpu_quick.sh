@@ -27,9 +27,14 @@ timeout -s INT 45 python3 -m pytest tests/test_backend_cuda.py -q -rf -n 8 -p no
 log "test_backend_cuda rc=$? $(tail -1 "$OUT/tests_cuda.log")"
 grep -E "^FAILED|Error" "$OUT/tests_cuda.log" | head -20
 
-timeout -s INT 50 python3 -m benchmarks.run --device cuda --backends cuda,triton \
-  --cases dequantize_4bit,matmul_4bit,matmul_4bit_lora,backward_input --shapes 4096x14336 --m 1,16,256,4096 \
-  --budget-s 35 --json "$OUT/bench.json" --md "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+NF4KIT_TRITON_AUTOTUNE=0 timeout -s INT 60 python3 -m pytest tests/test_triton_kernels.py -q -rf -n 8 \
+  -p no:cacheprovider > "$OUT/tests_triton.log" 2>&1
+log "test_triton_kernels (first configs) rc=$? $(tail -1 "$OUT/tests_triton.log")"
+grep -E "^FAILED|Error" "$OUT/tests_triton.log" | head -20
+
+timeout -s INT 80 python3 -m benchmarks.run --device cuda --backends cuda,triton \
+  --cases dequantize_4bit,matmul_4bit,matmul_4bit_lora,backward_input --shapes 4096x14336 --m 1,16,64,256,4096 \
+  --budget-s 65 --json "$OUT/bench.json" --md "$OUT/bench.md" > "$OUT/bench.log" 2>&1
 log "bench rc=$?"
 
 CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)

@@ -148,6 +148,9 @@ MM_CASES = [  # (M, N, K, blocksize, nested)
     (100, 256, 512, 4096, False),  # blocks cross rows
     (257, 72, 64, 256, True),  # blocksize > K
     (5, 40, 100, 64, False),  # K % 32 != 0: dequantize + cuBLAS path
+    (2, 517, 3104, 32, True),  # GEMV: 3 K-splits of 33/33/31 chunks, rows not a multiple of 4
+    (16, 200, 2048, 64, True),  # fused GEMM split-K (8 splits), bias + LoRA in the finalize
+    (40, 130, 1024, 256, False),  # fused GEMM split-K (4 splits), partial M and N tiles
 ]
 
 

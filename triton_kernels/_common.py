@@ -212,3 +212,49 @@ def _dot(a, b, acc, INTERP: tl.constexpr, IEEE: tl.constexpr):
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+
+
+@triton.jit
+def _word_values_f32(w, table_ptr, INTERP: tl.constexpr):
+    """Packed words w (uint32: 4 bytes = 8 codes, byte q = w >> 8q) -> 8 fp32 tensors
+    (h0, l0, h1, l1, h2, l2, h3, l3): hq = table[byte q >> 4] (the even element of byte q),
+    lq = table[byte q & 15] (the odd one).  On a GPU without a memory gather per element: every
+    lane holds table[laneid & 15] in a register (one load, loop invariant) and shfl.sync.idx
+    reads lane (w >> s) & 31 (shfl ignores the index bits above 4, and both half-warps hold
+    the table, so no masking): 7 shifts + 8 shuffles per word.  Needs the warp's 32 lanes
+    converged, as Triton code without data-dependent branches is."""
+    if INTERP:
+        c = w.to(tl.int64)
+        return (tl.load(table_ptr + ((c >> 4) & 15)), tl.load(table_ptr + (c & 15)),
+                tl.load(table_ptr + ((c >> 12) & 15)), tl.load(table_ptr + ((c >> 8) & 15)),
+                tl.load(table_ptr + ((c >> 20) & 15)), tl.load(table_ptr + ((c >> 16) & 15)),
+                tl.load(table_ptr + ((c >> 28) & 15)), tl.load(table_ptr + ((c >> 24) & 15)))
+    else:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 %wv_l, %wv_t, %wv_s<7>;
+            .reg .b64 %wv_a;
+            mov.u32 %wv_l, %laneid;
+            and.b32 %wv_l, %wv_l, 15;
+            mad.wide.u32 %wv_a, %wv_l, 4, $9;
+            ld.global.nc.b32 %wv_t, [%wv_a];
+            shr.b32 %wv_s0, $8, 4;
+            shr.b32 %wv_s1, $8, 8;
+            shr.b32 %wv_s2, $8, 12;
+            shr.b32 %wv_s3, $8, 16;
+            shr.b32 %wv_s4, $8, 20;
+            shr.b32 %wv_s5, $8, 24;
+            shr.b32 %wv_s6, $8, 28;
+            shfl.sync.idx.b32 $0, %wv_t, %wv_s0, 31, -1;
+            shfl.sync.idx.b32 $1, %wv_t, $8, 31, -1;
+            shfl.sync.idx.b32 $2, %wv_t, %wv_s2, 31, -1;
+            shfl.sync.idx.b32 $3, %wv_t, %wv_s1, 31, -1;
+            shfl.sync.idx.b32 $4, %wv_t, %wv_s4, 31, -1;
+            shfl.sync.idx.b32 $5, %wv_t, %wv_s3, 31, -1;
+            shfl.sync.idx.b32 $6, %wv_t, %wv_s6, 31, -1;
+            shfl.sync.idx.b32 $7, %wv_t, %wv_s5, 31, -1;
+            }""", "=r,=r,=r,=r,=r,=r,=r,=r,r,l", [w, table_ptr.to(tl.int64)],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True, pack=1)

@@ -31,14 +31,15 @@ import triton
 import triton.language as tl
 
 from . import quant
-from ._common import (INTERPRET, _deq_tile, _dot, _round_to, _tile_bytes, _tile_scales, _tile_values, capability,
-                      device_constants, k_align, next_pow2)
+from ._common import (INTERPRET, _gather_f32, _deq_tile, _dot, _word_values_f32, _round_to, _tile_bytes, _tile_scales,
+                      _tile_values, capability, device_constants, k_align, next_pow2)
 
 # Regimes on CUDA, measured on an H100 (Triton 3.6, torch 2.11, bf16, W 4096x14336 = [N, K],
 # blocksize 64, double quant; triton_kernels/_bench.py --quick, after the table/scale gathers
 # went through _gather_f32):
 #   copy bandwidth 2.95 TB/s; dequantize (one launch) 56.3 us = 2.62 TB/s = 89% of copy
 #   M = 1:  gemv kernel 35.7 us (BLOCK_N 8, BLOCK_K 1024)   cuBLAS bf16 on dense W: 56.1 us
+#           (that was the element path; the word path, see _gemv_kernel, is not timed yet)
 #   M = 16: gemv (tl.dot) kernel 107 us                    dequantize + cuBLAS: ~112 us
 #   M = 4096: fused forward 2.64 ms (128x128x128)          dequantize + cuBLAS + LoRA: 768 us
 #             (cuBLAS F.linear + LoRA on the dense weight: 666 us)
@@ -141,27 +142,66 @@ def _gemv_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     rm = tl.arange(0, BLOCK_M)
     mmask = rm < M
+    # M = 1 word path: columns per in-thread chunk (16 packed bytes, one 128-bit load of W per
+    # row); it needs K, the blocksize and BLOCK_K to be multiples of it.
+    CHUNK: tl.constexpr = 32
     if BLOCK_M == 1:
-        # FMA path.  Per run of G columns inside one block: absmax * sum(table[c] * x), so the
-        # scale multiply is once per run, not per element (fp32 throughout, no bf16 rounding of
-        # W: the ALU, not HBM, would otherwise bound M = 1).  The packed bytes of the next
-        # K-step are loaded before this one is used: a register double buffer that keeps two
-        # tiles of HBM reads in flight per program.
-        G: tl.constexpr = BS if BS < BLOCK_K else BLOCK_K
-        b = _tile_bytes(packed_ptr, rn, k_lo, k_hi, N, K, stride_wb, K_ALIGN, BLOCK_N, BLOCK_K)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            b_next = _tile_bytes(packed_ptr, rn, k0 + BLOCK_K, k_hi, N, K, stride_wb, K_ALIGN, BLOCK_N, BLOCK_K)
-            rk = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x_ptr + rk, mask=rk < k_hi, other=0.0).to(tl.float32)
-            v = _tile_values(b, table_ptr, rn, k0, K, K_ALIGN, BLOCK_N, BLOCK_K, INTERP)
-            a = _tile_scales(absmax_ptr, nabs_ptr, ncode_ptr, offset, rn, k0, N, K, BS, NESTED, K_ALIGN, BLOCK_N,
-                             BLOCK_K, INTERP)
-            if K_ALIGN >= G:
-                part = tl.sum((v * xv[None, :]).reshape(BLOCK_N, BLOCK_K // G, G), axis=2)
-                acc += tl.sum(part * a, axis=1)
-            else:
-                acc += tl.sum(v * a * xv[None, :], axis=1)
-            b = b_next
+        # FMA paths, fp32 throughout (no bf16 rounding of W: the ALU, not HBM, would otherwise
+        # bound M = 1).  The packed bytes of the next K-step are loaded before this one is used:
+        # a register double buffer that keeps two tiles of HBM reads in flight per program.
+        if K_ALIGN >= CHUNK and BS % CHUNK == 0 and BLOCK_K % CHUNK == 0:
+            # Word path: W is read as 32-bit words [BLOCK_N, BLOCK_K/8] (8 codes each, never
+            # interleaved into element order): byte q of word j holds elements 8j+2q (high
+            # nibble) and 8j+2q+1 (low), decoded by warp shuffles (_word_values_f32) and paired
+            # with x[8j+2q], x[8j+2q+1] (_x_octets: x loaded in the words' own layout, so no
+            # layout conversion through shared memory).  Each chunk of CHUNK columns (4 words =
+            # one thread's 128-bit load) lies in one block: its dot is an in-thread FMA chain,
+            # scaled once and added to a per-chunk accumulator; the cross-thread sum happens
+            # once, after the loop.
+            NW: tl.constexpr = BLOCK_K // 8          # packed 32-bit words per row and step
+            NC: tl.constexpr = BLOCK_K // CHUNK
+            rows64 = rn.to(tl.int64)
+            wp = packed_ptr
+            stride_ww = stride_wb
+            row_blk = rows64 * (K // BS)
+            acc2 = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
+            wlim = (k_hi // CHUNK) * (CHUNK // 8)   # = k_hi / 8, visibly a multiple of 4 words
+            wt = _tile_words(wp, rows64, nmask, k_lo // 8, wlim, stride_ww, NW)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                wt_next = _tile_words(wp, rows64, nmask, (k0 + BLOCK_K) // 8, wlim, stride_ww, NW)
+                e0, o0, e1, o1, e2, o2, e3, o3 = _x_octets(x_ptr, k0 // 8, k_hi // 8, NW, INTERP)
+                h0, l0, h1, l1, h2, l2, h3, l3 = _word_values_f32(wt, table_ptr, INTERP)
+                # one FMA chain per word (8 codes), then 4 words = one chunk summed in-thread
+                s = h0 * e0[None, :] + l0 * o0[None, :] + h1 * e1[None, :] + l1 * o1[None, :] + \
+                    h2 * e2[None, :] + l2 * o2[None, :] + h3 * e3[None, :] + l3 * o3[None, :]
+                part = tl.sum(s.reshape(BLOCK_N, NC, CHUNK // 8), axis=2)
+                gcol = k0 + tl.arange(0, NC) * CHUNK
+                if K_ALIGN >= BS:     # rows hold whole blocks: block = row * (K / BS) + col / BS
+                    blk = row_blk[:, None] + (gcol // BS)[None, :]
+                else:
+                    blk = (rows64[:, None] * K + gcol[None, :]) // BS
+                acc2 += part * _chunk_scales(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, nmask[:, None], NESTED,
+                                             INTERP)
+                wt = wt_next
+            acc = tl.sum(acc2, axis=1)
+        else:
+            # Element path (odd K, or blocks/runs that a chunk would straddle).  Per run of G
+            # columns inside one block: absmax * sum(table[c] * x).
+            G: tl.constexpr = BS if BS < BLOCK_K else BLOCK_K
+            b = _tile_bytes(packed_ptr, rn, k_lo, k_hi, N, K, stride_wb, K_ALIGN, BLOCK_N, BLOCK_K)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                b_next = _tile_bytes(packed_ptr, rn, k0 + BLOCK_K, k_hi, N, K, stride_wb, K_ALIGN, BLOCK_N, BLOCK_K)
+                rk = k0 + tl.arange(0, BLOCK_K)
+                xv = tl.load(x_ptr + rk, mask=rk < k_hi, other=0.0).to(tl.float32)
+                v = _tile_values(b, table_ptr, rn, k0, K, K_ALIGN, BLOCK_N, BLOCK_K, INTERP)
+                a = _tile_scales(absmax_ptr, nabs_ptr, ncode_ptr, offset, rn, k0, N, K, BS, NESTED, K_ALIGN, BLOCK_N,
+                                 BLOCK_K, INTERP)
+                if K_ALIGN >= G:
+                    part = tl.sum((v * xv[None, :]).reshape(BLOCK_N, BLOCK_K // G, G), axis=2)
+                    acc += tl.sum(part * a, axis=1)
+                else:
+                    acc += tl.sum(v * a * xv[None, :], axis=1)
+                b = b_next
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
@@ -193,6 +233,85 @@ def _gemv_kernel(
             tl.store(wsp + rn, acc, mask=nmask)
         else:
             tl.store(wsp + rm[:, None] * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _tile_words(wp, rows64, rmask, j0, jlimit, stride_ww, NW: tl.constexpr):
+    """Packed W as 32-bit words [R, NW]: words j0.. of each row (0 where j >= jlimit or the
+    row is masked); wp: the byte pointer, stride_ww: bytes per row (a multiple of 16 when
+    K % 32 == 0: the row offset is computed in bytes so that the loads stay 128-bit)."""
+    j = j0 + tl.arange(0, NW)
+    rowp = (wp + rows64 * stride_ww).to(tl.pointer_type(tl.uint32))
+    return tl.load(rowp[:, None] + j[None, :], mask=rmask[:, None] & (j < jlimit)[None, :], other=0)
+
+
+@triton.jit
+def _chunk_scales(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, mask, NESTED: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 scales of blocks blk >= 0 (int64), as _block_scale, but with the nested block index
+    as a shift (blk is non-negative) and lanes outside `mask` clamped to block 0."""
+    blk = tl.where(mask, blk, 0)
+    if NESTED:
+        q = tl.load(absmax_ptr + blk).to(tl.int32)
+        return _gather_f32(ncode_ptr + q, INTERP) * _gather_f32(nabs_ptr + (blk >> 8), INTERP) + offset
+    else:
+        return _gather_f32(absmax_ptr + blk, INTERP)
+
+
+@triton.jit
+def _x_octets(x_ptr, j0, jlimit, NW: tl.constexpr, INTERP: tl.constexpr):
+    """x for the packed words j = j0 + arange(NW) (word j = elements 8j .. 8j+7, byte q of it =
+    elements 8j+2q, 8j+2q+1): 8 fp32 [NW] tensors x[8j], .., x[8j+7], 0 where j >= jlimit.
+    On a GPU one predicated 16-byte load (two for fp32) per word in inline PTX: its layout
+    follows the consumer (the W words), so x needs no layout conversion through shared memory
+    (a tl.load would get a coalesced layout of its own).  The caller passes x 16-byte aligned."""
+    T: tl.constexpr = x_ptr.dtype.element_ty
+    j = j0 + tl.arange(0, NW)
+    m = j < jlimit
+    if INTERP:
+        p = x_ptr + j * 8
+        return (tl.load(p, mask=m, other=0.0).to(tl.float32), tl.load(p + 1, mask=m, other=0.0).to(tl.float32),
+                tl.load(p + 2, mask=m, other=0.0).to(tl.float32), tl.load(p + 3, mask=m, other=0.0).to(tl.float32),
+                tl.load(p + 4, mask=m, other=0.0).to(tl.float32), tl.load(p + 5, mask=m, other=0.0).to(tl.float32),
+                tl.load(p + 6, mask=m, other=0.0).to(tl.float32), tl.load(p + 7, mask=m, other=0.0).to(tl.float32))
+    else:
+        if T == tl.float32:
+            asm: tl.constexpr = """{
+            .reg .pred %xo_p;
+            setp.ne.b32 %xo_p, $9, 0;
+            mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;
+            mov.b32 $4, 0; mov.b32 $5, 0; mov.b32 $6, 0; mov.b32 $7, 0;
+            @%xo_p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8];
+            @%xo_p ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+16];
+            }"""
+        elif T == tl.bfloat16:
+            asm: tl.constexpr = """{
+            .reg .pred %xo_p;
+            .reg .b32 %xo_u<4>;
+            setp.ne.b32 %xo_p, $9, 0;
+            mov.b32 %xo_u0, 0; mov.b32 %xo_u1, 0; mov.b32 %xo_u2, 0; mov.b32 %xo_u3, 0;
+            @%xo_p ld.global.nc.v4.b32 {%xo_u0, %xo_u1, %xo_u2, %xo_u3}, [$8];
+            shl.b32 $0, %xo_u0, 16; and.b32 $1, %xo_u0, 0xFFFF0000;
+            shl.b32 $2, %xo_u1, 16; and.b32 $3, %xo_u1, 0xFFFF0000;
+            shl.b32 $4, %xo_u2, 16; and.b32 $5, %xo_u2, 0xFFFF0000;
+            shl.b32 $6, %xo_u3, 16; and.b32 $7, %xo_u3, 0xFFFF0000;
+            }"""
+        else:
+            asm: tl.constexpr = """{
+            .reg .pred %xo_p;
+            .reg .b32 %xo_u<4>;
+            .reg .f16 %xo_h<8>;
+            setp.ne.b32 %xo_p, $9, 0;
+            mov.b32 %xo_u0, 0; mov.b32 %xo_u1, 0; mov.b32 %xo_u2, 0; mov.b32 %xo_u3, 0;
+            @%xo_p ld.global.nc.v4.b32 {%xo_u0, %xo_u1, %xo_u2, %xo_u3}, [$8];
+            mov.b32 {%xo_h0, %xo_h1}, %xo_u0; mov.b32 {%xo_h2, %xo_h3}, %xo_u1;
+            mov.b32 {%xo_h4, %xo_h5}, %xo_u2; mov.b32 {%xo_h6, %xo_h7}, %xo_u3;
+            cvt.f32.f16 $0, %xo_h0; cvt.f32.f16 $1, %xo_h1; cvt.f32.f16 $2, %xo_h2; cvt.f32.f16 $3, %xo_h3;
+            cvt.f32.f16 $4, %xo_h4; cvt.f32.f16 $5, %xo_h5; cvt.f32.f16 $6, %xo_h6; cvt.f32.f16 $7, %xo_h7;
+            }"""
+        return tl.inline_asm_elementwise(
+            asm, "=r,=r,=r,=r,=r,=r,=r,=r,l,r", [(x_ptr + j * 8).to(tl.int64), m.to(tl.int32)],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True, pack=1)
 
 
 @triton.jit
@@ -263,12 +382,15 @@ def gemv_configs(cap: tuple[int, int], m_one: bool) -> list[triton.Config]:
             return [_cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, warps=4, stages=1)]
         return [_cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, warps=4, stages=1)]
     if m_one:
-        # Kept: the configs whose packed-W loads compile to 128-bit LDGs (kernel report) and that
-        # ran fastest on an H100 (cfg 0: 35.7 us on 4096x14336).
-        return [_cfg(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, warps=4, stages=2),
-                _cfg(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=2, warps=4, stages=2),
-                _cfg(BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, SPLIT_K=1, warps=8, stages=2),
-                _cfg(BLOCK_M=1, BLOCK_N=2, BLOCK_K=1024, SPLIT_K=1, warps=4, stages=2)]
+        # Word path (K % 32 == 0), static sm_90 numbers (kernel report / SASS of the loop), not
+        # yet timed on a GPU: cfg 0 8.7 SASS instructions per weight byte, 96 registers, 64 bytes
+        # of W per thread and step, 512 programs for N = 4096 (about one wave, no split-K
+        # reduce launch); cfg 1 10.1 instr/B at 48 registers (twice the occupancy); cfg 2 the
+        # split-K variant; cfg 3 1024 programs.  (Before: 17.5 instr/B, 128 registers, 35.7 us.)
+        return [_cfg(BLOCK_M=1, BLOCK_N=8, BLOCK_K=2048, SPLIT_K=1, warps=4, stages=2),
+                _cfg(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, warps=4, stages=2),
+                _cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024, SPLIT_K=2, warps=4, stages=2),
+                _cfg(BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, SPLIT_K=1, warps=4, stages=2)]
     return [_cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, warps=4, stages=3),
             _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=2, warps=4, stages=3),
             _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, warps=4, stages=4),
@@ -393,6 +515,12 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     cap = capability(dev)
     if M <= GEMV_MAX_M:
         kernel, cfg = _launcher("gemv", cap, M == 1)
+        if M == 1:
+            # the byte path reads x in 16-byte vectors and W as 32-bit words (M = 1: a tiny copy)
+            if x.data_ptr() % 16:
+                x = x.clone()
+            if st[0].data_ptr() % 4:
+                st = (st[0].clone(), *st[1:])
 
         def grid(meta):
             return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])

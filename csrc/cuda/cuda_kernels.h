@@ -31,26 +31,34 @@ int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, c
 int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n, int blocksize,
                          void* out, int out_dtype, void* stream);
 
-// Decode GEMV (M <= 8): partial[s][m][n] = sum over split s of x[m, k] * deq(W)[n, k], then
-// y[m, n] = T(sum_s partial + bias[n] + sum_j lora_t[m, j] * lora_b[n, j]).
-// W [N, K] packed row-major, K % 32 == 0; x [M, K] (x_dtype), 16-byte aligned.
-// J chunks of 32 per lane per split, S splits: S * 32 * J * 32 >= K.  partial: fp32 [S*M*N]
-// scratch from the caller.  bias fp32 [N] or null; lora_t fp32 [M, r] (already scaled),
-// lora_b fp32 [N, r], or null.  y [M, N] in x_dtype.
+// Decode GEMV (M <= 8): partial[s][m][n] = sum over K-split s of x[m, k] * deq(W)[n, k], then
+// splitk_finalize.  W [N, K] packed row-major, K % 32 == 0; x [M, K] (x_dtype), 16-byte
+// aligned.  S splits, 1 <= S <= K / 32.  partial: fp32 [S*M*N] scratch from the caller.
+// bias fp32 [N] or null; lora_t fp32 [M, r] (already scaled), lora_b fp32 [N, r], or null.
+// y [M, N] in x_dtype.
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
-              int blocksize, int quant_type, int J, int S, float* partial, const float* bias, const float* lora_t,
+              int blocksize, int quant_type, int S, float* partial, const float* bias, const float* lora_t,
               const float* lora_b, int r, void* y, void* stream);
+
+// y[m, n] = T(sum_{s<S} partial[s, m, n] (in order) + bias[n] + sum_j lora_t[m, j] * lora_b[n, j])
+// for y [M, N] of y_dtype; bias / lora_t + lora_b may be null.
+int splitk_finalize(const float* partial, int S, int M, int N, const float* bias, const float* lora_t,
+                    const float* lora_b, int r, void* y, int y_dtype, void* stream);
 
 // Fused dequant-GEMM on tensor cores (mma.sync m16n8k16, fp32 accumulate), dtype fp16/bf16.
 // forward (transposed == 0): Y[M, N] = A[M, K] . deq(W)^T + A2[M, R] . B2[N, R]^T + bias
 // backward (transposed == 1): Y[M, K] = A[M, N] . deq(W) + A2[M, R] . B2[R, K]
 // W [N, K] packed, K % 32 == 0; backward needs N % 8 == 0; R % 64 == 0 (A2/B2 null when R == 0);
 // every pointer 16-byte aligned.  bias fp32 [N] or null (forward only).
+// splits > 1 (small M): split-K over the phase-1 reduction into partial fp32 [splits*M*Nout],
+// then splitk_finalize with bias and the LoRA term lora_t fp32 [M, r] (scaled) . lora_b fp32
+// [Nout, r]^T; R must be 0 then.  splits == 1: partial / lora_t / lora_b null.
 int gemm_4bit(int dtype, int transposed, const void* A, int M, int N, int64_t K, const uint8_t* packed,
               const float* absmax, const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code,
               const float* offset, int blocksize, int quant_type, const void* A2, const void* B2, int R,
-              const float* bias, void* Y, void* stream);
+              const float* bias, void* Y, int splits, float* partial, const float* lora_t, const float* lora_b,
+              int r, void* stream);
 
 }  // namespace cuda
 }  // namespace nf4kit

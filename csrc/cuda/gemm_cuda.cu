@@ -9,7 +9,10 @@
 // accumulating into the same registers: the output tile is written once.
 //
 // CTA tile 64 x 64 x 64, 4 warps (2 x 2, each 32 x 32), register-prefetch of the next tile
-// while the current one is multiplied.  Shared rows are padded to 72 elements (144 bytes)
+// while the current one is multiplied.  Split-K (gridDim.z > 1, for small M where the output
+// tiles alone cannot fill the GPU): CTA z reduces its own range of phase-1 k-tiles and writes
+// fp32 partials [z, M, Nout]; splitk_finalize() (gemv_cuda.cu) sums them in a fixed order and
+// applies bias and LoRA (no phase 2 then).  Shared rows are padded to 72 elements (144 bytes)
 // so that ldmatrix's eight row addresses fall in distinct bank groups.
 #include "cuda/common.cuh"
 #include "cuda/cuda_kernels.h"
@@ -38,6 +41,8 @@ struct GemmParams {
   int64_t Nout;    // output columns (N forward, K backward)
   const float* bias;
   void* Y;  // [M, Nout]
+  int ktiles_per_split;  // phase-1 k-tiles per CTA along z (all of them when unsplit)
+  float* partial;        // split-K: fp32 [gridDim.z, M, Nout] (bias, phase 2 unused); else null
 };
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
@@ -83,7 +88,12 @@ __global__ void __launch_bounds__(kThreads) gemm_4bit_kernel(const GemmParams p)
   const int m0 = blockIdx.y * BM;
   const int64_t j0 = (int64_t)blockIdx.x * BN;  // first output column of the tile
   const int nk1 = (int)((p.Kred + BK - 1) / BK);
-  const int nkt = nk1 + p.R / BK;
+  // This CTA's tiles: phase-1 tiles [kt0, kt1), then (unsplit only) the R / BK LoRA tiles.
+  const int kt0 = min(nk1, (int)blockIdx.z * p.ktiles_per_split);
+  const int kt1 = min(nk1, kt0 + p.ktiles_per_split);
+  const int n1 = kt1 - kt0;
+  const int nkt = n1 + (p.partial != nullptr ? 0 : p.R / BK);
+  auto tile_of = [&](int i) { return i < n1 ? kt0 + i : nk1 + (i - n1); };
   const int brow = tid >> 1, bcol = (tid & 1) * 32;  // this thread's 32-wide piece of the B tile
 
   uint4 areg[4], breg[4];
@@ -150,12 +160,12 @@ __global__ void __launch_bounds__(kThreads) gemm_4bit_kernel(const GemmParams p)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.0f;
 
-  if (nkt > 0) load(0);
-  for (int kt = 0; kt < nkt; ++kt) {
+  if (nkt > 0) load(tile_of(0));
+  for (int it = 0; it < nkt; ++it) {
     __syncthreads();  // everyone is done reading the previous tile
-    store(kt);
+    store(tile_of(it));
     __syncthreads();
-    if (kt + 1 < nkt) load(kt + 1);  // in flight while this tile is multiplied
+    if (it + 1 < nkt) load(tile_of(it + 1));  // in flight while this tile is multiplied
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
       uint32_t af[2][4], bfr[4][2];
@@ -198,6 +208,10 @@ __global__ void __launch_bounds__(kThreads) gemm_4bit_kernel(const GemmParams p)
           const int64_t n = j0 + wn * 32 + ni * 8 + 2 * t + c;
           if (n >= p.Nout) continue;
           float v = acc[mi][ni][2 * h + c];
+          if (p.partial != nullptr) {
+            p.partial[((int64_t)blockIdx.z * p.M + m) * p.Nout + n] = v;
+            continue;
+          }
           if (p.bias != nullptr) v += __ldg(p.bias + n);
           Y[(int64_t)m * p.Nout + n] = from_f32<T>(v);
         }
@@ -207,10 +221,10 @@ __global__ void __launch_bounds__(kThreads) gemm_4bit_kernel(const GemmParams p)
 }
 
 template <typename T>
-int launch(bool transposed, const GemmParams& p, cudaStream_t s) {
+int launch(bool transposed, const GemmParams& p, int splits, cudaStream_t s) {
   const int64_t gx = (p.Nout + BN - 1) / BN, gy = ((int64_t)p.M + BM - 1) / BM;
-  if (gx > 0x7fffffff || gy > 65535) return kUnsupported;
-  const dim3 grid((unsigned)gx, (unsigned)gy);
+  if (gx > 0x7fffffff || gy > 65535 || splits > 65535) return kUnsupported;
+  const dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)splits);
   if (transposed)
     gemm_4bit_kernel<T, true><<<grid, kThreads, 0, s>>>(p);
   else
@@ -225,8 +239,11 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 int gemm_4bit(int dtype, int transposed, const void* A, int M, int N, int64_t K, const uint8_t* packed,
               const float* absmax, const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code,
               const float* offset, int blocksize, int quant_type, const void* A2, const void* B2, int R,
-              const float* bias, void* Y, void* stream) {
+              const float* bias, void* Y, int splits, float* partial, const float* lora_t, const float* lora_b,
+              int r, void* stream) {
   if (M < 1 || N < 1 || K < 32 || (K % 32) != 0 || (transposed && (N % 8) != 0)) return kUnsupported;
+  if (splits < 1 || (splits > 1 && (partial == nullptr || R != 0))) return kBadArgument;
+  if (splits == 1 && lora_t != nullptr) return kBadArgument;  // unsplit: LoRA enters through A2/B2
   if (R < 0 || (R % BK) != 0 || (R > 0 && (!A2 || !B2)) || (transposed && bias)) return kBadArgument;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
     return kBadArgument;
@@ -246,14 +263,22 @@ int gemm_4bit(int dtype, int transposed, const void* A, int M, int N, int64_t K,
   p.B2 = B2;
   p.R = R;
   p.Nout = transposed ? K : (int64_t)N;
-  p.bias = bias;
+  const bool split_mode = splits > 1;  // partials + splitk_finalize (bias and LoRA there)
+  p.bias = split_mode ? nullptr : bias;
   p.Y = Y;
+  const int nk1 = (int)((p.Kred + BK - 1) / BK);
+  if (splits > nk1) splits = nk1;  // every split gets at least one k-tile
+  p.ktiles_per_split = (nk1 + splits - 1) / splits;
+  p.partial = split_mode ? partial : nullptr;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  int rc;
   switch (dtype) {
-    case core::kFloat16: return launch<__half>(transposed != 0, p, s);
-    case core::kBFloat16: return launch<__nv_bfloat16>(transposed != 0, p, s);
+    case core::kFloat16: rc = launch<__half>(transposed != 0, p, splits, s); break;
+    case core::kBFloat16: rc = launch<__nv_bfloat16>(transposed != 0, p, splits, s); break;
     default: return kUnsupported;
   }
+  if (rc != 0 || !split_mode) return rc;
+  return splitk_finalize(partial, splits, M, (int)p.Nout, bias, lora_t, lora_b, r, Y, dtype, stream);
 }
 
 }  // namespace cuda

@@ -1,8 +1,15 @@
 // Decode GEMV for M <= 8: y[M, N] = x[M, K] . deq(W)^T (+ bias, + LoRA), W packed 4-bit.
-// Bandwidth-bound: every packed byte of W is read once with 16-byte loads, the codes are
-// looked up in a 16-entry shared table, products accumulate in fp32.  Split-K (S splits of
-// J chunks per lane) keeps the GPU busy when N is small; partial sums go to an fp32
-// scratch buffer [S, M, N] and a small second kernel reduces them and applies the epilogue.
+//
+// Bandwidth-bound: every packed byte of W is read once (16-byte streaming loads).  A warp owns
+// kRowsPerWarp rows and one K-split; lane L walks the split's 32-element chunks L, L+32, ...
+// so each warp load covers 512 contiguous bytes per row, and the next chunk's weights (and
+// raw absmax bytes) are loaded before the current chunk is multiplied: a register double
+// buffer that keeps HBM busy while the ALUs decode.  The x chunk is loaded once per chunk and
+// shared by the warp's rows.  Codes are decoded with a 16-entry shared table indexed by
+// nibble*4 byte offsets built four at a time (two masks per 32-bit word, one byte_perm per
+// code) and the (double-quantized) absmax is applied once per chunk.  fp32 accumulation.
+// Split-K partial sums go to an fp32 scratch [S, M, N]; splitk_finalize() reduces them in a
+// fixed order (deterministic) and applies bias and LoRA.
 #include "cuda/common.cuh"
 #include "cuda/cuda_kernels.h"
 
@@ -11,9 +18,9 @@ namespace cuda {
 namespace {
 using namespace detail;
 
-constexpr int kGemvThreads = 128;  // 4 warps, one (row, split) each
+constexpr int kGemvThreads = 128;  // 4 warps
+constexpr int kRowsPerWarp = 4;    // rows sharing each x chunk
 constexpr int kMaxM = 8;
-constexpr int kMaxJ = 4;
 
 // 32 consecutive activations (16-byte aligned) as fp32.
 __device__ __forceinline__ void load_x32(const float* p, float (&v)[32]) {
@@ -37,68 +44,133 @@ __device__ __forceinline__ void load_x32(const T* p, float (&v)[32]) {
   }
 }
 
-// One warp per (row n, split s).  Lane L handles chunks c = s*32*J + j*32 + L (j < J) of
-// 32 elements: 16 packed bytes and one absmax each (blocksize >= 32, K % 32 == 0, so a
-// chunk lies in one row and one block).  All J weight loads are issued before any math.
-template <typename TX>
-__global__ void __launch_bounds__(kGemvThreads)
-    gemv_4bit_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
-                     int log2_bs, int quant_type, int J, int S, float* __restrict__ partial) {
-  __shared__ float table[16];
-  init_table(table, quant_type);
-  __syncthreads();
-  const int lane = threadIdx.x & 31;
-  const int64_t gw = (int64_t)blockIdx.x * (kGemvThreads / 32) + (threadIdx.x >> 5);
-  if (gw >= (int64_t)N * S) return;  // whole warps exit together
-  const int n = (int)(gw / S);
-  const int s = (int)(gw % S);
-  const int64_t cpr = K >> 5;  // chunks per row
-  const int64_t cbase = (int64_t)s * 32 * J;
-  const int64_t row_e = (int64_t)n * K;
+// Table value of the code whose byte offset (code * 4) is byte `i` of `offs`.
+__device__ __forceinline__ float table_at(const float* table, uint32_t offs, int i) {
+  const uint32_t o = __byte_perm(offs, 0u, 0x4440u + (uint32_t)i);
+  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(table) + o);
+}
 
-  uint4 wq[kMaxJ];
-  float sc[kMaxJ];
+// sum_i x[i] * table[code_i] over the 32 codes of a 16-byte chunk (high nibble first).
+__device__ __forceinline__ float dot32(const uint4& w, const float* table, const float (&xv)[32]) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  float d0 = 0.0f, d1 = 0.0f;
 #pragma unroll
-  for (int j = 0; j < kMaxJ; ++j) {
-    const int64_t c = cbase + j * 32 + lane;
-    wq[j] = make_uint4(0u, 0u, 0u, 0u);
-    sc[j] = 0.0f;
-    if (j < J && c < cpr) {
-      const int64_t e0 = row_e + (c << 5);
-      wq[j] = __ldcs(reinterpret_cast<const uint4*>(packed + (e0 >> 1)));  // read once: evict first
-      sc[j] = am(e0 >> log2_bs);
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t hi = (words[i] >> 2) & 0x3c3c3c3cu;  // byte b: high code * 4
+    const uint32_t lo = (words[i] << 2) & 0x3c3c3c3cu;  // byte b: low code * 4
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      d0 = fmaf(xv[8 * i + 2 * b], table_at(table, hi, b), d0);
+      d1 = fmaf(xv[8 * i + 2 * b + 1], table_at(table, lo, b), d1);
     }
   }
+  return d0 + d1;
+}
 
-  float acc[kMaxM];
+// Raw per-chunk inputs of one row: 16 packed bytes and the block's absmax (plain) or its
+// uint8 code and nested scale (double quant; decoded at use, from the shared code table).
+struct ChunkLoad {
+  uint4 w;
+  float a;      // plain absmax, or the nested absmax
+  uint32_t q;   // nested: the 8-bit absmax code
+};
+
+template <typename TX, int MT>
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv_4bit_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
+                     int log2_bs, int quant_type, int S, float* __restrict__ partial) {
+  __shared__ float table[16];
+  __shared__ float code[256];
+  init_table(table, quant_type);
+  const bool nested = am.q != nullptr;
+  if (nested) {
+    for (int i = threadIdx.x; i < 256; i += kGemvThreads) code[i] = __ldg(am.code + i);
+  }
+  __syncthreads();
+  const float offset = nested ? __ldg(am.offset) : 0.0f;
+
+  const int lane = threadIdx.x & 31;
+  const int64_t row0 = ((int64_t)blockIdx.x * (kGemvThreads / 32) + (threadIdx.x >> 5)) * kRowsPerWarp;
+  if (row0 >= N) return;  // whole warps exit together (after the only __syncthreads)
+  const int s = blockIdx.y;
+  const int64_t cpr = K >> 5;                  // 32-element chunks per row
+  const int64_t cps = (cpr + S - 1) / S;       // per split
+  const int64_t c_lo = (int64_t)s * cps;
+  const int64_t c_hi = c_lo + cps < cpr ? c_lo + cps : cpr;
+
+  auto fetch = [&](int64_t c, ChunkLoad (&ld)[kRowsPerWarp]) {
 #pragma unroll
-  for (int m = 0; m < kMaxM; ++m) acc[m] = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kMaxJ; ++j) {
-    const int64_t c = cbase + j * 32 + lane;
-    if (j < J && c < cpr) {
-      float wv[32];
-      lookup32(wq[j], table, wv);
-#pragma unroll
-      for (int m = 0; m < kMaxM; ++m) {
-        if (m < M) {
-          float xv[32];
-          load_x32(x + (int64_t)m * K + (c << 5), xv);
-          float d = 0.0f;
-#pragma unroll
-          for (int i = 0; i < 32; ++i) d = fmaf(xv[i], wv[i], d);
-          acc[m] = fmaf(d, sc[j], acc[m]);  // absmax applied once per chunk
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      ld[r].w = make_uint4(0u, 0u, 0u, 0u);
+      ld[r].a = 0.0f;
+      ld[r].q = 0u;
+      if (row0 + r < N) {
+        const int64_t e0 = (row0 + r) * K + (c << 5);
+        const int64_t blk = e0 >> log2_bs;
+        ld[r].w = __ldcs(reinterpret_cast<const uint4*>(packed + (e0 >> 1)));  // read once: evict first
+        if (nested) {
+          ld[r].q = __ldg(am.q + blk);
+          ld[r].a = __ldg(am.nested + (blk / core::kNestedBlocksize));
+        } else {
+          ld[r].a = __ldg(am.absmax + blk);
         }
       }
     }
+  };
+
+  float acc[kRowsPerWarp][MT];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
+
+  ChunkLoad cur[kRowsPerWarp];
+  int64_t c = c_lo + lane;
+  if (c < c_hi) fetch(c, cur);
+  while (c < c_hi) {
+    const int64_t cn = c + 32;
+    ChunkLoad nxt[kRowsPerWarp];
+    if (cn < c_hi) {
+      fetch(cn, nxt);  // in flight while this chunk is multiplied
+    } else {
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) nxt[r] = cur[r];
+    }
+    float sc[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r)
+      sc[r] = nested ? core::nested_absmax_decode((uint8_t)cur[r].q, code, cur[r].a, offset) : cur[r].a;
+    if (MT == 1) {
+      float xv[32];
+      load_x32(x + (c << 5), xv);
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) acc[r][0] = fmaf(dot32(cur[r].w, table, xv), sc[r], acc[r][0]);
+    } else {
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m < M) {
+          float xv[32];
+          load_x32(x + (int64_t)m * K + (c << 5), xv);
+#pragma unroll
+          for (int r = 0; r < kRowsPerWarp; ++r) acc[r][m] = fmaf(dot32(cur[r].w, table, xv), sc[r], acc[r][m]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) cur[r] = nxt[r];
+    c = cn;
   }
+
 #pragma unroll
-  for (int m = 0; m < kMaxM; ++m) {
-    if (m < M) {
-      float v = acc[m];
+  for (int r = 0; r < kRowsPerWarp; ++r) {
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-      if (lane == 0) partial[((int64_t)s * M + m) * N + n] = v;
+    for (int m = 0; m < MT; ++m) {
+      if (m < M) {
+        float v = acc[r][m];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0 && row0 + r < N) partial[((int64_t)s * M + m) * N + row0 + r] = v;
+      }
     }
   }
 }
@@ -106,9 +178,9 @@ __global__ void __launch_bounds__(kGemvThreads)
 // y[m, n] = T(sum_s partial[s, m, n] + bias[n] + sum_j lora_t[m, j] * lora_b[n, j]).
 template <typename TX>
 __global__ void __launch_bounds__(256)
-    gemv_finalize_kernel(const float* __restrict__ partial, int S, int M, int N, const float* __restrict__ bias,
-                         const float* __restrict__ lora_t, const float* __restrict__ lora_b, int r,
-                         TX* __restrict__ y) {
+    splitk_finalize_kernel(const float* __restrict__ partial, int S, int M, int N, const float* __restrict__ bias,
+                           const float* __restrict__ lora_t, const float* __restrict__ lora_b, int r,
+                           TX* __restrict__ y) {
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (int64_t)M * N) return;
   const int m = (int)(idx / N), n = (int)(idx % N);
@@ -124,32 +196,58 @@ __global__ void __launch_bounds__(256)
 }
 
 template <typename TX>
+int launch_finalize(const float* partial, int S, int M, int N, const float* bias, const float* lora_t,
+                    const float* lora_b, int r, void* y, cudaStream_t stream) {
+  const int64_t outs = (int64_t)M * N;
+  if ((outs + 255) / 256 > 0x7fffffff) return kUnsupported;
+  splitk_finalize_kernel<TX><<<(unsigned)((outs + 255) / 256), 256, 0, stream>>>(partial, S, M, N, bias, lora_t,
+                                                                                 lora_b, r, static_cast<TX*>(y));
+  return (int)cudaGetLastError();
+}
+
+template <typename TX>
 int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
-                int J, int S, float* partial, const float* bias, const float* lora_t, const float* lora_b, int r,
-                void* y, cudaStream_t stream) {
-  const int64_t warps = (int64_t)N * S;
-  const int64_t blocks = (warps + (kGemvThreads / 32) - 1) / (kGemvThreads / 32);
-  if (blocks > 0x7fffffff) return kUnsupported;
-  gemv_4bit_kernel<TX><<<(unsigned)blocks, kGemvThreads, 0, stream>>>(static_cast<const TX*>(x), M, N, K, packed, am,
-                                                                       log2_bs, quant_type, J, S, partial);
+                int S, float* partial, const float* bias, const float* lora_t, const float* lora_b, int r, void* y,
+                cudaStream_t stream) {
+  const int64_t rows_per_cta = (int64_t)(kGemvThreads / 32) * kRowsPerWarp;
+  const int64_t blocks = ((int64_t)N + rows_per_cta - 1) / rows_per_cta;
+  if (blocks > 0x7fffffff || S > 65535) return kUnsupported;
+  const dim3 grid((unsigned)blocks, (unsigned)S);
+  const TX* xt = static_cast<const TX*>(x);
+  if (M == 1)
+    gemv_4bit_kernel<TX, 1><<<grid, kGemvThreads, 0, stream>>>(xt, M, N, K, packed, am, log2_bs, quant_type, S,
+                                                               partial);
+  else
+    gemv_4bit_kernel<TX, kMaxM><<<grid, kGemvThreads, 0, stream>>>(xt, M, N, K, packed, am, log2_bs, quant_type, S,
+                                                                   partial);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return (int)err;
-  const int64_t outs = (int64_t)M * N;
-  gemv_finalize_kernel<TX><<<(unsigned)((outs + 255) / 256), 256, 0, stream>>>(partial, S, M, N, bias, lora_t, lora_b,
-                                                                               r, static_cast<TX*>(y));
-  return (int)cudaGetLastError();
+  return launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
 }
 
 }  // namespace
 
+int splitk_finalize(const float* partial, int S, int M, int N, const float* bias, const float* lora_t,
+                    const float* lora_b, int r, void* y, int y_dtype, void* stream) {
+  if (S < 1 || M < 1 || N < 1 || partial == nullptr || y == nullptr) return kBadArgument;
+  if ((lora_t == nullptr) != (lora_b == nullptr) || (lora_t != nullptr && r < 1)) return kBadArgument;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (y_dtype) {
+    case core::kFloat32: return launch_finalize<float>(partial, S, M, N, bias, lora_t, lora_b, r, y, s);
+    case core::kFloat16: return launch_finalize<__half>(partial, S, M, N, bias, lora_t, lora_b, r, y, s);
+    case core::kBFloat16: return launch_finalize<__nv_bfloat16>(partial, S, M, N, bias, lora_t, lora_b, r, y, s);
+    default: return kUnsupported;
+  }
+}
+
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
-              int blocksize, int quant_type, int J, int S, float* partial, const float* bias, const float* lora_t,
+              int blocksize, int quant_type, int S, float* partial, const float* bias, const float* lora_t,
               const float* lora_b, int r, void* y, void* stream) {
   if (M < 1 || M > kMaxM || N < 1 || K < 32 || (K % 32) != 0) return kUnsupported;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
     return kBadArgument;
-  if (J < 1 || J > kMaxJ || S < 1 || (int64_t)S * 32 * J * 32 < K) return kBadArgument;
+  if (S < 1 || (int64_t)S > K / 32) return kBadArgument;
   if (absmax_q ? (!nested_absmax || !nested_code || !offset) : !absmax) return kBadArgument;
   if ((lora_t == nullptr) != (lora_b == nullptr) || (lora_t != nullptr && r < 1)) return kBadArgument;
   if ((reinterpret_cast<uintptr_t>(x) & 15) || (reinterpret_cast<uintptr_t>(packed) & 15)) return kUnsupported;
@@ -158,13 +256,13 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (x_dtype) {
     case core::kFloat32:
-      return launch_gemv<float>(x, M, N, K, packed, am, log2_bs, quant_type, J, S, partial, bias, lora_t, lora_b, r,
-                                y, s);
+      return launch_gemv<float>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, bias, lora_t, lora_b, r, y,
+                                s);
     case core::kFloat16:
-      return launch_gemv<__half>(x, M, N, K, packed, am, log2_bs, quant_type, J, S, partial, bias, lora_t, lora_b, r,
+      return launch_gemv<__half>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, bias, lora_t, lora_b, r,
                                  y, s);
     case core::kBFloat16:
-      return launch_gemv<__nv_bfloat16>(x, M, N, K, packed, am, log2_bs, quant_type, J, S, partial, bias, lora_t,
+      return launch_gemv<__nv_bfloat16>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, bias, lora_t,
                                         lora_b, r, y, s);
     default:
       return kUnsupported;

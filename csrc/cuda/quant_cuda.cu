@@ -55,33 +55,98 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------ 4-bit dequantize
-// One thread per 32 elements (16 packed bytes, one 16-byte load; blocksize >= 32 is a power
-// of two so the 32 share one absmax), nested absmax decoded in the same launch.
+// Coalesced: per step a lane decodes 16/sizeof(T) consecutive codes (bf16/fp16: 8 codes, one
+// 4-byte load; fp32: 4 codes, one 2-byte load) into exactly one 16-byte store, so each warp store
+// writes 512 contiguous bytes; 4 or 8 warp-strided steps per tile, all loads issued before the math.
+constexpr int kDqTile = 1024;  // elements per warp per tile
+
+template <typename T> struct DqWord { using type = uint32_t; };   // 8 codes
+template <> struct DqWord<float> { using type = uint16_t; };       // 4 codes
+
+// Codes of a little-endian packed word (byte i: element 2i high nibble, 2i+1 low) times s.
+template <typename T, typename W>
+__device__ __forceinline__ void dq_store16(T* out, W w, const float* table, float s) {
+  constexpr int kCodes = 2 * (int)sizeof(W);
+  float v[kCodes];
+#pragma unroll
+  for (int i = 0; i < kCodes / 2; ++i) {
+    v[2 * i] = __fmul_rn(table[(uint32_t(w) >> (8 * i + 4)) & 15u], s);
+    v[2 * i + 1] = __fmul_rn(table[(uint32_t(w) >> (8 * i)) & 15u], s);
+  }
+  // Plain (not streaming) store: the output is usually read right away by the matmul.
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float4*>(out) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    *reinterpret_cast<uint4*>(out) =
+        make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+  }
+}
+
+// The absmaxes of N steps (element e + u * stride), all loads issued together: the branch on
+// the state kind is taken once, and the nested decode's dependent map[q] loads overlap.
+template <int N>
+__device__ __forceinline__ void dq_scales(const Absmax& am, int64_t e, int stride, int log2_bs, float (&s)[N]) {
+  if (am.q == nullptr) {
+#pragma unroll
+    for (int u = 0; u < N; ++u) s[u] = __ldg(am.absmax + ((e + u * stride) >> log2_bs));
+  } else {
+    uint8_t q[N];
+    float nested[N];
+#pragma unroll
+    for (int u = 0; u < N; ++u) {
+      const int64_t b = (e + u * stride) >> log2_bs;
+      q[u] = __ldg(am.q + b);
+      nested[u] = __ldg(am.nested + b / core::kNestedBlocksize);
+    }
+    const float offset = __ldg(am.offset);
+#pragma unroll
+    for (int u = 0; u < N; ++u) s[u] = core::nested_absmax_decode(q[u], am.code, nested[u], offset);  // == am(b)
+  }
+}
+
+// One warp per tile of kDqTile elements (grid stride); a lane-step's codes are 4/8-aligned and
+// blocksize >= 32 is a power of two, so each step needs one absmax (nested decoded in-launch).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     dequantize_4bit_kernel(const uint8_t* __restrict__ packed, Absmax am, int64_t n, int log2_bs, int quant_type,
                            T* __restrict__ out) {
+  using W = typename DqWord<T>::type;
+  constexpr int kCodes = 2 * (int)sizeof(W);       // 16 / sizeof(T)
+  constexpr int kSpan = 32 * kCodes;               // elements per warp step
+  constexpr int kSteps = kDqTile / kSpan;          // 4 (16-bit out) or 8 (fp32 out)
   __shared__ float table[16];
   init_table(table, quant_type);
   __syncthreads();
-  const int64_t nchunks = (n + 31) >> 5;
-  const bool vec_ok = (reinterpret_cast<uintptr_t>(packed) & 15) == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
-  const int64_t stride = (int64_t)gridDim.x * kThreads;
-  for (int64_t c = (int64_t)blockIdx.x * kThreads + threadIdx.x; c < nchunks; c += stride) {
-    const int64_t e0 = c << 5;
-    const float s = am(e0 >> log2_bs);
-    if (vec_ok && e0 + 32 <= n) {
-      const uint4 w = __ldcs(reinterpret_cast<const uint4*>(packed + (e0 >> 1)));  // streamed once
-      float v[32];
-      lookup32(w, table, v);
+  const int lane = threadIdx.x & 31;
+  const bool vec_ok = (reinterpret_cast<uintptr_t>(packed) & (sizeof(W) - 1)) == 0 &&
+                      (reinterpret_cast<uintptr_t>(out) & 15) == 0;
+  const int64_t ntiles = (n + kDqTile - 1) / kDqTile;
+  const int64_t nwarps = (int64_t)gridDim.x * (kThreads / 32);
+  for (int64_t t = ((int64_t)blockIdx.x * kThreads + threadIdx.x) >> 5; t < ntiles; t += nwarps) {
+    const int64_t e = t * kDqTile + lane * kCodes;  // this lane's first element of step 0
+    if (vec_ok && (t + 1) * kDqTile <= n) {
+      const W* src = reinterpret_cast<const W*>(packed + (e >> 1));
+      W w[kSteps];
+      float s[kSteps];
 #pragma unroll
-      for (int j = 0; j < 32; ++j) v[j] = __fmul_rn(v[j], s);
-      store32<T>(out + e0, v);
-    } else {  // tail (or an unaligned view): element by element
-      for (int j = 0; j < 32 && e0 + j < n; ++j) {
-        const uint8_t byte = packed[(e0 + j) >> 1];
-        const int code = (j & 1) ? core::low_code(byte) : core::high_code(byte);
-        out[e0 + j] = from_f32<T>(__fmul_rn(table[code], s));
+      for (int u = 0; u < kSteps; ++u) w[u] = __ldcs(src + u * 32);  // streamed once
+      dq_scales(am, e, kSpan, log2_bs, s);
+#pragma unroll
+      for (int u = 0; u < kSteps; ++u) dq_store16<T>(out + e + u * kSpan, w[u], table, s[u]);
+    } else {  // last tile, or an unaligned view
+      for (int u = 0; u < kSteps; ++u) {
+        const int64_t e0 = e + u * kSpan;
+        if (e0 >= n) break;
+        const float s = am(e0 >> log2_bs);
+        if (vec_ok && e0 + kCodes <= n) {
+          dq_store16<T>(out + e0, __ldcs(reinterpret_cast<const W*>(packed + (e0 >> 1))), table, s);
+        } else {  // element by element
+          for (int j = 0; j < kCodes && e0 + j < n; ++j) {
+            const uint8_t byte = packed[(e0 + j) >> 1];
+            const int code = (j & 1) ? core::low_code(byte) : core::high_code(byte);
+            out[e0 + j] = from_f32<T>(__fmul_rn(table[code], s));
+          }
+        }
       }
     }
   }
@@ -173,8 +238,9 @@ template <typename T>
 struct Dequantize4 {
   static void run(const uint8_t* packed, Absmax am, int64_t n, int log2_bs, int quant_type, void* out,
                   cudaStream_t s) {
-    dequantize_4bit_kernel<T><<<grid_for((n + 31) / 32, kThreads), kThreads, 0, s>>>(packed, am, n, log2_bs,
-                                                                                    quant_type, static_cast<T*>(out));
+    const int64_t ntiles = (n + kDqTile - 1) / kDqTile;  // one warp per tile
+    dequantize_4bit_kernel<T><<<grid_for(ntiles * 32, kThreads), kThreads, 0, s>>>(packed, am, n, log2_bs,
+                                                                                  quant_type, static_cast<T*>(out));
   }
 };
 template <typename T>

@@ -153,20 +153,39 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
 
 
 # ---------------------------------------------------------------- matmuls
-def _gemv_split(N: int, K: int, device: torch.device) -> tuple[int, int]:
-    """(J chunks per lane, S splits): fewer chunks per warp (more splits) when N is small."""
-    cpr = K // 32
-    target_warps = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) * 32
-    J = 4
-    while J > 1 and N * -(-cpr // (32 * J)) < target_warps:
-        J //= 2
-    return J, -(-cpr // (32 * J))
+def _gemv_splits(N: int, K: int, device: torch.device) -> int:
+    """K-splits S of the decode GEMV: about one wave of warps (the kernel gives each warp 4 rows
+    of one split; ~20 warps fit an SM at its 96 registers), each lane at least one chunk."""
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    warps_per_split = -(-N // 4)
+    S = max(1, round(sms * 20 / warps_per_split))
+    return max(1, min(S, K // 32 // 32, 64))
+
+
+def _gemm_splits(M: int, N_out: int, K_red: int, device: torch.device) -> int:
+    """K-splits of the fused GEMM for small M: output tiles (64 x 64) alone leave most SMs idle
+    (M = 16, N = 4096: 64 CTAs on 132 SMs), so the reduction is split until ~4 CTAs per SM,
+    keeping at least 4 k-tiles (of 64) per split."""
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    tiles = -(-N_out // 64) * -(-M // 64)
+    if tiles >= sms * 2:
+        return 1
+    return max(1, min(round(sms * 4 / tiles), -(-K_red // 64) // 4, 64))
 
 
 def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
     out = t.new_zeros((t.shape[0], cols))
     out[:, : t.shape[1]] = t
     return out
+
+
+def _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale):
+    """(bias fp32 [N], s·(x·Aᵀ) fp32 [M, r], B fp32 [N, r], r) for splitk_finalize; None/0 if absent."""
+    b = bias.reshape(-1).float().contiguous() if bias is not None else None
+    if lora_A is None:
+        return b, None, None, 0
+    lt = ((x.float() @ lora_A.float().t()) * float(lora_scale)).contiguous()
+    return b, lt, lora_B.float().contiguous(), lora_A.shape[0]
 
 
 def _via_dequantize(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N, K, dtype):
@@ -200,21 +219,24 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     dev = x.device
     with torch.cuda.device(dev):
         if fast and M <= GEMV_MAX_M:
-            J, S = _gemv_split(N, K, dev)
+            S = _gemv_splits(N, K, dev)
             partial = torch.empty(S * M * N, dtype=torch.float32, device=dev)
-            b = bias.reshape(-1).float().contiguous() if bias is not None else None
-            lt = lb = None
-            r = 0
-            if lora_A is not None:
-                r = lora_A.shape[0]
-                lt = ((x.float() @ lora_A.float().t()) * float(lora_scale)).contiguous()
-                lb = lora_B.float().contiguous()
+            b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)
             y = torch.empty((M, N), dtype=dt, device=dev)
             check(_C().gemv_4bit(ptr(x), DTYPE_CODES[dt], M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc, p_off,
-                                 blocksize, qt, J, S, ptr(partial), ptr(b), ptr(lt), ptr(lb), r, ptr(y),
+                                 blocksize, qt, S, ptr(partial), ptr(b), ptr(lt), ptr(lb), r, ptr(y),
                                  _stream(dev)), "cuda.gemv_4bit")
             return y
         if fast and dt in _HALF_DTYPES and M <= FUSED_MAX_M:
+            y = torch.empty((M, N), dtype=dt, device=dev)
+            splits = _gemm_splits(M, N, K, dev)
+            if splits > 1:  # fp32 partials; bias and LoRA in the finalize kernel
+                partial = torch.empty(splits * M * N, dtype=torch.float32, device=dev)
+                b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)
+                check(_C().gemm_4bit(DTYPE_CODES[dt], 0, ptr(x), M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc,
+                                     p_off, blocksize, qt, 0, 0, 0, ptr(b), ptr(y), splits, ptr(partial), ptr(lt),
+                                     ptr(lb), r, _stream(dev)), "cuda.gemm_4bit(forward, split-K)")
+                return y
             A2 = B2 = None
             R = 0
             if lora_A is not None:
@@ -224,9 +246,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
                 A2 = _pad_cols(t.to(dt), R)
                 B2 = _pad_cols(lora_B.to(dt), R)
             b = bias.reshape(-1).float().contiguous() if bias is not None else None
-            y = torch.empty((M, N), dtype=dt, device=dev)
             check(_C().gemm_4bit(DTYPE_CODES[dt], 0, ptr(x), M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc, p_off,
-                                 blocksize, qt, ptr(A2), ptr(B2), R, ptr(b), ptr(y), _stream(dev)),
+                                 blocksize, qt, ptr(A2), ptr(B2), R, ptr(b), ptr(y), 1, 0, 0, 0, 0, _stream(dev)),
                   "cuda.gemm_4bit(forward)")
             return y
         # Large M, fp32, or a layout the fused kernels do not take: dequantize + cuBLAS.
@@ -266,8 +287,8 @@ def matmul_4bit_backward_input(dy: torch.Tensor, packed: torch.Tensor, absmax: t
                 B2[:r] = lora_A.to(dt)
             dx = torch.empty((M, K), dtype=dt, device=dev)
             check(_C().gemm_4bit(DTYPE_CODES[dt], 1, ptr(dy), M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc, p_off,
-                                 blocksize, QUANT_TYPE_CODES[quant_type], ptr(A2), ptr(B2), R, 0, ptr(dx),
-                                 _stream(dev)), "cuda.gemm_4bit(backward)")
+                                 blocksize, QUANT_TYPE_CODES[quant_type], ptr(A2), ptr(B2), R, 0, ptr(dx), 1, 0, 0, 0,
+                                 0, _stream(dev)), "cuda.gemm_4bit(backward)")
             return dx
         W = _via_dequantize(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N, K, dt)
         dx = dy @ W
@@ -329,7 +350,9 @@ def selftest(verbose: bool = True) -> bool:
     def mm_cases():
         for M, N, K, dt, lora in [(1, 300, 256, torch.bfloat16, True), (3, 77, 4096, torch.float32, False),
                                   (8, 1000, 96, torch.float16, True), (100, 129, 320, torch.bfloat16, True),
-                                  (257, 64, 64, torch.float16, False), (64, 256, 512, torch.bfloat16, True)]:
+                                  (257, 64, 64, torch.float16, False), (64, 256, 512, torch.bfloat16, True),
+                                  (2, 517, 3104, torch.float16, True), (16, 200, 2048, torch.bfloat16, True),
+                                  (40, 130, 1024, torch.float16, False)]:
             W = torch.randn(N, K, generator=g).to(dev)
             p, a = ref.quantize_4bit(W, 64, "nf4")
             x = torch.randn(M, K, generator=g).to(dt).to(dev)

@@ -37,9 +37,13 @@ timeout -s INT 80 python3 -m benchmarks.run --device cuda --backends cuda,triton
   --budget-s 65 --json "$OUT/bench.json" --md "$OUT/bench.md" > "$OUT/bench.log" 2>&1
 log "bench rc=$?"
 
+timeout -s INT 60 python3 -m benchmarks.gpu_sweep > "$OUT/sweep.log" 2>&1
+log "sweep rc=$?"
+
 CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 40 "$CS" --tool memcheck --leak-check no --print-limit 20 \
   python3 -m nf4kit.backends.cuda > "$OUT/sanitizer.log" 2>&1
 log "sanitizer rc=$? $(grep -h 'ERROR SUMMARY' "$OUT/sanitizer.log" | head -1)"
 echo "==== bench"; cat "$OUT/bench.md" 2>/dev/null | head -60 || tail -30 "$OUT/bench.log"
+echo "==== sweep"; cat "$OUT/sweep.log"
 echo "==== summary"; cat "$OUT/summary.txt"

@@ -34,6 +34,9 @@ NAME = "cuda"
 # Routing thresholds (module attributes so benchmarks/tests can move them).
 GEMV_MAX_M = 8
 FUSED_MAX_M = 1024
+# Split-K overrides (None: the heuristics _gemv_splits / _gemm_splits); benchmarks sweep them.
+GEMV_SPLITS: Optional[int] = None
+GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -219,7 +222,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     dev = x.device
     with torch.cuda.device(dev):
         if fast and M <= GEMV_MAX_M:
-            S = _gemv_splits(N, K, dev)
+            S = min(GEMV_SPLITS, K // 32) if GEMV_SPLITS else _gemv_splits(N, K, dev)
             partial = torch.empty(S * M * N, dtype=torch.float32, device=dev)
             b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)
             y = torch.empty((M, N), dtype=dt, device=dev)
@@ -229,7 +232,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
             return y
         if fast and dt in _HALF_DTYPES and M <= FUSED_MAX_M:
             y = torch.empty((M, N), dtype=dt, device=dev)
-            splits = _gemm_splits(M, N, K, dev)
+            splits = GEMM_SPLITS if GEMM_SPLITS else _gemm_splits(M, N, K, dev)
             if splits > 1:  # fp32 partials; bias and LoRA in the finalize kernel
                 partial = torch.empty(splits * M * N, dtype=torch.float32, device=dev)
                 b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)

@@ -1,0 +1,57 @@
+"""Split-K sweep of the cuda backend's decode GEMV and small-M fused GEMM, and the Triton M = 1
+configs, on the headline weight (4096x14336 NF4, blocksize 64, double quant, bf16), L2 flushed
+before every call.  Prints one line per setting: the time and the heuristic's choice, so the
+routing constants can be set from measurements.  GPU only:  python -m benchmarks.gpu_sweep
+"""
+from __future__ import annotations
+
+import torch
+
+import nf4kit
+from nf4kit.backends import cuda as cb
+
+from ._timing import bench
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    N, K = 4096, 14336
+    W = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+    packed, qs = nf4kit.quantize_4bit(W, blocksize=64, compress_statistics=True)
+    W_ref = nf4kit.dequantize_4bit(packed, qs).float()
+    print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "
+          f"M=64 {cb._gemm_splits(64, N, K, dev)}, M=256 {cb._gemm_splits(256, N, K, dev)}", flush=True)
+    with nf4kit.use_backend("cuda"):
+        for M, attr, values in ((1, "GEMV_SPLITS", (1, 2, 3, 4, 6, 8, 12)), (4, "GEMV_SPLITS", (2, 3, 4, 6)),
+                                (8, "GEMV_SPLITS", (2, 3, 4, 6)), (16, "GEMM_SPLITS", (1, 2, 4, 6, 8, 12, 16)),
+                                (64, "GEMM_SPLITS", (1, 2, 4, 8, 12)), (256, "GEMM_SPLITS", (1, 2, 4))):
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            exp = x.float() @ W_ref.t()
+            for v in values:
+                setattr(cb, attr, v)
+                try:
+                    y = nf4kit.matmul_4bit(x, packed, qs)
+                    err = ((y.float() - exp).norm() / exp.norm()).item()
+                    t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
+                    print(f"cuda M={M:4d} {attr}={v:3d}: {t.median_s * 1e6:8.1f} us  rel_err {err:.1e}", flush=True)
+                except Exception as e:  # report and go on: a sweep point is not a test
+                    print(f"cuda M={M:4d} {attr}={v:3d}: {type(e).__name__}: {e}", flush=True)
+            setattr(cb, attr, None)
+    from nf4kit.triton_kernels import matmul as tm
+
+    x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+    exp = x.float() @ W_ref.t()
+    with nf4kit.use_backend("triton"):
+        for cfg in tm.gemv_configs(torch.cuda.get_device_capability(dev), True):
+            with tm.force_config("gemv", cfg):
+                try:
+                    y = nf4kit.matmul_4bit(x, packed, qs)
+                    err = ((y.float() - exp).norm() / exp.norm()).item()
+                    t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
+                    print(f"triton M=1 {cfg}: {t.median_s * 1e6:8.1f} us  rel_err {err:.1e}", flush=True)
+                except Exception as e:
+                    print(f"triton M=1 {cfg}: {type(e).__name__}: {e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

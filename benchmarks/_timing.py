@@ -2,7 +2,11 @@
 
 GPU: CUDA events around each call, with the L2 cache flushed before every repetition (by
 writing a buffer larger than L2), so that a weight which would fit in L2 (a 4096×4096 NF4
-weight is 8 MiB, the H100's L2 50 MB) is read from HBM as in a real model.
+weight is 8 MiB, the H100's L2 50 MB) is read from HBM as in a real model.  A spin kernel
+(torch.cuda._sleep) longer than the call's host time is queued before each start event, so
+the GPU never waits for Python between the events: `median_s` is device time.  The host time
+to enqueue one call (Python, validation, launches; what a decode loop without CUDA graphs
+pays per layer) is reported apart, as `host_s`.
 CPU: perf_counter around each call.  Nothing here asserts a time.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ class Timing:
     min_s: float
     max_s: float
     reps: int
+    host_s: Optional[float] = None  # GPU: median CPU time to enqueue one call
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,11 +80,34 @@ def _bench_cpu(fn, warmup_ms, rep_ms, min_reps, max_reps, prewarmed=False) -> Ti
     return Timing(statistics.median(times), min(times), max(times), len(times))
 
 
+_sleep_rate: dict[str, float] = {}
+
+
+def _spin_cycles_per_s(device: torch.device) -> float:
+    """Clock rate of torch.cuda._sleep on this device, measured once with events."""
+    key = str(device)
+    if key not in _sleep_rate:
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)
+        s.record()
+        torch.cuda._sleep(2_000_000)
+        e.record()
+        torch.cuda.synchronize()
+        _sleep_rate[key] = 2_000_000 / max(s.elapsed_time(e) * 1e-3, 1e-6)
+    return _sleep_rate[key]
+
+
 def _bench_cuda(fn, device, warmup_ms, rep_ms, min_reps, max_reps, flush_l2, prewarmed=False) -> Timing:
     with torch.cuda.device(device):
         if not prewarmed:
             fn()
         torch.cuda.synchronize()
+        # host (enqueue) time of one call, so the spin pad can cover it
+        h0 = time.perf_counter()
+        fn()
+        host_est = time.perf_counter() - h0
+        torch.cuda.synchronize()
+        pad_cycles = int(min(max(2.0 * host_est + 50e-6, 100e-6), 5e-3) * _spin_cycles_per_s(device))
         cache = _l2_flush_buffer(device) if flush_l2 else None
         # estimate: 3 calls, each after a flush
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -96,15 +124,21 @@ def _bench_cuda(fn, device, warmup_ms, rep_ms, min_reps, max_reps, flush_l2, pre
         n = max(min_reps, min(max_reps, int(rep_ms * 1e-3 / est)))
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        host = []
         for i in range(n):
             if cache is not None:
                 cache.zero_()
+            torch.cuda._sleep(pad_cycles)  # the GPU is still busy when fn's launches arrive
             starts[i].record()
+            h0 = time.perf_counter()
             fn()
+            host.append(time.perf_counter() - h0)
             ends[i].record()
+            if (i & 7) == 7:
+                torch.cuda.synchronize()  # keep the queue short: no launch ever blocks on a full queue
         torch.cuda.synchronize()
         times = [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
-    return Timing(statistics.median(times), min(times), max(times), n)
+    return Timing(statistics.median(times), min(times), max(times), n, statistics.median(host))
 
 
 def synchronize(device: torch.device | str) -> None:

@@ -22,6 +22,18 @@ def main() -> None:
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "
           f"M=64 {cb._gemm_splits(64, N, K, dev)}, M=256 {cb._gemm_splits(256, N, K, dev)}", flush=True)
     with nf4kit.use_backend("cuda"):
+        for rows in (2, 8):
+            cb.GEMV_ROWS = rows
+            x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+            exp = x.float() @ W_ref.t()
+            for v in (2, 4, 8):
+                cb.GEMV_SPLITS = v
+                y = nf4kit.matmul_4bit(x, packed, qs)
+                err = ((y.float() - exp).norm() / exp.norm()).item()
+                t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
+                print(f"cuda M=   1 GEMV_ROWS={rows} GEMV_SPLITS={v:3d}: {t.median_s * 1e6:8.1f} us  "
+                      f"host {t.host_s * 1e6:6.1f} us  rel_err {err:.1e}", flush=True)
+        cb.GEMV_ROWS, cb.GEMV_SPLITS = 4, None
         for M, attr, values in ((1, "GEMV_SPLITS", (1, 2, 3, 4, 6, 8, 12)), (4, "GEMV_SPLITS", (2, 3, 4, 6)),
                                 (8, "GEMV_SPLITS", (2, 3, 4, 6)), (16, "GEMM_SPLITS", (1, 2, 4, 6, 8, 12, 16)),
                                 (64, "GEMM_SPLITS", (1, 2, 4, 8, 12)), (256, "GEMM_SPLITS", (1, 2, 4))):
@@ -33,7 +45,8 @@ def main() -> None:
                     y = nf4kit.matmul_4bit(x, packed, qs)
                     err = ((y.float() - exp).norm() / exp.norm()).item()
                     t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
-                    print(f"cuda M={M:4d} {attr}={v:3d}: {t.median_s * 1e6:8.1f} us  rel_err {err:.1e}", flush=True)
+                    print(f"cuda M={M:4d} {attr}={v:3d}: {t.median_s * 1e6:8.1f} us  host {t.host_s * 1e6:6.1f} us  "
+                          f"rel_err {err:.1e}", flush=True)
                 except Exception as e:  # report and go on: a sweep point is not a test
                     print(f"cuda M={M:4d} {attr}={v:3d}: {type(e).__name__}: {e}", flush=True)
             setattr(cb, attr, None)
@@ -48,7 +61,8 @@ def main() -> None:
                     y = nf4kit.matmul_4bit(x, packed, qs)
                     err = ((y.float() - exp).norm() / exp.norm()).item()
                     t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
-                    print(f"triton M=1 {cfg}: {t.median_s * 1e6:8.1f} us  rel_err {err:.1e}", flush=True)
+                    print(f"triton M=1 {cfg}: {t.median_s * 1e6:8.1f} us  host {t.host_s * 1e6:6.1f} us  "
+                          f"rel_err {err:.1e}", flush=True)
                 except Exception as e:
                     print(f"triton M=1 {cfg}: {type(e).__name__}: {e}", flush=True)
 

@@ -419,7 +419,7 @@ class Runner:
                     if ref is not None and isinstance(result, torch.Tensor):
                         row["rel_err_vs_torch"] = rel_err(result, ref)
                 t: Timing = bench(im.fn, self.dev, prewarmed=True, **self.timing_kw)
-                row.update(time_s=t.median_s, time_min_s=t.min_s, time_max_s=t.max_s, reps=t.reps)
+                row.update(time_s=t.median_s, time_min_s=t.min_s, time_max_s=t.max_s, reps=t.reps, host_s=t.host_s)
                 if im.work is not None:
                     w = im.work
                     row.update(bytes=w.bytes, flops=w.flops, floor_s=w.floor_s(self.ceil), bound=w.bound(self.ceil),
@@ -493,19 +493,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "TFLOP/s over matmul). `%clone`: GB/s over the clone bandwidth (an allocating copy; on a CPU "
         "it includes the page faults of a fresh output, as every op that returns a new tensor does). "
         "`×floor`: time over the roofline floor. `vs anchors`: anchor time / our time (> 1 = nf4kit "
-        "faster). `err`: relative error vs the torch backend.",
+        "faster). `err`: relative error vs the torch backend. `time` on a GPU is device time (a spin "
+        "kernel queued before each start event hides the host); `host`: CPU time to enqueue one call "
+        "(Python and launches; paid per call unless the calls are captured in a CUDA graph).",
         "",
-        "| case | impl | ran on | time | GB/s | TFLOP/s | %ceil | %clone | floor | ×floor | vs anchors | err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | impl | ran on | time | host | GB/s | TFLOP/s | %ceil | %clone | floor | ×floor | vs anchors | err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["kind"] in ("skipped", "error") and r["impl"] in ("(all)", "(setup)", "torch reference"):
-            lines.append(f"| {r['label']} | {r['impl']} | | {r['kind']}: {r.get('error')} | | | | | | | | |")
+            lines.append(f"| {r['label']} | {r['impl']} | | {r['kind']}: {r.get('error')} | | | | | | | | | |")
             continue
         t = r.get("time_s")
         if t is None:
             status = r.get("error") or r.get("note") or "n/a"
-            lines.append(f"| {r['label']} | {r['impl']} | | n/a ({status}) | | | | | | | | |")
+            lines.append(f"| {r['label']} | {r['impl']} | | n/a ({status}) | | | | | | | | | |")
             continue
         ran = r.get("served_by", "") if r["kind"] == "nf4kit" else "anchor"
         if r.get("fell_back"):
@@ -515,7 +517,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             vs = ", ".join(f"{short_anchor(a)} {_fmt(v, '.2f')}×" for a, v in (r.get("vs_anchor") or {}).items())
         pct = r.get("frac_ceiling")
         lines.append(
-            f"| {r['label']} | {r['impl']} | {ran} | {rl.format_time(t)} | {_fmt(r.get('GBps'), '.1f', '')} | "
+            f"| {r['label']} | {r['impl']} | {ran} | {rl.format_time(t)} | "
+            f"{rl.format_time(r['host_s']) if r.get('host_s') else ''} | {_fmt(r.get('GBps'), '.1f', '')} | "
             f"{_fmt(r.get('TFLOPs'), '.3f', '')} | {_fmt(None if pct is None else 100 * pct, '.0f', '')}"
             f"{'%' if pct is not None else ''} | "
             f"{_fmt(100 * r['frac_clone'], '.0f', '') + '%' if r.get('frac_clone') and r.get('bound') == 'memory' else ''}"

@@ -1,7 +1,7 @@
 // Decode GEMV for M <= 8: y[M, N] = x[M, K] . deq(W)^T (+ bias, + LoRA), W packed 4-bit.
 //
 // Bandwidth-bound: every packed byte of W is read once (16-byte streaming loads).  A warp owns
-// kRowsPerWarp rows and one K-split; lane L walks the split's 32-element chunks L, L+32, ...
+// kRowsPerWarp (2, 4 or 8) rows and one K-split; lane L walks the split's 32-element chunks L, L+32, ...
 // so each warp load covers 512 contiguous bytes per row, and the next chunk's weights (and
 // raw absmax bytes) are loaded before the current chunk is multiplied: a register double
 // buffer that keeps HBM busy while the ALUs decode.  The x chunk is loaded once per chunk and
@@ -19,7 +19,6 @@ namespace {
 using namespace detail;
 
 constexpr int kGemvThreads = 128;  // 4 warps
-constexpr int kRowsPerWarp = 4;    // rows sharing each x chunk
 constexpr int kMaxM = 8;
 
 // 32 consecutive activations (16-byte aligned) as fp32.
@@ -75,7 +74,7 @@ struct ChunkLoad {
   uint32_t q;   // nested: the 8-bit absmax code
 };
 
-template <typename TX, int MT>
+template <typename TX, int MT, int kRowsPerWarp>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_4bit_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
                      int log2_bs, int quant_type, int S, float* __restrict__ partial) {
@@ -205,23 +204,35 @@ int launch_finalize(const float* partial, int S, int M, int N, const float* bias
   return (int)cudaGetLastError();
 }
 
-template <typename TX>
-int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
-                int S, float* partial, const float* bias, const float* lora_t, const float* lora_b, int r, void* y,
-                cudaStream_t stream) {
-  const int64_t rows_per_cta = (int64_t)(kGemvThreads / 32) * kRowsPerWarp;
+template <typename TX, int RW>
+int launch_gemv_rows(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                     int quant_type, int S, float* partial, cudaStream_t stream) {
+  const int64_t rows_per_cta = (int64_t)(kGemvThreads / 32) * RW;
   const int64_t blocks = ((int64_t)N + rows_per_cta - 1) / rows_per_cta;
   if (blocks > 0x7fffffff || S > 65535) return kUnsupported;
   const dim3 grid((unsigned)blocks, (unsigned)S);
   const TX* xt = static_cast<const TX*>(x);
   if (M == 1)
-    gemv_4bit_kernel<TX, 1><<<grid, kGemvThreads, 0, stream>>>(xt, M, N, K, packed, am, log2_bs, quant_type, S,
-                                                               partial);
-  else
-    gemv_4bit_kernel<TX, kMaxM><<<grid, kGemvThreads, 0, stream>>>(xt, M, N, K, packed, am, log2_bs, quant_type, S,
+    gemv_4bit_kernel<TX, 1, RW><<<grid, kGemvThreads, 0, stream>>>(xt, M, N, K, packed, am, log2_bs, quant_type, S,
                                                                    partial);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return (int)err;
+  else
+    gemv_4bit_kernel<TX, kMaxM, RW><<<grid, kGemvThreads, 0, stream>>>(xt, M, N, K, packed, am, log2_bs, quant_type,
+                                                                       S, partial);
+  return (int)cudaGetLastError();
+}
+
+template <typename TX>
+int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
+                int rows_per_warp, int S, float* partial, const float* bias, const float* lora_t,
+                const float* lora_b, int r, void* y, cudaStream_t stream) {
+  int rc;
+  switch (rows_per_warp) {
+    case 2: rc = launch_gemv_rows<TX, 2>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
+    case 4: rc = launch_gemv_rows<TX, 4>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
+    case 8: rc = launch_gemv_rows<TX, 8>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
+    default: return kBadArgument;
+  }
+  if (rc != 0) return rc;
   return launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
 }
 
@@ -242,8 +253,8 @@ int splitk_finalize(const float* partial, int S, int M, int N, const float* bias
 
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
-              int blocksize, int quant_type, int S, float* partial, const float* bias, const float* lora_t,
-              const float* lora_b, int r, void* y, void* stream) {
+              int blocksize, int quant_type, int rows_per_warp, int S, float* partial, const float* bias,
+              const float* lora_t, const float* lora_b, int r, void* y, void* stream) {
   if (M < 1 || M > kMaxM || N < 1 || K < 32 || (K % 32) != 0) return kUnsupported;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
     return kBadArgument;
@@ -256,13 +267,13 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (x_dtype) {
     case core::kFloat32:
-      return launch_gemv<float>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, bias, lora_t, lora_b, r, y,
-                                s);
+      return launch_gemv<float>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, S, partial, bias,
+                                lora_t, lora_b, r, y, s);
     case core::kFloat16:
-      return launch_gemv<__half>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, bias, lora_t, lora_b, r,
-                                 y, s);
+      return launch_gemv<__half>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, S, partial, bias,
+                                 lora_t, lora_b, r, y, s);
     case core::kBFloat16:
-      return launch_gemv<__nv_bfloat16>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, bias, lora_t,
+      return launch_gemv<__nv_bfloat16>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, S, partial, bias, lora_t,
                                         lora_b, r, y, s);
     default:
       return kUnsupported;

@@ -36,6 +36,7 @@ GEMV_MAX_M = 8
 FUSED_MAX_M = 1024
 # Split-K overrides (None: the heuristics _gemv_splits / _gemm_splits); benchmarks sweep them.
 GEMV_SPLITS: Optional[int] = None
+GEMV_ROWS = 4  # rows per warp of the decode GEMV (2, 4 or 8)
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -160,7 +161,7 @@ def _gemv_splits(N: int, K: int, device: torch.device) -> int:
     """K-splits S of the decode GEMV: about one wave of warps (the kernel gives each warp 4 rows
     of one split; ~20 warps fit an SM at its 96 registers), each lane at least one chunk."""
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    warps_per_split = -(-N // 4)
+    warps_per_split = -(-N // GEMV_ROWS)
     S = max(1, round(sms * 20 / warps_per_split))
     return max(1, min(S, K // 32 // 32, 64))
 
@@ -227,7 +228,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
             b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)
             y = torch.empty((M, N), dtype=dt, device=dev)
             check(_C().gemv_4bit(ptr(x), DTYPE_CODES[dt], M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc, p_off,
-                                 blocksize, qt, S, ptr(partial), ptr(b), ptr(lt), ptr(lb), r, ptr(y),
+                                 blocksize, qt, GEMV_ROWS, S, ptr(partial), ptr(b), ptr(lt), ptr(lb), r, ptr(y),
                                  _stream(dev)), "cuda.gemv_4bit")
             return y
         if fast and dt in _HALF_DTYPES and M <= FUSED_MAX_M:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Performance-only GPU pass (about 2 minutes of command time): build for sm_90, the CUDA
+# self-test (correctness of what is timed), the headline benchmarks of the cuda and triton
+# backends against cuBLAS/bitsandbytes, and the split-K / config sweep.  For a tuning loop
+# after gpu_quick.sh or gpu_check.sh has validated the same kernels.
+#   run(command="bash benchmarks/gpu_perf.sh", carry=[".whl", ".nf4kit_commit"])
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
+log "commit $(cat .nf4kit_commit 2>/dev/null || git rev-parse HEAD 2>/dev/null) card $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+NF4KIT_CUDA_ARCHS=90 NF4KIT_BUILD_DIR=/tmp/nf4kit-build NF4KIT_BUILD_JOBS=16 \
+  timeout 75 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+log "build rc=$?"
+timeout 30 python3 -m nf4kit.backends.cuda > "$OUT/selftest.log" 2>&1
+log "selftest rc=$? pass=$(grep -c ^PASS "$OUT/selftest.log") fail=$(grep -c ^FAIL "$OUT/selftest.log")"
+grep -v "^PASS" "$OUT/selftest.log" | tail -10
+timeout -s INT ${BENCH_S:-80} python3 -m benchmarks.run --device cuda --backends cuda,triton \
+  --cases ${CASES:-dequantize_4bit,matmul_4bit,matmul_4bit_lora,backward_input} --shapes 4096x14336 \
+  --m ${MS:-1,16,64,256,4096} --budget-s $(( ${BENCH_S:-80} - 15 )) --json "$OUT/bench.json" --md "$OUT/bench.md" \
+  > "$OUT/bench.log" 2>&1
+log "bench rc=$?"
+timeout -s INT 60 python3 -m benchmarks.gpu_sweep > "$OUT/sweep.log" 2>&1
+log "sweep rc=$?"
+echo "==== bench"; grep -E "^\| (case|dequant|matmul|backward)" "$OUT/bench.md" | cut -d'|' -f2-7,13 2>/dev/null || tail -30 "$OUT/bench.log"
+echo "==== sweep"; cat "$OUT/sweep.log"
+echo "==== summary"; cat "$OUT/summary.txt"

@@ -12,6 +12,7 @@ CPU: perf_counter around each call.  Nothing here asserts a time.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from typing import Callable, Optional
@@ -34,6 +35,11 @@ class Timing:
 
 
 _flush_buf: dict[str, torch.Tensor] = {}
+# How the L2 is emptied before each repetition: "read" (a reduction over 256 MiB leaves L2 full
+# of clean lines, as after a model's previous layers read their weights) or "zero" (writing
+# the buffer, as Triton's do_bench does: L2 is left full of dirty lines whose write-back then
+# competes with the timed kernel's reads; it penalises short bandwidth-bound kernels).
+FLUSH_MODE = os.environ.get("NF4KIT_BENCH_FLUSH", "read")
 
 
 def _l2_flush_buffer(device: torch.device) -> Optional[torch.Tensor]:
@@ -42,8 +48,15 @@ def _l2_flush_buffer(device: torch.device) -> Optional[torch.Tensor]:
     key = str(device)
     if key not in _flush_buf:
         # 256 MiB: several times any current L2 (H100 50 MB, H200 60 MB).
-        _flush_buf[key] = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
+        _flush_buf[key] = torch.zeros(64 * 1024 * 1024, dtype=torch.float32, device=device)
     return _flush_buf[key]
+
+
+def _flush(cache: torch.Tensor) -> None:
+    if FLUSH_MODE == "zero":
+        cache.zero_()
+    else:
+        cache.sum()
 
 
 def bench(fn: Callable[[], object], device: torch.device | str, warmup_ms: float = 25.0, rep_ms: float = 100.0,
@@ -114,7 +127,7 @@ def _bench_cuda(fn, device, warmup_ms, rep_ms, min_reps, max_reps, flush_l2, pre
         start.record()
         for _ in range(3):
             if cache is not None:
-                cache.zero_()
+                _flush(cache)
             fn()
         end.record()
         torch.cuda.synchronize()
@@ -127,7 +140,7 @@ def _bench_cuda(fn, device, warmup_ms, rep_ms, min_reps, max_reps, flush_l2, pre
         host = []
         for i in range(n):
             if cache is not None:
-                cache.zero_()
+                _flush(cache)
             torch.cuda._sleep(pad_cycles)  # the GPU is still busy when fn's launches arrive
             starts[i].record()
             h0 = time.perf_counter()

@@ -21,6 +21,11 @@ log "build rc=$?"
 timeout 30 python3 -m nf4kit.backends.cuda > "$OUT/selftest.log" 2>&1
 log "selftest rc=$? pass=$(grep -c ^PASS "$OUT/selftest.log") fail=$(grep -c ^FAIL "$OUT/selftest.log")"
 grep -v "^PASS" "$OUT/selftest.log" | tail -10
+if [ "${TESTS:-0}" = 1 ]; then
+  timeout -s INT 45 python3 -m pytest tests/test_backend_cuda.py -q -rf -n 8 -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
+  log "test_backend_cuda rc=$? $(tail -1 "$OUT/tests_cuda.log")"
+  grep -E "^FAILED|Error" "$OUT/tests_cuda.log" | head -20
+fi
 timeout -s INT ${BENCH_S:-80} python3 -m benchmarks.run --device cuda --backends cuda,triton \
   --cases ${CASES:-dequantize_4bit,matmul_4bit,matmul_4bit_lora,backward_input} --shapes 4096x14336 \
   --m ${MS:-1,16,64,256,4096} --budget-s $(( ${BENCH_S:-80} - 15 )) --json "$OUT/bench.json" --md "$OUT/bench.md" \

@@ -13,12 +13,42 @@ from nf4kit.backends import cuda as cb
 from ._timing import bench
 
 
+def flush_modes(packed, qs, W, dev) -> None:
+    """M = 1 decode and dequantize under both L2-flush modes, with bitsandbytes and cuBLAS."""
+    from . import _timing
+    from . import anchors as anc
+
+    x = torch.randn(1, W.shape[1], device=dev, dtype=torch.bfloat16)
+    impls = []
+    for b in ("cuda", "triton"):
+        def ours(b=b):
+            with nf4kit.use_backend(b):
+                return nf4kit.matmul_4bit(x, packed, qs)
+        impls.append((f"nf4kit[{b}] M=1", ours))
+    fn, name = anc.bnb_matmul(x, packed, qs)
+    if fn is not None:
+        impls.append((name + " M=1", fn))
+    impls.append(("cuBLAS bf16 dense M=1", lambda: torch.nn.functional.linear(x, W)))
+    for b in ("cuda", "triton"):
+        def deq(b=b):
+            with nf4kit.use_backend(b):
+                return nf4kit.dequantize_4bit(packed, qs)
+        impls.append((f"nf4kit[{b}] dequantize", deq))
+    for mode in ("zero", "read"):
+        _timing.FLUSH_MODE = mode
+        for name, f in impls:
+            t = bench(f, dev)
+            print(f"flush={mode:4s} {name:40s} {t.median_s * 1e6:8.1f} us  host {t.host_s * 1e6:6.1f} us", flush=True)
+    _timing.FLUSH_MODE = "read"
+
+
 def main() -> None:
     dev = torch.device("cuda")
     N, K = 4096, 14336
     W = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
     packed, qs = nf4kit.quantize_4bit(W, blocksize=64, compress_statistics=True)
     W_ref = nf4kit.dequantize_4bit(packed, qs).float()
+    flush_modes(packed, qs, W, dev)
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "
           f"M=64 {cb._gemm_splits(64, N, K, dev)}, M=256 {cb._gemm_splits(256, N, K, dev)}", flush=True)
     with nf4kit.use_backend("cuda"):

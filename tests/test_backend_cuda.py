@@ -157,7 +157,8 @@ MM_CASES = [  # (M, N, K, blocksize, nested)
 @pytest.mark.parametrize("M,N,K,blocksize,nested", MM_CASES)
 @pytest.mark.parametrize("dt", FLOATS)
 @pytest.mark.parametrize("lora", [False, True])
-def test_matmul_forward(M, N, K, blocksize, nested, dt, lora):
+def test_matmul_forward(M, N, K, blocksize, nested, dt, lora, monkeypatch):
+    monkeypatch.setattr(cuda_backend, "FUSED_MAX_M", 1024)  # M = 100, 257: the fused kernel's M tiles too
     st, W64 = _weight(N, K, blocksize, "nf4", nested, seed=M + N)
     x = _rand((M, K), dt, 1)
     bias = _rand((N,), torch.float32, 2)
@@ -177,7 +178,8 @@ def test_matmul_forward(M, N, K, blocksize, nested, dt, lora):
 @pytest.mark.parametrize("M,N,K,blocksize,nested", MM_CASES)
 @pytest.mark.parametrize("dt", FLOATS)
 @pytest.mark.parametrize("lora", [False, True])
-def test_matmul_backward_input(M, N, K, blocksize, nested, dt, lora):
+def test_matmul_backward_input(M, N, K, blocksize, nested, dt, lora, monkeypatch):
+    monkeypatch.setattr(cuda_backend, "FUSED_MAX_M", 1024)
     st, W64 = _weight(N, K, blocksize, "fp4", nested, seed=M * N)
     dy = _rand((M, N), dt, 5)
     r = 70  # > one 64-wide LoRA tile

@@ -26,9 +26,11 @@ BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
 _MODULES = {"cuda": "cuda", "triton": "triton", "cpu": "cpu", "torch": "torch_ref"}
 CUDA_DEFAULT_CHAIN = ("cuda", "triton", "torch")
 TRITON_FIRST_CHAIN = ("triton", "cuda", "torch")
-# Largest M at which the CUDA split-K GEMV beats the Triton kernels (H100, 4096x14336:
-# 68.7 vs 130 us at M = 1; 107 vs 200 us the other way at M = 16).
-CUDA_GEMV_MAX_M = 8
+# Largest M at which the cuda backend's matmul is served first (H100, 4096x14336, device time,
+# benchmarks/results/gpu_h100_2026-11-26b): its split-K kernels beat Triton's at M = 16 and 64
+# (59.4 vs 71.8 us, 67.6 vs 109 us); at M = 1 the two are within 6% (32.2 / 30.4 us); from
+# M = 256 Triton's dequantize + cuBLAS wins (120 vs 214 us).
+CUDA_MATMUL_MAX_M = 64
 CPU_DEFAULT_CHAIN = ("cpu", "torch")
 
 _loaded: dict[str, Optional[ModuleType]] = {}
@@ -96,14 +98,15 @@ class use_backend:
 
 
 def cuda_chain(op: Optional[str], args: tuple = ()) -> tuple[str, ...]:
-    """Backend order for CUDA tensors, per op and M, as measured on an H100 (2026-11-26):
-    triton's one-launch dequantize ran at 87% of copy bandwidth against cuda's 47%, and its
-    matmuls won from M = 16 up (forward and backward); cuda's GEMV won at M <= 8."""
-    if op == "dequantize_4bit" or op == "matmul_4bit_backward_input":
+    """Backend order for CUDA tensors, per op and M, as measured on an H100 (2026-11-26,
+    device time): both one-launch dequantizes run at 88% of copy (cuda enqueues faster); the
+    cuda matmuls win up to M = 64 (CUDA_MATMUL_MAX_M), Triton's above; Triton's backward dX
+    wins at every M measured (1.16x at M = 4096)."""
+    if op == "matmul_4bit_backward_input":
         return TRITON_FIRST_CHAIN
     if op == "matmul_4bit":
         M = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else 0
-        return CUDA_DEFAULT_CHAIN if M <= CUDA_GEMV_MAX_M else TRITON_FIRST_CHAIN
+        return CUDA_DEFAULT_CHAIN if M <= CUDA_MATMUL_MAX_M else TRITON_FIRST_CHAIN
     return CUDA_DEFAULT_CHAIN
 
 

@@ -121,16 +121,17 @@ def test_forced_backend_that_cannot_serve_device_falls_back():
 
 
 def test_cuda_routing_follows_the_measurements():
-    """CUDA tensors: triton first for dequantize and backward, cuda's GEMV for M <= 8."""
+    """CUDA tensors: triton first for the backward and for M > 64, cuda otherwise."""
     meta = torch.device("cuda")
-    x1, x64 = torch.empty(1, 8, device="meta"), torch.empty(64, 8, device="meta")
-    assert backends.chain(meta, "dequantize_4bit")[0] == "triton"
+    x1, x64, x65 = (torch.empty(m, 8, device="meta") for m in (1, 64, 65))
+    assert backends.chain(meta, "dequantize_4bit")[0] == "cuda"
     assert backends.chain(meta, "matmul_4bit_backward_input", (x1,))[0] == "triton"
     assert backends.chain(meta, "matmul_4bit", (x1,))[0] == "cuda"
-    assert backends.chain(meta, "matmul_4bit", (x64,))[0] == "triton"
+    assert backends.chain(meta, "matmul_4bit", (x64,))[0] == "cuda"
+    assert backends.chain(meta, "matmul_4bit", (x65,))[0] == "triton"
     assert backends.chain(meta, "quantize_4bit")[0] == "cuda"
-    with nf4kit.use_backend("cuda"):
-        assert backends.chain(meta, "dequantize_4bit") == ["cuda", "triton", "torch"]
+    with nf4kit.use_backend("triton"):
+        assert backends.chain(meta, "dequantize_4bit") == ["triton", "cuda", "torch"]
     assert backends.chain(torch.device("cpu"), "dequantize_4bit") == ["cpu", "torch"]
 
 

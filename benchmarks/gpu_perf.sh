@@ -26,7 +26,7 @@ if [ "${TESTS:-0}" = 1 ]; then
   log "test_backend_cuda rc=$? $(tail -1 "$OUT/tests_cuda.log")"
   grep -E "^FAILED|Error" "$OUT/tests_cuda.log" | head -20
 fi
-timeout -s INT ${BENCH_S:-80} python3 -m benchmarks.run --device cuda --backends cuda,triton \
+[ "${BENCH_S:-80}" -gt 0 ] && timeout -s INT ${BENCH_S:-80} python3 -m benchmarks.run --device cuda --backends cuda,triton \
   --cases ${CASES:-dequantize_4bit,matmul_4bit,matmul_4bit_lora,backward_input} --shapes 4096x14336 \
   --m ${MS:-1,16,64,256,4096} --budget-s $(( ${BENCH_S:-80} - 15 )) --json "$OUT/bench.json" --md "$OUT/bench.md" \
   > "$OUT/bench.log" 2>&1

@@ -5,6 +5,8 @@ routing constants can be set from measurements.  GPU only:  python -m benchmarks
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 import nf4kit
@@ -42,17 +44,42 @@ def flush_modes(packed, qs, W, dev) -> None:
     _timing.FLUSH_MODE = "read"
 
 
+def gemv_ring(packed, qs, W_ref, dev) -> None:
+    """The cp.async ring GEMV (GEMV_ROWS = -stages) against the register kernel, by K-splits."""
+    for M, stages, splits in ((1, (0, 3, 4), (1, 2, 3, 4, 6, 8)), (4, (0, 4), (2, 4)), (8, (0, 4), (2, 4))):
+        x = torch.randn(M, W_ref.shape[1], device=dev, dtype=torch.bfloat16)
+        exp = x.float() @ W_ref.t()
+        with nf4kit.use_backend("cuda"):
+            for st in stages:
+                cb.GEMV_ROWS = -st if st else 4
+                for v in splits:
+                    cb.GEMV_SPLITS = v
+                    try:
+                        y = nf4kit.matmul_4bit(x, packed, qs)
+                        err = ((y.float() - exp).norm() / exp.norm()).item()
+                        t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
+                        print(f"cuda M={M} {'ring ST=%d' % st if st else 'regs RW=4 '} S={v}: "
+                              f"{t.median_s * 1e6:8.1f} us  rel_err {err:.1e}", flush=True)
+                    except Exception as e:
+                        print(f"cuda M={M} ST={st} S={v}: {type(e).__name__}: {e}", flush=True)
+    cb.GEMV_ROWS, cb.GEMV_SPLITS = 4, None
+
+
 def main() -> None:
     dev = torch.device("cuda")
     N, K = 4096, 14336
     W = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
     packed, qs = nf4kit.quantize_4bit(W, blocksize=64, compress_statistics=True)
     W_ref = nf4kit.dequantize_4bit(packed, qs).float()
-    flush_modes(packed, qs, W, dev)
+    sections = os.environ.get("SWEEP", "flush,gemv,gemm,triton").split(",")
+    if "flush" in sections:
+        flush_modes(packed, qs, W, dev)
+    if "ring" in sections:
+        gemv_ring(packed, qs, W_ref, dev)
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "
           f"M=64 {cb._gemm_splits(64, N, K, dev)}, M=256 {cb._gemm_splits(256, N, K, dev)}", flush=True)
     with nf4kit.use_backend("cuda"):
-        for rows in (2, 8):
+        for rows in ((2, 8) if "gemv" in sections else ()):
             cb.GEMV_ROWS = rows
             x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
             exp = x.float() @ W_ref.t()
@@ -64,9 +91,11 @@ def main() -> None:
                 print(f"cuda M=   1 GEMV_ROWS={rows} GEMV_SPLITS={v:3d}: {t.median_s * 1e6:8.1f} us  "
                       f"host {t.host_s * 1e6:6.1f} us  rel_err {err:.1e}", flush=True)
         cb.GEMV_ROWS, cb.GEMV_SPLITS = 4, None
-        for M, attr, values in ((1, "GEMV_SPLITS", (1, 2, 3, 4, 6, 8, 12)), (4, "GEMV_SPLITS", (2, 3, 4, 6)),
-                                (8, "GEMV_SPLITS", (2, 3, 4, 6)), (16, "GEMM_SPLITS", (1, 2, 4, 6, 8, 12, 16)),
-                                (64, "GEMM_SPLITS", (1, 2, 4, 8, 12)), (256, "GEMM_SPLITS", (1, 2, 4))):
+        todo = ((1, "GEMV_SPLITS", (1, 2, 3, 4, 6, 8, 12)), (4, "GEMV_SPLITS", (2, 3, 4, 6)),
+                (8, "GEMV_SPLITS", (2, 3, 4, 6))) if "gemv" in sections else ()
+        todo += ((16, "GEMM_SPLITS", (1, 2, 4, 6, 8, 12, 16)), (64, "GEMM_SPLITS", (1, 2, 4, 8, 12)),
+                 (256, "GEMM_SPLITS", (1, 2, 4))) if "gemm" in sections else ()
+        for M, attr, values in todo:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             exp = x.float() @ W_ref.t()
             for v in values:
@@ -80,12 +109,17 @@ def main() -> None:
                 except Exception as e:  # report and go on: a sweep point is not a test
                     print(f"cuda M={M:4d} {attr}={v:3d}: {type(e).__name__}: {e}", flush=True)
             setattr(cb, attr, None)
+    if "triton" not in sections:
+        return
     from nf4kit.triton_kernels import matmul as tm
 
     x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
     exp = x.float() @ W_ref.t()
+    extra = [tm._cfg(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, warps=w, stages=2)
+             for bn, bk, sk, w in ((2, 4096, 1, 4), (16, 2048, 1, 8), (8, 2048, 1, 8), (32, 512, 1, 4),
+                                   (8, 4096, 1, 8), (16, 1024, 1, 4), (4, 1024, 1, 4))]
     with nf4kit.use_backend("triton"):
-        for cfg in tm.gemv_configs(torch.cuda.get_device_capability(dev), True):
+        for cfg in tm.gemv_configs(torch.cuda.get_device_capability(dev), True) + extra:
             with tm.force_config("gemv", cfg):
                 try:
                     y = nf4kit.matmul_4bit(x, packed, qs)

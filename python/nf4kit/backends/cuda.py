@@ -38,7 +38,9 @@ GEMV_MAX_M = 8
 FUSED_MAX_M = 64
 # Split-K overrides (None: the heuristics _gemv_splits / _gemm_splits); benchmarks sweep them.
 GEMV_SPLITS: Optional[int] = None
-GEMV_ROWS = 4  # rows per warp of the decode GEMV (2, 4 or 8)
+# Decode GEMV variant: rows per warp of the register double-buffer kernel (2, 4 or 8), or
+# -ST for the cp.async shared-memory ring kernel (4 rows per warp, ST = 3 or 4 stages).
+GEMV_ROWS = 4
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -163,7 +165,7 @@ def _gemv_splits(N: int, K: int, device: torch.device) -> int:
     """K-splits S of the decode GEMV: about one wave of warps (the kernel gives each warp 4 rows
     of one split; ~20 warps fit an SM at its 96 registers), each lane at least one chunk."""
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    warps_per_split = -(-N // GEMV_ROWS)
+    warps_per_split = -(-N // (GEMV_ROWS if GEMV_ROWS > 0 else 4))
     S = max(1, round(sms * 20 / warps_per_split))
     return max(1, min(S, K // 32 // 32, 64))
 

@@ -37,7 +37,7 @@ timeout -s INT 80 python3 -m benchmarks.run --device cuda --backends cuda,triton
   --budget-s 65 --json "$OUT/bench.json" --md "$OUT/bench.md" > "$OUT/bench.log" 2>&1
 log "bench rc=$?"
 
-timeout -s INT 60 python3 -m benchmarks.gpu_sweep > "$OUT/sweep.log" 2>&1
+SWEEP=${SWEEP:-flush} timeout -s INT 60 python3 -m benchmarks.gpu_sweep > "$OUT/sweep.log" 2>&1
 log "sweep rc=$?"
 
 CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)

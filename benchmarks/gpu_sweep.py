@@ -44,27 +44,6 @@ def flush_modes(packed, qs, W, dev) -> None:
     _timing.FLUSH_MODE = "read"
 
 
-def gemv_ring(packed, qs, W_ref, dev) -> None:
-    """The cp.async ring GEMV (GEMV_ROWS = -stages) against the register kernel, by K-splits."""
-    for M, stages, splits in ((1, (0, 3, 4), (1, 2, 3, 4, 6, 8)), (4, (0, 4), (2, 4)), (8, (0, 4), (2, 4))):
-        x = torch.randn(M, W_ref.shape[1], device=dev, dtype=torch.bfloat16)
-        exp = x.float() @ W_ref.t()
-        with nf4kit.use_backend("cuda"):
-            for st in stages:
-                cb.GEMV_ROWS = -st if st else 4
-                for v in splits:
-                    cb.GEMV_SPLITS = v
-                    try:
-                        y = nf4kit.matmul_4bit(x, packed, qs)
-                        err = ((y.float() - exp).norm() / exp.norm()).item()
-                        t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
-                        print(f"cuda M={M} {'ring ST=%d' % st if st else 'regs RW=4 '} S={v}: "
-                              f"{t.median_s * 1e6:8.1f} us  rel_err {err:.1e}", flush=True)
-                    except Exception as e:
-                        print(f"cuda M={M} ST={st} S={v}: {type(e).__name__}: {e}", flush=True)
-    cb.GEMV_ROWS, cb.GEMV_SPLITS = 4, None
-
-
 def main() -> None:
     dev = torch.device("cuda")
     N, K = 4096, 14336
@@ -74,8 +53,6 @@ def main() -> None:
     sections = os.environ.get("SWEEP", "flush,gemv,gemm,triton").split(",")
     if "flush" in sections:
         flush_modes(packed, qs, W, dev)
-    if "ring" in sections:
-        gemv_ring(packed, qs, W_ref, dev)
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "
           f"M=64 {cb._gemm_splits(64, N, K, dev)}, M=256 {cb._gemm_splits(256, N, K, dev)}", flush=True)
     with nf4kit.use_backend("cuda"):

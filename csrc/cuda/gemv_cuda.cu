@@ -182,120 +182,6 @@ __global__ void __launch_bounds__(kGemvThreads)
 }
 
 
-// ---------------------------------------------------------------- cp.async ring variant
-// Same work split and arithmetic as gemv_4bit_kernel, but each lane streams its 16-byte weight
-// pieces through a per-warp shared-memory ring of ST stages (cp.async.cg, L2 only): ST - 1
-// chunks of every row are in flight while one is multiplied, without holding them in
-// registers.  The absmax inputs (1-4 bytes, below cp.async's granularity) ride in a register
-// ring of the same depth.  Each lane reads back only what it copied: no barrier in the loop.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-template <typename TX, int MT, int RW, int ST>
-__global__ void __launch_bounds__(kGemvThreads)
-    gemv_4bit_ring_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed,
-                          Absmax am, int log2_bs, int quant_type, int S, float* __restrict__ partial) {
-  __shared__ __align__(16) uint4 ring[kGemvThreads / 32][ST][RW][32];
-  __shared__ float table[16];
-  __shared__ float code[256];
-  init_table(table, quant_type);
-  const bool nested = am.q != nullptr;
-  if (nested) {
-    for (int i = threadIdx.x; i < 256; i += kGemvThreads) code[i] = __ldg(am.code + i);
-  }
-  __syncthreads();
-  const float offset = nested ? __ldg(am.offset) : 0.0f;
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t row0 = ((int64_t)blockIdx.x * (kGemvThreads / 32) + warp) * RW;
-  if (row0 >= N) return;  // whole warps exit together (after the only __syncthreads)
-  const int s = blockIdx.y;
-  const int64_t cpr = K >> 5;
-  const int64_t cps = (cpr + S - 1) / S;
-  const int64_t c_lo = (int64_t)s * cps;
-  const int64_t c_hi = c_lo + cps < cpr ? c_lo + cps : cpr;
-  const int n_it = c_hi > c_lo ? (int)((c_hi - c_lo + 31) >> 5) : 0;  // warp-uniform
-
-  float am_a[ST][RW];
-  uint32_t am_q[ST][RW];
-  // Start the copies of iteration `it` into stage `st` (zero-filled past the split or N).
-  auto issue = [&](int it, int st) {
-    const int64_t c = c_lo + ((int64_t)it << 5) + lane;
-    const bool cval = it < n_it && c < c_hi;
-#pragma unroll
-    for (int r = 0; r < RW; ++r) {
-      const bool ok = cval && row0 + r < N;
-      const int64_t e0 = ok ? (row0 + r) * K + (c << 5) : 0;
-      cp_async16(&ring[warp][st][r][lane], packed + (e0 >> 1), ok ? 16 : 0);
-      const int64_t blk = e0 >> log2_bs;
-      am_q[st][r] = 0u;
-      am_a[st][r] = 0.0f;
-      if (ok) {
-        if (nested) {
-          am_q[st][r] = __ldg(am.q + blk);
-          am_a[st][r] = __ldg(am.nested + (blk / core::kNestedBlocksize));
-        } else {
-          am_a[st][r] = __ldg(am.absmax + blk);
-        }
-      }
-    }
-    cp_async_commit();
-  };
-
-  float acc[RW][MT];
-#pragma unroll
-  for (int r = 0; r < RW; ++r)
-#pragma unroll
-    for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
-
-#pragma unroll
-  for (int j = 0; j < ST - 1; ++j) issue(j, j);
-  for (int it0 = 0; it0 < n_it; it0 += ST) {
-#pragma unroll
-    for (int j = 0; j < ST; ++j) {
-      const int it = it0 + j;
-      if (it < n_it) {
-        issue(it + ST - 1, (j + ST - 1) % ST);  // refills the stage iteration it - 1 used
-        cp_async_wait<ST - 1>();                // this lane's copies of iteration `it` landed
-        const int64_t c = c_lo + ((int64_t)it << 5) + lane;
-        if (c < c_hi) {
-          float sc[RW];
-          uint4 w[RW];
-#pragma unroll
-          for (int r = 0; r < RW; ++r) {
-            sc[r] = nested ? core::nested_absmax_decode((uint8_t)am_q[j][r], code, am_a[j][r], offset) : am_a[j][r];
-            w[r] = ring[warp][j][r][lane];
-          }
-          if (MT == 1) {
-            float xv[32];
-            load_x32(x + (c << 5), xv);
-#pragma unroll
-            for (int r = 0; r < RW; ++r) acc[r][0] = fmaf(dot32(w[r], table, xv), sc[r], acc[r][0]);
-          } else {
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              if (m < M) {
-                float xv[32];
-                load_x32(x + (int64_t)m * K + (c << 5), xv);
-#pragma unroll
-                for (int r = 0; r < RW; ++r) acc[r][m] = fmaf(dot32(w[r], table, xv), sc[r], acc[r][m]);
-              }
-            }
-          }
-        }
-      }
-    }
-  }
-  cp_async_wait<0>();
-  write_partials<MT, RW>(acc, lane, M, N, row0, s, partial);
-}
-
 // y[m, n] = T(sum_s partial[s, m, n] + bias[n] + sum_j lora_t[m, j] * lora_b[n, j]).
 template <typename TX>
 __global__ void __launch_bounds__(256)
@@ -343,24 +229,6 @@ int launch_gemv_rows(const void* x, int M, int N, int64_t K, const uint8_t* pack
   return (int)cudaGetLastError();
 }
 
-template <typename TX, int ST>
-int launch_gemv_ring(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                     int quant_type, int S, float* partial, cudaStream_t stream) {
-  constexpr int RW = 4;
-  const int64_t rows_per_cta = (int64_t)(kGemvThreads / 32) * RW;
-  const int64_t blocks = ((int64_t)N + rows_per_cta - 1) / rows_per_cta;
-  if (blocks > 0x7fffffff || S > 65535) return kUnsupported;
-  const dim3 grid((unsigned)blocks, (unsigned)S);
-  const TX* xt = static_cast<const TX*>(x);
-  if (M == 1)
-    gemv_4bit_ring_kernel<TX, 1, RW, ST><<<grid, kGemvThreads, 0, stream>>>(xt, M, N, K, packed, am, log2_bs,
-                                                                            quant_type, S, partial);
-  else
-    gemv_4bit_ring_kernel<TX, kMaxM, RW, ST><<<grid, kGemvThreads, 0, stream>>>(xt, M, N, K, packed, am, log2_bs,
-                                                                                quant_type, S, partial);
-  return (int)cudaGetLastError();
-}
-
 template <typename TX>
 int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
                 int rows_per_warp, int S, float* partial, const float* bias, const float* lora_t,
@@ -370,9 +238,6 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
     case 2: rc = launch_gemv_rows<TX, 2>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
     case 4: rc = launch_gemv_rows<TX, 4>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
     case 8: rc = launch_gemv_rows<TX, 8>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
-    // rows_per_warp -3 / -4: the cp.async ring variant (4 rows per warp) with 3 or 4 stages
-    case -3: rc = launch_gemv_ring<TX, 3>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
-    case -4: rc = launch_gemv_ring<TX, 4>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
     default: return kBadArgument;
   }
   if (rc != 0) return rc;

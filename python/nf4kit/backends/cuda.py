@@ -1,7 +1,7 @@
 """The `cuda` backend: the hand-written CUDA kernels of csrc/cuda through nf4kit._C.
 
-EXPERIMENTAL until benchmarks/gpu_check.sh has passed on a GPU: the kernels compile in CI
-(sm_80, sm_90) but only run where a GPU is present.
+The kernels compile in CI (sm_80, sm_90) and run where a GPU is present; their self-test, tests
+and memcheck passed on an H100 (benchmarks/results/gpu_h100_2026-11-26b/).
 
 Every launch goes to the caller's current stream (`torch.cuda.current_stream().cuda_stream`),
 without synchronising and without allocating inside C++ (scratch buffers are torch tensors
@@ -15,7 +15,8 @@ next backend serves the call (never a wrong answer).
 Matmul routing (per call, by M = rows of x):
   * M <= GEMV_MAX_M: decode GEMV (packed W streamed once, split-K).
   * M <= FUSED_MAX_M, fp16/bf16: fused dequant-GEMM on tensor cores, LoRA and bias in the
-    same output tile.  The backward uses the same kernel reading W transposed.
+    same output tile, or split-K with bias and LoRA in the finalize kernel when the output
+    tiles alone leave SMs idle.  The backward uses the same kernel reading W transposed.
   * otherwise (large M, fp32 activations, K % 32 != 0, unaligned views): the one-launch
     dequantize kernel into a transient buffer, then cuBLAS (DESIGN.md §5, second regime).
 """

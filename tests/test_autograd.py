@@ -296,3 +296,30 @@ def test_opcheck_with_autograd(lora):
     packed, qs, x, b, A, B = make_case(24, 64, 2, torch.float32, torch.float32, (5,), True, lora)
     args = (x, packed.reshape(-1), *nf4kit.ops.state_args(qs), qs.blocksize, qs.quant_type, 24, 64, b, A, B, 1.5)
     torch.library.opcheck(torch.ops.nf4kit.matmul_4bit.default, args)
+
+
+def test_inference_calls_skip_the_dispatcher_but_not_autograd_or_autocast(monkeypatch):
+    """Without autograd, autocast or tracing, matmul_4bit calls the backend directly (same bits
+    as the custom op); with any of them it goes through nf4kit::matmul_4bit."""
+    from nf4kit import ops
+
+    calls = []
+    real = ops.matmul_4bit
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(ops, "matmul_4bit", spy)
+    packed, qs, x, b, A, B = make_case(72, 128, 4, torch.float32, torch.bfloat16, (3,), True, True, seed=7)
+    x0, b0, A0, B0 = (t.detach() for t in (x, b, A, B))
+    direct = nf4kit.matmul_4bit(x0, packed, qs, bias=b0, lora_A=A0, lora_B=B0, lora_scale=0.5)
+    assert calls == []
+    via_op = real(x0, packed.reshape(-1), *ops.state_args(qs), 64, "nf4", 72, 128, b0.to(torch.bfloat16),
+                  A0.to(torch.bfloat16), B0.to(torch.bfloat16), 0.5)
+    assert torch.equal(direct, via_op)
+    y = nf4kit.matmul_4bit(x, packed, qs, bias=b, lora_A=A, lora_B=B, lora_scale=0.5)  # needs grad
+    assert calls == [1] and y.requires_grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nf4kit.matmul_4bit(x0.float(), packed, qs)
+    assert calls == [1, 1]

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import backends, ops
 from .format import QuantState, packed_as_bytes
 
 
@@ -84,6 +84,10 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, qs: QuantState, bias: Opt
     x2 = x.reshape(-1, K)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y = ops.matmul_4bit(x2, packed_as_bytes(packed), *ops.state_args(qs), qs.blocksize, qs.quant_type, N, K, bias,
-                        lora_A, lora_B, lora_scale)
+    args = (x2, packed_as_bytes(packed), *ops.state_args(qs), qs.blocksize, qs.quant_type, N, K, bias, lora_A, lora_B,
+            lora_scale)
+    if ops.eager_direct(dev_type, x2, bias, lora_A, lora_B, *args[1:6]):  # inference: skip the dispatcher
+        y = backends.run("matmul_4bit", x2.device, *args)
+    else:
+        y = ops.matmul_4bit(*args)
     return y.view(*lead, N)

@@ -20,6 +20,21 @@ def _nb(n: int, blocksize: int) -> int:
     return (n + blocksize - 1) // blocksize
 
 
+def eager_direct(device_type: str, *tensors: Optional[Tensor]) -> bool:
+    """True when calling the backend straight away is indistinguishable from calling the custom
+    op: plain tensors, no autograd to record, no autocast, and no compile, tracing, fake-tensor
+    or other dispatch / function mode.  The op layer costs ~30 us of Python per call (the
+    dispatcher's autograd and autocast wrappers); a decode step pays it once per linear layer."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled() or torch.is_autocast_enabled(device_type)):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
 # ---------------------------------------------------------------- 4-bit
 @torch.library.custom_op("nf4kit::quantize_4bit", mutates_args=())
 def quantize_4bit(A: Tensor, blocksize: int, quant_type: str) -> tuple[Tensor, Tensor]:

@@ -56,11 +56,11 @@ def main() -> None:
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "
           f"M=64 {cb._gemm_splits(64, N, K, dev)}, M=256 {cb._gemm_splits(256, N, K, dev)}", flush=True)
     with nf4kit.use_backend("cuda"):
-        for rows in ((2, 8) if "gemv" in sections else ()):
+        for rows in ((1, 2, 8) if "gemv" in sections else ()):
             cb.GEMV_ROWS = rows
             x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
             exp = x.float() @ W_ref.t()
-            for v in (2, 4, 8):
+            for v in (1, 2, 4, 8):
                 cb.GEMV_SPLITS = v
                 y = nf4kit.matmul_4bit(x, packed, qs)
                 err = ((y.float() - exp).norm() / exp.norm()).item()

@@ -1,7 +1,7 @@
 // Decode GEMV for M <= 8: y[M, N] = x[M, K] . deq(W)^T (+ bias, + LoRA), W packed 4-bit.
 //
 // Bandwidth-bound: every packed byte of W is read once (16-byte streaming loads).  A warp owns
-// kRowsPerWarp (2, 4 or 8) rows and one K-split; lane L walks the split's 32-element chunks L, L+32, ...
+// kRowsPerWarp (1, 2, 4 or 8) rows and one K-split; lane L walks the split's 32-element chunks L, L+32, ...
 // so each warp load covers 512 contiguous bytes per row, and the next chunk's weights (and
 // raw absmax bytes) are loaded before the current chunk is multiplied: a register double
 // buffer that keeps HBM busy while the ALUs decode.  The x chunk is loaded once per chunk and
@@ -235,6 +235,7 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
                 const float* lora_b, int r, void* y, cudaStream_t stream) {
   int rc;
   switch (rows_per_warp) {
+    case 1: rc = launch_gemv_rows<TX, 1>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
     case 2: rc = launch_gemv_rows<TX, 2>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
     case 4: rc = launch_gemv_rows<TX, 4>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
     case 8: rc = launch_gemv_rows<TX, 8>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;

@@ -39,7 +39,7 @@ GEMV_MAX_M = 8
 FUSED_MAX_M = 64
 # Split-K overrides (None: the heuristics _gemv_splits / _gemm_splits); benchmarks sweep them.
 GEMV_SPLITS: Optional[int] = None
-# Rows per warp of the decode GEMV (2, 4 or 8; swept on the H100: 4 and 8 tie at M = 1, 4 is
+# Rows per warp of the decode GEMV (1, 2, 4 or 8; swept on the H100: 4 and 8 tie at M = 1, 4 is
 # better at M = 4..8).  A cp.async shared-memory ring variant (3-4 stages in flight) measured
 # no faster (29-40 us at M = 1 against 26.6 us) and was removed.
 GEMV_ROWS = 4

@@ -144,6 +144,7 @@ def sass_features(ops: collections.Counter) -> dict[str, int]:
         hgmma=n(lambda o: base(o) in ("HGMMA", "QGMMA", "IGMMA")),
         ldg=n(lambda o: base(o) == "LDG"),
         ldg128=n(lambda o: base(o) == "LDG" and ".128" in o),
+        ldg_stream=n(lambda o: base(o) == "LDG" and "EF" in o.split(".")),
         ldgsts128=n(lambda o: base(o) == "LDGSTS" and ".128" in o),
         tma_load=n(lambda o: base(o) in ("UTMALDG", "UBLKCP")),
         stg=n(lambda o: base(o) == "STG"),
@@ -251,6 +252,7 @@ class KernelStat:
     hgmma: int = 0
     ldg: int = 0
     ldg128: int = 0
+    ldg_stream: int = 0  # evict-first (read-once) loads, any width
     ldgsts128: int = 0
     tma_load: int = 0
     stg: int = 0
@@ -683,7 +685,11 @@ def check_invariants(stats: Iterable[KernelStat]) -> list[Violation]:
       spills        no kernel uses local memory (LOCAL bytes, LDL/STL)
       tensor_cores  GEMM kernels (role gemm / gemm_bwd) issue HMMA (sm_80) / HGMMA or HMMA (sm_90)
       ldg128        dequantize and GEMV kernels load global memory 16 bytes at a time
-                    (LDG.128, cp.async LDGSTS.128 or TMA)
+                    (LDG.128, cp.async LDGSTS.128 or TMA); a dequantize kernel may instead
+                    stream the packed weight with evict-first word loads (LDG.E.EF) feeding
+                    128-bit stores: the CUDA one reads 4 bytes per lane so that each warp store
+                    covers 512 contiguous bytes (H100: 94% of copy, against 47% with 16-byte
+                    loads and 64-byte-strided stores)
       stg128        dequantize kernels store 16 bytes at a time (STG.128 or TMA)
       fma           bit-exact kernels hold no fp32 FMA in their PTX (the nested-absmax decode is a
                     multiply then an add; enable_fp_fusion=False / __fmul_rn + __fadd_rn)
@@ -702,8 +708,9 @@ def check_invariants(stats: Iterable[KernelStat]) -> list[Violation]:
                 v("tensor_cores", "no HGMMA/HMMA on sm_90")
             elif s.arch < 90 and s.hmma == 0:
                 v("tensor_cores", "no HMMA on sm_80")
-        if s.role in ("dequantize", "gemv") and s.ldg128 + s.ldgsts128 + s.tma_load == 0:
-            v("ldg128", f"{s.ldg} global loads, none 128-bit")
+        streamed = s.role == "dequantize" and s.ldg_stream > 0 and s.stg128 + s.tma_store > 0
+        if s.role in ("dequantize", "gemv") and s.ldg128 + s.ldgsts128 + s.tma_load == 0 and not streamed:
+            v("ldg128", f"{s.ldg} global loads, none 128-bit (nor evict-first words feeding 128-bit stores)")
         if s.role == "dequantize" and s.stg128 + s.tma_store == 0:
             v("stg128", f"{s.stg} global stores, none 128-bit")
         if s.bit_exact and s.ptx_fma:

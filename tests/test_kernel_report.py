@@ -123,13 +123,17 @@ def test_check_invariants_rules_on_synthetic_stats():
         kr.KernelStat("triton", "g80", 80, role="gemm", hgmma=0, hmma=0),
         kr.KernelStat("triton", "d", 90, role="dequantize", ldg=4, stg128=2),
         kr.KernelStat("triton", "d2", 90, role="dequantize", ldg128=2, stg=3),
+        kr.KernelStat("cuda", "d3", 90, role="dequantize", ldg=4, ldg_stream=4, stg=3),  # streamed, narrow stores
+        kr.KernelStat("cuda", "v", 90, role="gemv", ldg=4, ldg_stream=4, stg128=1),  # gemv: 128-bit loads only
         kr.KernelStat("triton", "s", 90, role="other", stl=2),
         kr.KernelStat("cuda", "q", 90, role="quantize", bit_exact=True, ptx_fma=3),
         kr.KernelStat("triton", "e", 90, error="boom"),
     ]
     rules = [(v.kernel, v.rule) for v in kr.check_invariants(bad)]
-    assert rules == [("g80", "tensor_cores"), ("d", "ldg128"), ("d2", "stg128"), ("s", "spills"), ("q", "fma"),
-                     ("e", "compile")]
+    assert rules == [("g80", "tensor_cores"), ("d", "ldg128"), ("d2", "stg128"), ("d3", "ldg128"), ("d3", "stg128"),
+                     ("v", "ldg128"), ("s", "spills"), ("q", "fma"), ("e", "compile")]
+    streamed = kr.KernelStat("cuda", "d4", 90, role="dequantize", ldg=6, ldg_stream=4, stg128=4)
+    assert kr.check_invariants([streamed]) == []
 
 
 # ---------------------------------------------------------------- compiled kernels

@@ -6,21 +6,7 @@
 #   run(command="bash benchmarks/gpu_perf.sh", carry=[".whl", ".nf4kit_commit"])
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-T0=$(date +%s)
-log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
-log "commit $(cat .nf4kit_commit 2>/dev/null || git rev-parse HEAD 2>/dev/null) card $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-NF4KIT_CUDA_ARCHS=90 NF4KIT_BUILD_DIR=/tmp/nf4kit-build NF4KIT_BUILD_JOBS=16 \
-  timeout 75 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
-log "build rc=$?"
-timeout 30 python3 -m nf4kit.backends.cuda > "$OUT/selftest.log" 2>&1
-log "selftest rc=$? pass=$(grep -c ^PASS "$OUT/selftest.log") fail=$(grep -c ^FAIL "$OUT/selftest.log")"
-grep -v "^PASS" "$OUT/selftest.log" | tail -10
+source benchmarks/_gpu_common.sh
 if [ "${TESTS:-0}" = 1 ]; then
   timeout -s INT 45 python3 -m pytest tests/test_backend_cuda.py -q -rf -n 8 -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
   log "test_backend_cuda rc=$? $(tail -1 "$OUT/tests_cuda.log")"

@@ -15,6 +15,18 @@ from nf4kit.backends import cuda as cb
 from ._timing import bench
 
 
+def point(label: str, x, packed, qs, exp, dev) -> None:
+    """Time nf4kit.matmul_4bit(x) under the current settings and print one line (time, host
+    time, error vs `exp`); an exception is printed, not raised: a sweep point is not a test."""
+    try:
+        y = nf4kit.matmul_4bit(x, packed, qs)
+        err = ((y.float() - exp).norm() / exp.norm()).item()
+        t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
+        print(f"{label}: {t.median_s * 1e6:8.1f} us  host {t.host_s * 1e6:6.1f} us  rel_err {err:.1e}", flush=True)
+    except Exception as e:
+        print(f"{label}: {type(e).__name__}: {e}", flush=True)
+
+
 def flush_modes(packed, qs, W, dev) -> None:
     """M = 1 decode and dequantize under both L2-flush modes, with bitsandbytes and cuBLAS."""
     from . import _timing
@@ -62,11 +74,7 @@ def main() -> None:
             exp = x.float() @ W_ref.t()
             for v in (1, 2, 4, 8):
                 cb.GEMV_SPLITS = v
-                y = nf4kit.matmul_4bit(x, packed, qs)
-                err = ((y.float() - exp).norm() / exp.norm()).item()
-                t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
-                print(f"cuda M=   1 GEMV_ROWS={rows} GEMV_SPLITS={v:3d}: {t.median_s * 1e6:8.1f} us  "
-                      f"host {t.host_s * 1e6:6.1f} us  rel_err {err:.1e}", flush=True)
+                point(f"cuda M=   1 GEMV_ROWS={rows} GEMV_SPLITS={v:3d}", x, packed, qs, exp, dev)
         cb.GEMV_ROWS, cb.GEMV_SPLITS = 4, None
         todo = ((1, "GEMV_SPLITS", (1, 2, 3, 4, 6, 8, 12)), (4, "GEMV_SPLITS", (2, 3, 4, 6)),
                 (8, "GEMV_SPLITS", (2, 3, 4, 6))) if "gemv" in sections else ()
@@ -77,14 +85,7 @@ def main() -> None:
             exp = x.float() @ W_ref.t()
             for v in values:
                 setattr(cb, attr, v)
-                try:
-                    y = nf4kit.matmul_4bit(x, packed, qs)
-                    err = ((y.float() - exp).norm() / exp.norm()).item()
-                    t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
-                    print(f"cuda M={M:4d} {attr}={v:3d}: {t.median_s * 1e6:8.1f} us  host {t.host_s * 1e6:6.1f} us  "
-                          f"rel_err {err:.1e}", flush=True)
-                except Exception as e:  # report and go on: a sweep point is not a test
-                    print(f"cuda M={M:4d} {attr}={v:3d}: {type(e).__name__}: {e}", flush=True)
+                point(f"cuda M={M:4d} {attr}={v:3d}", x, packed, qs, exp, dev)
             setattr(cb, attr, None)
     if "triton" not in sections:
         return
@@ -98,14 +99,7 @@ def main() -> None:
     with nf4kit.use_backend("triton"):
         for cfg in tm.gemv_configs(torch.cuda.get_device_capability(dev), True) + extra:
             with tm.force_config("gemv", cfg):
-                try:
-                    y = nf4kit.matmul_4bit(x, packed, qs)
-                    err = ((y.float() - exp).norm() / exp.norm()).item()
-                    t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
-                    print(f"triton M=1 {cfg}: {t.median_s * 1e6:8.1f} us  host {t.host_s * 1e6:6.1f} us  "
-                          f"rel_err {err:.1e}", flush=True)
-                except Exception as e:
-                    print(f"triton M=1 {cfg}: {type(e).__name__}: {e}", flush=True)
+                point(f"triton M=1 {cfg}", x, packed, qs, exp, dev)
 
 
 if __name__ == "__main__":

@@ -231,3 +231,20 @@ def test_compare_datatypes_on_tiny_model(tokenizer):
         assert torch.equal(p, before[n]), n
     assert "| NF4 + double quant | 4.127 |" in markdown(rows, None)
     assert markdown(rows, None).splitlines()[0].split("|")[4].strip() == "ppl prose"
+
+
+def test_quiet_logger_silences_a_libraries_warnings_then_restores_it(caplog):
+    """The peft import is wrapped so bitsandbytes' note about an optional CPU kernel stays out of
+    `nf4kit finetune`'s output; the logger's own level comes back afterwards."""
+    import logging
+
+    from nf4kit.finetune import _quiet_logger
+
+    log = logging.getLogger("nf4kit_test_quiet.child")
+    logging.getLogger("nf4kit_test_quiet").setLevel(logging.INFO)
+    with caplog.at_level(logging.WARNING, logger="nf4kit_test_quiet"):
+        with _quiet_logger("nf4kit_test_quiet"):
+            log.warning("hidden")
+        log.warning("shown")
+    assert [r.getMessage() for r in caplog.records] == ["shown"]
+    assert logging.getLogger("nf4kit_test_quiet").level == logging.INFO

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -376,7 +377,8 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, lora: LoraCo
     targets = sorted({k.split(".")[-3] for k in sd})
     cfg: dict[str, Any]
     try:
-        from peft import LoraConfig as PeftLoraConfig
+        with _quiet_logger("bitsandbytes"):  # peft imports bitsandbytes, whose CPU backend warns
+            from peft import LoraConfig as PeftLoraConfig  # about an optional kernel nf4kit never uses
 
         pc = PeftLoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                             use_rslora=lora.use_rslora, target_modules=targets, bias="none", task_type="CAUSAL_LM")
@@ -390,6 +392,18 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, lora: LoraCo
                "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
         (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         return out
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Raise logger `name` to ERROR for the block (its warnings are not about this run)."""
+    log = logging.getLogger(name)
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
 
 
 def plot_loss(losses: Sequence[float], path: str | os.PathLike, title: str = "QLoRA training loss") -> bool:

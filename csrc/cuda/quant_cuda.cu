@@ -20,7 +20,11 @@ inline unsigned grid_for(int64_t work_items, int threads) {
   return (unsigned)g;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
+// max |src[j]| over j < count, computed by the whole warp (lane strides of 32), in every lane.
+template <typename T>
+__device__ __forceinline__ float warp_block_absmax(const T* src, int count, int lane) {
+  float v = 0.0f;
+  for (int j = lane; j < count; j += 32) v = fmaxf(v, fabsf(to_f32(src[j])));
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
@@ -39,9 +43,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t start = blk * blocksize;
     const int count = (int)(n - start < blocksize ? n - start : blocksize);
     const T* src = in + start;
-    float amax = 0.0f;
-    for (int j = lane; j < count; j += 32) amax = fmaxf(amax, fabsf(to_f32(src[j])));
-    amax = warp_max(amax);
+    const float amax = warp_block_absmax(src, count, lane);
     if (lane == 0) absmax[blk] = amax;
     const float inv = core::block_inverse(amax);  // __frcp_rn: correctly rounded
     uint8_t* dst = packed + (start >> 1);
@@ -166,9 +168,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t start = blk * blocksize;
     const int count = (int)(n - start < blocksize ? n - start : blocksize);
     const T* src = in + start;
-    float amax = 0.0f;
-    for (int j = lane; j < count; j += 32) amax = fmaxf(amax, fabsf(to_f32(src[j])));
-    amax = warp_max(amax);
+    const float amax = warp_block_absmax(src, count, lane);
     if (lane == 0) absmax[blk] = amax;
     const float inv = core::block_inverse(amax);
     for (int j = lane; j < count; j += 32) q[start + j] = core::dynamic_encode(core::mul_rn(to_f32(src[j]), inv), map);

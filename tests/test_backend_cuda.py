@@ -195,18 +195,22 @@ def test_matmul_backward_input(M, N, K, blocksize, nested, dt, lora, monkeypatch
     assert _relerr(dx, exp) < _tol(dt)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 8])
+@pytest.mark.parametrize("rows,depth", [(1, 2), (2, 2), (8, 2), (1, 4), (2, 3), (2, 4), (4, 3), (4, 4)])
 @pytest.mark.parametrize("M", [1, 3])
-def test_gemv_rows_per_warp_variants(monkeypatch, rows, M):
-    """The decode GEMV's other row groupings (the sweep's variants) agree with the reference."""
+def test_gemv_rows_and_depth_variants(monkeypatch, rows, depth, M):
+    """The decode GEMV's other row groupings and load-ring depths (the sweep's variants) agree
+    with the reference, on several splits so that split ends fall inside a lane's ring."""
     N, K = 77, 4096 + 64
     monkeypatch.setattr(cuda_backend, "GEMV_ROWS", rows)
-    st, W64 = _weight(N, K, 64, "nf4", True, seed=rows * 10 + M)
-    x = _rand((M, K), torch.bfloat16, 31)
-    with nf4kit.use_backend("cuda"):
-        y = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, None, None, 1.0)
-    _ran_cuda("matmul_4bit")
-    assert _relerr(y, x.double() @ W64.t()) < 1e-2
+    monkeypatch.setattr(cuda_backend, "GEMV_DEPTH", depth)
+    st, W64 = _weight(N, K, 64, "nf4", True, seed=rows * 10 + depth + M)
+    x = _rand((M, K), torch.bfloat16, 31 + depth)
+    for splits in (1, 3):
+        monkeypatch.setattr(cuda_backend, "GEMV_SPLITS", splits)
+        with nf4kit.use_backend("cuda"):
+            y = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, None, None, 1.0)
+        _ran_cuda("matmul_4bit")
+        assert _relerr(y, x.double() @ W64.t()) < 1e-2, f"splits={splits}"
 
 
 @pytest.mark.parametrize("route", ["gemv", "fused", "dequant"])

@@ -92,35 +92,27 @@ __device__ __forceinline__ void write_partials(float (&acc)[RW][MT], int lane, i
   }
 }
 
-template <typename TX, int MT, int kRowsPerWarp>
+template <typename TX, int MT, int kRowsPerWarp, int kDepth>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_4bit_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
                      int log2_bs, int quant_type, int S, float* __restrict__ partial) {
+  static_assert(kDepth >= 2 && kDepth <= 4, "chunks per row in a lane's load ring");
   __shared__ float table[16];
   __shared__ float code[256];
-  init_table(table, quant_type);
   const bool nested = am.q != nullptr;
-  if (nested) {
-    for (int i = threadIdx.x; i < 256; i += kGemvThreads) code[i] = __ldg(am.code + i);
-  }
-  __syncthreads();
-  const float offset = nested ? __ldg(am.offset) : 0.0f;
-
   const int lane = threadIdx.x & 31;
   const int64_t row0 = ((int64_t)blockIdx.x * (kGemvThreads / 32) + (threadIdx.x >> 5)) * kRowsPerWarp;
-  if (row0 >= N) return;  // whole warps exit together (after the only __syncthreads)
   const int s = blockIdx.y;
   const int64_t cpr = K >> 5;                  // 32-element chunks per row
   const int64_t cps = (cpr + S - 1) / S;       // per split
   const int64_t c_lo = (int64_t)s * cps;
   const int64_t c_hi = c_lo + cps < cpr ? c_lo + cps : cpr;
 
+  // Loads chunk c of the warp's rows into ld (nothing past the split's end or the last row).
   auto fetch = [&](int64_t c, ChunkLoad (&ld)[kRowsPerWarp]) {
+    if (c >= c_hi) return;
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
-      ld[r].w = make_uint4(0u, 0u, 0u, 0u);
-      ld[r].a = 0.0f;
-      ld[r].q = 0u;
       if (row0 + r < N) {
         const int64_t e0 = (row0 + r) * K + (c << 5);
         const int64_t blk = e0 >> log2_bs;
@@ -135,47 +127,75 @@ __global__ void __launch_bounds__(kGemvThreads)
     }
   };
 
+  // A ring of kDepth chunks per row: one is multiplied while the others are in flight (kDepth - 1
+  // loads per row).  The first ones are requested before the tables are built, so HBM is busy
+  // from the start.
+  ChunkLoad ring[kDepth][kRowsPerWarp];
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d)
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) ring[d][r] = ChunkLoad{make_uint4(0u, 0u, 0u, 0u), 0.0f, 0u};
+  const int64_t c0 = c_lo + lane;
+  if (row0 < N) {
+#pragma unroll
+    for (int d = 0; d < kDepth - 1; ++d) fetch(c0 + 32 * d, ring[d]);
+  }
+
+  init_table(table, quant_type);
+  if (nested) {
+    for (int i = threadIdx.x; i < 256; i += kGemvThreads) code[i] = __ldg(am.code + i);
+  }
+  __syncthreads();
+  if (row0 >= N) return;  // whole warps exit together (after the only __syncthreads)
+  const float offset = nested ? __ldg(am.offset) : 0.0f;
+
   float acc[kRowsPerWarp][MT];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r)
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
 
-  ChunkLoad cur[kRowsPerWarp];
-  int64_t c = c_lo + lane;
-  if (c < c_hi) fetch(c, cur);
-  while (c < c_hi) {
-    const int64_t cn = c + 32;
-    ChunkLoad nxt[kRowsPerWarp];
-    if (cn < c_hi) {
-      fetch(cn, nxt);  // in flight while this chunk is multiplied
-    } else {
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) nxt[r] = cur[r];
-    }
+  auto multiply = [&](int64_t c, const ChunkLoad (&ld)[kRowsPerWarp]) {
     float sc[kRowsPerWarp];
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r)
-      sc[r] = nested ? core::nested_absmax_decode((uint8_t)cur[r].q, code, cur[r].a, offset) : cur[r].a;
-    if (MT == 1) {
-      float xv[32];
-      load_x32(x + (c << 5), xv);
+      sc[r] = nested ? core::nested_absmax_decode((uint8_t)ld[r].q, code, ld[r].a, offset) : ld[r].a;
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) acc[r][0] = fmaf(dot32(cur[r].w, table, xv), sc[r], acc[r][0]);
-    } else {
+    for (int m = 0; m < MT; ++m) {
+      if (MT == 1 || m < M) {
+        float xv[32];
+        load_x32(x + (int64_t)m * K + (c << 5), xv);
 #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        if (m < M) {
-          float xv[32];
-          load_x32(x + (int64_t)m * K + (c << 5), xv);
-#pragma unroll
-          for (int r = 0; r < kRowsPerWarp; ++r) acc[r][m] = fmaf(dot32(cur[r].w, table, xv), sc[r], acc[r][m]);
-        }
+        for (int r = 0; r < kRowsPerWarp; ++r) acc[r][m] = fmaf(dot32(ld[r].w, table, xv), sc[r], acc[r][m]);
       }
     }
+  };
+
+  if constexpr (kDepth == 2) {
+    // The double buffer as timed: a rolled loop whose closing move waits for the load issued at
+    // its top, after the multiply has covered it.
+    for (int64_t c = c0; c < c_hi; c += 32) {
+      if (c + 32 < c_hi) {
+        fetch(c + 32, ring[1]);
+      } else {
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) cur[r] = nxt[r];
-    c = cn;
+        for (int r = 0; r < kRowsPerWarp; ++r) ring[1][r] = ring[0][r];
+      }
+      multiply(c, ring[0]);
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) ring[0][r] = ring[1][r];
+    }
+  } else {
+    // Unrolled by kDepth so that slots rotate by compile-time index: a register move out of a
+    // slot would wait for its load and cut the ring back to a double buffer.
+    for (int64_t base = c0; base < c_hi; base += 32 * kDepth) {
+#pragma unroll
+      for (int d = 0; d < kDepth; ++d) {
+        const int64_t c = base + 32 * d;
+        fetch(c + 32 * (kDepth - 1), ring[(d + kDepth - 1) % kDepth]);  // refills the slot multiplied last
+        if (c < c_hi) multiply(c, ring[d]);
+      }
+    }
   }
 
   write_partials<MT, kRowsPerWarp>(acc, lane, M, N, row0, s, partial);
@@ -212,33 +232,52 @@ int launch_finalize(const float* partial, int S, int M, int N, const float* bias
   return (int)cudaGetLastError();
 }
 
-template <typename TX, int RW>
-int launch_gemv_rows(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                     int quant_type, int S, float* partial, cudaStream_t stream) {
+template <typename TX, int MT, int RW, int D>
+int launch_gemv_kernel(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                       int quant_type, int S, float* partial, cudaStream_t stream) {
   const int64_t rows_per_cta = (int64_t)(kGemvThreads / 32) * RW;
   const int64_t blocks = ((int64_t)N + rows_per_cta - 1) / rows_per_cta;
   if (blocks > 0x7fffffff || S > 65535) return kUnsupported;
   const dim3 grid((unsigned)blocks, (unsigned)S);
-  const TX* xt = static_cast<const TX*>(x);
-  if (M == 1)
-    gemv_4bit_kernel<TX, 1, RW><<<grid, kGemvThreads, 0, stream>>>(xt, M, N, K, packed, am, log2_bs, quant_type, S,
-                                                                   partial);
-  else
-    gemv_4bit_kernel<TX, kMaxM, RW><<<grid, kGemvThreads, 0, stream>>>(xt, M, N, K, packed, am, log2_bs, quant_type,
-                                                                       S, partial);
+  gemv_4bit_kernel<TX, MT, RW, D><<<grid, kGemvThreads, 0, stream>>>(static_cast<const TX*>(x), M, N, K, packed, am,
+                                                                     log2_bs, quant_type, S, partial);
   return (int)cudaGetLastError();
+}
+
+// Deeper rings (3 or 4 chunks per row) are built for M = 1 with up to 4 rows per warp only: with
+// 8 activation rows or 8 weight rows their registers would spill.
+template <typename TX, int RW>
+int launch_gemv_rows(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                     int quant_type, int depth, int S, float* partial, cudaStream_t stream) {
+  if (depth == 2) {
+    return M == 1 ? launch_gemv_kernel<TX, 1, RW, 2>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream)
+                  : launch_gemv_kernel<TX, kMaxM, RW, 2>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial,
+                                                         stream);
+  }
+  if constexpr (RW <= 4) {
+    if (M == 1 && depth == 3)
+      return launch_gemv_kernel<TX, 1, RW, 3>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
+    if (M == 1 && depth == 4)
+      return launch_gemv_kernel<TX, 1, RW, 4>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
+  }
+  return kBadArgument;
 }
 
 template <typename TX>
 int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
-                int rows_per_warp, int S, float* partial, const float* bias, const float* lora_t,
+                int rows_per_warp, int depth, int S, float* partial, const float* bias, const float* lora_t,
                 const float* lora_b, int r, void* y, cudaStream_t stream) {
   int rc;
   switch (rows_per_warp) {
-    case 1: rc = launch_gemv_rows<TX, 1>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
-    case 2: rc = launch_gemv_rows<TX, 2>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
-    case 4: rc = launch_gemv_rows<TX, 4>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
-    case 8: rc = launch_gemv_rows<TX, 8>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream); break;
+#define NF4KIT_GEMV_ROWS_CASE(RW)                                                                            \
+  case RW:                                                                                                     \
+    rc = launch_gemv_rows<TX, RW>(x, M, N, K, packed, am, log2_bs, quant_type, depth, S, partial, stream);     \
+    break;
+    NF4KIT_GEMV_ROWS_CASE(1)
+    NF4KIT_GEMV_ROWS_CASE(2)
+    NF4KIT_GEMV_ROWS_CASE(4)
+    NF4KIT_GEMV_ROWS_CASE(8)
+#undef NF4KIT_GEMV_ROWS_CASE
     default: return kBadArgument;
   }
   if (rc != 0) return rc;
@@ -262,8 +301,8 @@ int splitk_finalize(const float* partial, int S, int M, int N, const float* bias
 
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
-              int blocksize, int quant_type, int rows_per_warp, int S, float* partial, const float* bias,
-              const float* lora_t, const float* lora_b, int r, void* y, void* stream) {
+              int blocksize, int quant_type, int rows_per_warp, int depth, int S, float* partial,
+              const float* bias, const float* lora_t, const float* lora_b, int r, void* y, void* stream) {
   if (M < 1 || M > kMaxM || N < 1 || K < 32 || (K % 32) != 0) return kUnsupported;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
     return kBadArgument;
@@ -276,14 +315,14 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (x_dtype) {
     case core::kFloat32:
-      return launch_gemv<float>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, S, partial, bias,
+      return launch_gemv<float>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, S, partial, bias,
                                 lora_t, lora_b, r, y, s);
     case core::kFloat16:
-      return launch_gemv<__half>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, S, partial, bias,
+      return launch_gemv<__half>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, S, partial, bias,
                                  lora_t, lora_b, r, y, s);
     case core::kBFloat16:
-      return launch_gemv<__nv_bfloat16>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, S, partial, bias, lora_t,
-                                        lora_b, r, y, s);
+      return launch_gemv<__nv_bfloat16>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, S,
+                                        partial, bias, lora_t, lora_b, r, y, s);
     default:
       return kUnsupported;
   }

@@ -43,6 +43,9 @@ GEMV_SPLITS: Optional[int] = None
 # better at M = 4..8).  A cp.async shared-memory ring variant (3-4 stages in flight) measured
 # no faster (29-40 us at M = 1 against 26.6 us) and was removed.
 GEMV_ROWS = 4
+# Chunks per row in each lane's load ring of the M = 1 GEMV (depth - 1 loads in flight per row):
+# 2 is the measured double buffer; 3 and 4 (rows <= 4) are built for the sweep and not yet timed.
+GEMV_DEPTH = 2
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -210,21 +213,28 @@ def _via_dequantize(x, packed, absmax, nested_absmax, nested_code, offset, block
     return W.view(N, K)
 
 
+def _operands(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+              nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int):
+    """(a contiguous, packed flat, the state's 5 pointers, keep-alive) when the matmul kernels take
+    these operands: a 2-D [M > 0, *] in a kernel dtype, a valid blocksize, a usable state; else None."""
+    if a.dtype not in DTYPE_CODES or a.dim() != 2 or a.shape[0] == 0 or not _ok_blocksize(blocksize):
+        return None
+    st = _state(absmax, nested_absmax, nested_code, offset)
+    if st is None:
+        return None
+    return a.contiguous(), packed.reshape(-1).contiguous(), st[0], st[1]
+
+
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
                 nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, quant_type: str,
                 N: int, K: int, bias: Optional[torch.Tensor], lora_A: Optional[torch.Tensor],
                 lora_B: Optional[torch.Tensor], lora_scale: float):
     """x [M, K] -> x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias, [M, N] in x.dtype (W [N, K], A [r, K], B [N, r])."""
-    if x.dtype not in DTYPE_CODES or x.dim() != 2 or x.shape[0] == 0 or not _ok_blocksize(blocksize):
+    operands = _operands(x, packed, absmax, nested_absmax, nested_code, offset, blocksize)
+    if operands is None:
         return NotImplemented
-    st = _state(absmax, nested_absmax, nested_code, offset)
-    if st is None:
-        return NotImplemented
-    (p_abs, p_q, p_na, p_nc, p_off), _keep = st
-    M = x.shape[0]
-    dt = x.dtype
-    x = x.contiguous()
-    packed = packed.reshape(-1).contiguous()
+    x, packed, (p_abs, p_q, p_na, p_nc, p_off), _keep = operands
+    M, dt = x.shape[0], x.dtype
     fast = K % 32 == 0 and _aligned(x, packed)
     qt = QUANT_TYPE_CODES[quant_type]
     dev = x.device
@@ -234,9 +244,10 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
             partial = torch.empty(S * M * N, dtype=torch.float32, device=dev)
             b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)
             y = torch.empty((M, N), dtype=dt, device=dev)
+            depth = GEMV_DEPTH if M == 1 and GEMV_ROWS <= 4 else 2  # the deeper rings that are built
             check(_C().gemv_4bit(ptr(x), DTYPE_CODES[dt], M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc, p_off,
-                                 blocksize, qt, GEMV_ROWS, S, ptr(partial), ptr(b), ptr(lt), ptr(lb), r, ptr(y),
-                                 _stream(dev)), "cuda.gemv_4bit")
+                                 blocksize, qt, GEMV_ROWS, depth, S, ptr(partial), ptr(b), ptr(lt), ptr(lb), r,
+                                 ptr(y), _stream(dev)), "cuda.gemv_4bit")
             return y
         if fast and dt in _HALF_DTYPES and M <= FUSED_MAX_M:
             y = torch.empty((M, N), dtype=dt, device=dev)
@@ -274,16 +285,11 @@ def matmul_4bit_backward_input(dy: torch.Tensor, packed: torch.Tensor, absmax: t
                                offset: Optional[torch.Tensor], blocksize: int, quant_type: str, N: int, K: int,
                                lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], lora_scale: float):
     """dy [M, N] -> dy·deq(W) + s·(dy·B)·A, [M, K] in dy.dtype, W read transposed in place."""
-    if dy.dtype not in DTYPE_CODES or dy.dim() != 2 or dy.shape[0] == 0 or not _ok_blocksize(blocksize):
+    operands = _operands(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize)
+    if operands is None:
         return NotImplemented
-    st = _state(absmax, nested_absmax, nested_code, offset)
-    if st is None:
-        return NotImplemented
-    (p_abs, p_q, p_na, p_nc, p_off), _keep = st
-    M = dy.shape[0]
-    dt = dy.dtype
-    dy = dy.contiguous()
-    packed = packed.reshape(-1).contiguous()
+    dy, packed, (p_abs, p_q, p_na, p_nc, p_off), _keep = operands
+    M, dt = dy.shape[0], dy.dtype
     dev = dy.device
     with torch.cuda.device(dev):
         if (dt in _HALF_DTYPES and K % 32 == 0 and N % 8 == 0 and M <= FUSED_MAX_M and _aligned(dy, packed)):

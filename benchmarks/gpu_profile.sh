@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# Why is the M = 1 decode at 25-31 us (results/gpu_h100_2026-11-26b)?  Nsight Compute on the
-# cuda and triton GEMVs and bitsandbytes' gemv_4bit (DRAM throughput, shared-memory / MIO
-# pressure, stall reasons), then the GEMV row/split sweep including the 1-row-per-warp variant.
-# About 2-3 minutes.   run(command="bash benchmarks/gpu_profile.sh", carry=[".whl", ".nf4kit_commit"])
+# Why is the M = 1 decode at 25-31 us (results/gpu_h100_2026-11-26b)?  Nsight Compute on one
+# launch each of the cuda GEMV (as committed and two deep-ring variants), the triton GEMV and
+# bitsandbytes' gemv_4bit (DRAM throughput, MIO pressure, stall reasons, occupancy), then the
+# M = 1 rows x ring depth x splits sweep on both projection shapes.  About 3-4 minutes.
+#   run(command="bash benchmarks/gpu_profile.sh", carry=[".whl", ".nf4kit_commit"], timeout_s=420)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/_gpu_common.sh
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
-  timeout 120 "$NCU" --target-processes all --kernel-name "regex:gemv|kgemm_4bit_inference" \
-    --launch-skip 2 --launch-count 6 --section SpeedOfLight --section MemoryWorkloadAnalysis \
-    --section WarpStateStats --section SchedulerStats --section Occupancy --csv --page details \
-    python3 -m benchmarks.gpu_profile_target > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
-  log "ncu rc=$? ($NCU) $(grep -c . "$OUT/ncu.csv") lines"
-  grep -E "Kernel Name|DRAM Throughput|Memory Throughput|Duration|Issue Slots Busy|Stall|MIO|Achieved Occupancy" \
-    "$OUT/ncu.csv" | cut -c1-220 | head -60
+  for call in cuda cuda-r2d4 cuda-r4d4 triton bnb; do
+    timeout 60 "$NCU" --target-processes all --kernel-name "regex:gemv|kgemm_4bit_inference" \
+      --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+      --csv --page details python3 -m benchmarks.gpu_profile_target "$call" > "/tmp/ncu_$call.csv" 2>> "$OUT/ncu.err"
+    log "ncu $call rc=$? $(grep -c . "/tmp/ncu_$call.csv") lines"
+    { echo "# call $call"; cat "/tmp/ncu_$call.csv"; } >> "$OUT/ncu.csv"  # one file: at most 8 come back
+    echo "==== ncu $call"
+    grep -E "Kernel Name|DRAM Throughput|Memory Throughput|Duration|Issue Slots Busy|Stall (Long|MIO|Short|Wait|LG)|Achieved Occupancy|Registers Per|Waves Per" \
+      "/tmp/ncu_$call.csv" | awk -F'","' '{print $(NF-2)" | "$(NF-1)" | "$NF}' | head -24
+  done
   tail -3 "$OUT/ncu.err"
 else
   log "ncu not found"
 fi
-SWEEP=gemv timeout -s INT 60 python3 -m benchmarks.gpu_sweep > "$OUT/sweep.log" 2>&1
+SWEEP=depth timeout -s INT 150 python3 -m benchmarks.gpu_sweep > "$OUT/sweep.log" 2>&1
 log "sweep rc=$?"
 echo "==== sweep"; cat "$OUT/sweep.log"
 echo "==== summary"; cat "$OUT/summary.txt"

@@ -1,31 +1,49 @@
-"""The M = 1 decode calls that benchmarks/gpu_profile.sh puts under Nsight Compute: nf4kit's cuda
-and triton GEMVs and bitsandbytes' gemv_4bit on the 4096x14336 NF4 weight (bf16, double quant),
-each called 6 times (ncu skips the first launches: compilation, autotuning).  GPU only."""
+"""One M = 1 decode call that benchmarks/gpu_profile.sh puts under Nsight Compute, on the
+4096x14336 NF4 weight (bf16, double quant), made 4 times (ncu skips the first launches:
+compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CALL, CALL one of
+  cuda          the cuda backend's GEMV as committed
+  cuda-r2d4     its 2-rows-per-warp, 4-deep load ring variant (1 split)
+  cuda-r4d4     its 4-rows-per-warp, 4-deep load ring variant (heuristic splits)
+  triton        the triton backend's GEMV
+  bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
 from __future__ import annotations
+
+import sys
 
 import torch
 
 import nf4kit
+from nf4kit.backends import cuda as cb
 
 from . import anchors as anc
 
+VARIANTS = {"cuda-r2d4": (2, 4, 1), "cuda-r4d4": (4, 4, None)}
 
-def main() -> None:
+
+def main(call: str) -> None:
     dev = torch.device("cuda")
     W = torch.randn(4096, 14336, device=dev, dtype=torch.bfloat16)
     packed, qs = nf4kit.quantize_4bit(W, blocksize=64, compress_statistics=True)
     x = torch.randn(1, 14336, device=dev, dtype=torch.bfloat16)
-    calls = [(b, (lambda b=b: nf4kit.matmul_4bit(x, packed, qs))) for b in ("cuda", "triton")]
-    fn, name = anc.bnb_matmul(x, packed, qs)
-    if fn is not None:
-        calls.append((name, fn))
-    for name, f in calls:
-        with nf4kit.use_backend(name if name in ("cuda", "triton") else "torch"):
-            for _ in range(6):
-                f()
-        torch.cuda.synchronize()
-        print("profiled:", name, flush=True)
+    if call == "bnb":
+        fn, name = anc.bnb_matmul(x, packed, qs)
+        if fn is None:
+            raise SystemExit(f"bitsandbytes is not importable: {name}")
+    elif call in ("cuda", "triton") or call in VARIANTS:
+        if call in VARIANTS:
+            cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = VARIANTS[call]
+        backend = "triton" if call == "triton" else "cuda"
+
+        def fn():
+            with nf4kit.use_backend(backend):
+                return nf4kit.matmul_4bit(x, packed, qs)
+    else:
+        raise SystemExit(f"unknown call {call!r}; see this module's docstring")
+    for _ in range(4):
+        fn()
+    torch.cuda.synchronize()
+    print("profiled:", call, flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else "cuda")

@@ -56,15 +56,46 @@ def flush_modes(packed, qs, W, dev) -> None:
     _timing.FLUSH_MODE = "read"
 
 
+def depth_sweep(packed, qs, W_ref, dev) -> None:
+    """M = 1 GEMV: rows per warp x load-ring depth x K-splits, on this weight and on its transpose's
+    shape (N = 14336, K = 4096: the gate/up projections), against the committed default."""
+    N, K = W_ref.shape
+    Wt = torch.randn(K, N, device=dev, dtype=torch.bfloat16)
+    packed_t, qs_t = nf4kit.quantize_4bit(Wt, blocksize=64, compress_statistics=True)
+    Wt_ref = nf4kit.dequantize_4bit(packed_t, qs_t).float()
+    default = (cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS)
+    # Floors for a read of this size (~30 MB, L2 flushed): is the M = 1 plateau the decode or the read?
+    words = packed.reshape(-1).view(torch.int32)
+    dst = torch.empty_like(packed)
+    for label, fn in (("torch sum over the packed weight (read only)", lambda: words.sum()),
+                      ("torch copy of the packed weight (read + write)", lambda: dst.copy_(packed))):
+        t = bench(fn, dev)
+        nbytes = packed.numel() * (1 if "sum" in label else 2)
+        print(f"read floor: {label}: {t.median_s * 1e6:8.1f} us  {nbytes / t.median_s / 1e9:6.0f} GB/s", flush=True)
+    with nf4kit.use_backend("cuda"):
+        for shape, (p, q, ref) in ((f"{N}x{K}", (packed, qs, W_ref)), (f"{K}x{N}", (packed_t, qs_t, Wt_ref))):
+            x = torch.randn(1, ref.shape[1], device=dev, dtype=torch.bfloat16)
+            exp = x.float() @ ref.t()
+            point(f"cuda M=1 {shape} default (rows {default[0]}, depth {default[1]}, heuristic S)", x, p, q, exp, dev)
+            for rows in (1, 2, 4):
+                for depth in (2, 3, 4):
+                    for S in (1, 2, 3, 4):
+                        cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, S
+                        point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S}", x, p, q, exp, dev)
+            cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = default
+
+
 def main() -> None:
     dev = torch.device("cuda")
     N, K = 4096, 14336
     W = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
     packed, qs = nf4kit.quantize_4bit(W, blocksize=64, compress_statistics=True)
     W_ref = nf4kit.dequantize_4bit(packed, qs).float()
-    sections = os.environ.get("SWEEP", "flush,gemv,gemm,triton").split(",")
+    sections = os.environ.get("SWEEP", "flush,depth,gemv,gemm,triton").split(",")
     if "flush" in sections:
         flush_modes(packed, qs, W, dev)
+    if "depth" in sections:
+        depth_sweep(packed, qs, W_ref, dev)
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "
           f"M=64 {cb._gemm_splits(64, N, K, dev)}, M=256 {cb._gemm_splits(256, N, K, dev)}", flush=True)
     with nf4kit.use_backend("cuda"):

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 source benchmarks/_gpu_common.sh
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
-  for call in cuda cuda-r2d4 cuda-r4d4 triton bnb; do
+  for call in cuda cuda-r2d4 cuda-r4d4 cuda-r1d8 triton bnb; do
     timeout 60 "$NCU" --target-processes all --kernel-name "regex:gemv|kgemm_4bit_inference" \
       --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \

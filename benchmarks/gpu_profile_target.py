@@ -4,6 +4,7 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda          the cuda backend's GEMV as committed
   cuda-r2d4     its 2-rows-per-warp, 4-deep load ring variant (1 split)
   cuda-r4d4     its 4-rows-per-warp, 4-deep load ring variant (heuristic splits)
+  cuda-r1d8     its 1-row-per-warp, 8-deep load ring variant (1 split)
   triton        the triton backend's GEMV
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
 from __future__ import annotations
@@ -17,7 +18,7 @@ from nf4kit.backends import cuda as cb
 
 from . import anchors as anc
 
-VARIANTS = {"cuda-r2d4": (2, 4, 1), "cuda-r4d4": (4, 4, None)}
+VARIANTS = {"cuda-r2d4": (2, 4, 1), "cuda-r4d4": (4, 4, None), "cuda-r1d8": (1, 8, 1)}
 
 
 def main(call: str) -> None:

@@ -77,11 +77,10 @@ def depth_sweep(packed, qs, W_ref, dev) -> None:
             x = torch.randn(1, ref.shape[1], device=dev, dtype=torch.bfloat16)
             exp = x.float() @ ref.t()
             point(f"cuda M=1 {shape} default (rows {default[0]}, depth {default[1]}, heuristic S)", x, p, q, exp, dev)
-            for rows in (1, 2, 4):
-                for depth in (2, 3, 4):
-                    for S in (1, 2, 3, 4):
-                        cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, S
-                        point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S}", x, p, q, exp, dev)
+            for rows, depth in [(r, d) for r in (1, 2, 4) for d in (2, 3, 4)] + [(1, 8)]:
+                for S in (1, 2, 3, 4):
+                    cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, S
+                    point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S}", x, p, q, exp, dev)
             cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = default
 
 

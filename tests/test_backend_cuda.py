@@ -195,7 +195,7 @@ def test_matmul_backward_input(M, N, K, blocksize, nested, dt, lora, monkeypatch
     assert _relerr(dx, exp) < _tol(dt)
 
 
-@pytest.mark.parametrize("rows,depth", [(1, 2), (2, 2), (8, 2), (1, 4), (2, 3), (2, 4), (4, 3), (4, 4)])
+@pytest.mark.parametrize("rows,depth", [(1, 2), (2, 2), (8, 2), (1, 4), (1, 8), (2, 3), (2, 4), (4, 3), (4, 4)])
 @pytest.mark.parametrize("M", [1, 3])
 def test_gemv_rows_and_depth_variants(monkeypatch, rows, depth, M):
     """The decode GEMV's other row groupings and load-ring depths (the sweep's variants) agree

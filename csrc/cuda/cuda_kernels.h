@@ -34,7 +34,8 @@ int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* cod
 // Decode GEMV (M <= 8): partial[s][m][n] = sum over K-split s of x[m, k] * deq(W)[n, k], then
 // splitk_finalize.  W [N, K] packed row-major, K % 32 == 0; x [M, K] (x_dtype), 16-byte
 // aligned.  rows_per_warp: 1, 2, 4 or 8 rows share each x chunk.  depth: chunks per row in each
-// lane's load ring (depth - 1 in flight): 2, or 3 / 4 for M = 1 with rows_per_warp <= 4.
+// lane's load ring (depth - 1 in flight): 2; for M = 1 also 3 or 4 with rows_per_warp <= 4,
+// and 8 with rows_per_warp == 1.
 // S splits, 1 <= S <= K / 32.
 // partial: fp32 [S*M*N] scratch from the caller.
 // bias fp32 [N] or null; lora_t fp32 [M, r] (already scaled), lora_b fp32 [N, r], or null.

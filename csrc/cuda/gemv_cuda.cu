@@ -96,7 +96,7 @@ template <typename TX, int MT, int kRowsPerWarp, int kDepth>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_4bit_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
                      int log2_bs, int quant_type, int S, float* __restrict__ partial) {
-  static_assert(kDepth >= 2 && kDepth <= 4, "chunks per row in a lane's load ring");
+  static_assert(kDepth >= 2 && kDepth <= 8, "chunks per row in a lane's load ring");
   __shared__ float table[16];
   __shared__ float code[256];
   const bool nested = am.q != nullptr;
@@ -244,8 +244,8 @@ int launch_gemv_kernel(const void* x, int M, int N, int64_t K, const uint8_t* pa
   return (int)cudaGetLastError();
 }
 
-// Deeper rings (3 or 4 chunks per row) are built for M = 1 with up to 4 rows per warp only: with
-// 8 activation rows or 8 weight rows their registers would spill.
+// Deeper rings are built for M = 1 only (3 or 4 chunks per row with up to 4 rows per warp, 8 with
+// one row per warp): with 8 activation rows or 8 weight rows their registers would spill.
 template <typename TX, int RW>
 int launch_gemv_rows(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                      int quant_type, int depth, int S, float* partial, cudaStream_t stream) {
@@ -259,6 +259,10 @@ int launch_gemv_rows(const void* x, int M, int N, int64_t K, const uint8_t* pack
       return launch_gemv_kernel<TX, 1, RW, 3>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
     if (M == 1 && depth == 4)
       return launch_gemv_kernel<TX, 1, RW, 4>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
+  }
+  if constexpr (RW == 1) {  // one row per warp: registers for 7 chunks in flight
+    if (M == 1 && depth == 8)
+      return launch_gemv_kernel<TX, 1, RW, 8>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
   }
   return kBadArgument;
 }

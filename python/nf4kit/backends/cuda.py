@@ -44,8 +44,10 @@ GEMV_SPLITS: Optional[int] = None
 # no faster (29-40 us at M = 1 against 26.6 us) and was removed.
 GEMV_ROWS = 4
 # Chunks per row in each lane's load ring of the M = 1 GEMV (depth - 1 loads in flight per row):
-# 2 is the measured double buffer; 3 and 4 (rows <= 4) are built for the sweep and not yet timed.
+# 2 is the measured double buffer; 3 and 4 (rows <= 4) and 8 (one row) are built for the sweep
+# and not yet timed.
 GEMV_DEPTH = 2
+_GEMV_RINGS = {(r, d) for r in (1, 2, 4) for d in (3, 4)} | {(1, 8)}  # (rows, depth > 2) built for M = 1
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -244,7 +246,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
             partial = torch.empty(S * M * N, dtype=torch.float32, device=dev)
             b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)
             y = torch.empty((M, N), dtype=dt, device=dev)
-            depth = GEMV_DEPTH if M == 1 and GEMV_ROWS <= 4 else 2  # the deeper rings that are built
+            depth = GEMV_DEPTH if M == 1 and (GEMV_ROWS, GEMV_DEPTH) in _GEMV_RINGS else 2
             check(_C().gemv_4bit(ptr(x), DTYPE_CODES[dt], M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc, p_off,
                                  blocksize, qt, GEMV_ROWS, depth, S, ptr(partial), ptr(b), ptr(lt), ptr(lb), r,
                                  ptr(y), _stream(dev)), "cuda.gemv_4bit")

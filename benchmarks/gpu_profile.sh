@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Why is the M = 1 decode at 25-31 us (results/gpu_h100_2026-11-26b)?  Nsight Compute on one
-# launch each of the cuda GEMV (as committed and two deep-ring variants), the triton GEMV and
+# launch each of the cuda GEMV (as committed and three deep-ring variants), the triton GEMV and
 # bitsandbytes' gemv_4bit (DRAM throughput, MIO pressure, stall reasons, occupancy), then the
-# M = 1 rows x ring depth x splits sweep on both projection shapes.  About 3-4 minutes.
-#   run(command="bash benchmarks/gpu_profile.sh", carry=[".whl", ".nf4kit_commit"], timeout_s=420)
+# M = 1 sweeps: cuda rows x ring depth x splits on both projection shapes, and the Triton configs
+# (two K-steps in flight included).  About 5-6 minutes.
+#   run(command="bash benchmarks/gpu_profile.sh", carry=[".whl", ".nf4kit_commit"], timeout_s=480)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/_gpu_common.sh
@@ -24,7 +25,7 @@ if [ -n "$NCU" ]; then
 else
   log "ncu not found"
 fi
-SWEEP=depth timeout -s INT 150 python3 -m benchmarks.gpu_sweep > "$OUT/sweep.log" 2>&1
+SWEEP=depth,triton timeout -s INT 240 python3 -m benchmarks.gpu_sweep > "$OUT/sweep.log" 2>&1
 log "sweep rc=$?"
 echo "==== sweep"; cat "$OUT/sweep.log"
 echo "==== summary"; cat "$OUT/summary.txt"

@@ -1,7 +1,9 @@
-"""Split-K sweep of the cuda backend's decode GEMV and small-M fused GEMM, and the Triton M = 1
-configs, on the headline weight (4096x14336 NF4, blocksize 64, double quant, bf16), L2 flushed
-before every call.  Prints one line per setting: the time and the heuristic's choice, so the
-routing constants can be set from measurements.  GPU only:  python -m benchmarks.gpu_sweep
+"""Sweeps of the cuda backend's decode GEMV (rows per warp x load-ring depth x K-splits) and
+small-M fused GEMM (splits), and of the Triton M = 1 configs (including two K-steps in flight),
+on the headline weight (4096x14336 NF4, blocksize 64, double quant, bf16), L2 flushed before
+every call.  Prints one line per setting: the time and the heuristic's choice, so the routing
+constants can be set from measurements.  GPU only:  [SWEEP=flush,depth,gemv,gemm,triton]
+python -m benchmarks.gpu_sweep
 """
 from __future__ import annotations
 
@@ -126,6 +128,10 @@ def main() -> None:
     extra = [tm._cfg(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, warps=w, stages=2)
              for bn, bk, sk, w in ((2, 4096, 1, 4), (16, 2048, 1, 8), (8, 2048, 1, 8), (32, 512, 1, 4),
                                    (8, 4096, 1, 8), (16, 1024, 1, 4), (4, 1024, 1, 4))]
+    # Two K-steps of W in flight (PREFETCH=2; sm_90: 55-78 registers, no spills; the block shapes
+    # with 16-row or 8x2048/4-warp tiles reach 254 registers and are left out).
+    extra += [tm._cfg(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, PREFETCH=2, warps=w, stages=2)
+              for bn, bk, w in ((8, 1024, 4), (4, 2048, 4), (8, 2048, 8), (4, 1024, 4))]
     with nf4kit.use_backend("triton"):
         for cfg in tm.gemv_configs(torch.cuda.get_device_capability(dev), True) + extra:
             with tm.force_config("gemv", cfg):

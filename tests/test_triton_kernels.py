@@ -227,6 +227,24 @@ def test_matmul_4bit_splitk_and_lora_rank(monkeypatch):
     assert _rel(y, want) < 1e-5
 
 
+@pytest.mark.parametrize("K,split,dtype", [(96, 2, torch.bfloat16), (160, 1, torch.float32), (224, 3, torch.float16)])
+def test_gemv_word_path_prefetching_two_tiles(K, split, dtype, monkeypatch):
+    """The M = 1 word path with two K-steps of W in flight (PREFETCH=2, a sweep config): every
+    step multiplied once, in order, including the split ends where the prefetch runs past."""
+    from nf4kit.triton_kernels import matmul as tkm
+
+    monkeypatch.setattr(tkm, "DEQUANT_GEMM_MIN_M", 0)
+    N, bs = 37, 32
+    packed, qs, Wq = _quantized_weight(N, K, bs, "nf4", K % 64 == 32, seed=K)
+    x = _rand((1, K), dtype, K + 1)
+    cfg = tkm._cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=split, PREFETCH=2, warps=4, stages=1)
+    with tkm.force_config("gemv", cfg):
+        y = ops.matmul_4bit(x, fmt.packed_as_bytes(packed), *ops.state_args(qs), bs, "nf4", N, K, None, None, None,
+                            1.0)
+    assert_ran("matmul_4bit", "triton")
+    assert _rel(y, x.double().cpu() @ Wq.t()) < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_matmul_4bit_autograd_through_public_api(dtype, monkeypatch):
     """nf4kit.matmul_4bit with leading dims: forward and dx through the triton kernels,

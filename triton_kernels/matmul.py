@@ -120,10 +120,12 @@ def _gemv_kernel(
         ws_ptr, M, N, K, stride_wb, stride_xm, stride_om, stride_lm, RANK, lora_scale, M_BUCKET,
         BS: tl.constexpr, NESTED: tl.constexpr, K_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_LORA: tl.constexpr, R_PAD: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        PREFETCH: tl.constexpr = 1):
     """Decode path, out [M, N] (M <= 16) = x [M, K] · deq(W)ᵀ (+ s·L·Bᵀ + bias).  Program
     (pid_n, pid_s) streams rows [pid_n*BLOCK_N, +BLOCK_N) of W over K-slice pid_s once.
-    SPLIT_K == 1: full epilogue, store in x.dtype; else fp32 partials to ws [SPLIT_K, M, N]."""
+    SPLIT_K == 1: full epilogue, store in x.dtype; else fp32 partials to ws [SPLIT_K, M, N].
+    PREFETCH (M = 1 word path): K-steps of W loaded ahead of the one being multiplied (1 or 2)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -167,8 +169,12 @@ def _gemv_kernel(
             acc2 = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
             wlim = (k_hi // CHUNK) * (CHUNK // 8)   # = k_hi / 8, visibly a multiple of 4 words
             wt = _tile_words(wp, rows64, nmask, k_lo // 8, wlim, stride_ww, NW)
+            if PREFETCH == 2:  # a third tile in flight (experimental: is M = 1 short of bytes in flight?)
+                wt1 = _tile_words(wp, rows64, nmask, (k_lo + BLOCK_K) // 8, wlim, stride_ww, NW)
+            else:
+                wt1 = wt
             for k0 in range(k_lo, k_hi, BLOCK_K):
-                wt_next = _tile_words(wp, rows64, nmask, (k0 + BLOCK_K) // 8, wlim, stride_ww, NW)
+                wt_next = _tile_words(wp, rows64, nmask, (k0 + PREFETCH * BLOCK_K) // 8, wlim, stride_ww, NW)
                 e0, o0, e1, o1, e2, o2, e3, o3 = _x_octets(x_ptr, k0 // 8, k_hi // 8, NW, INTERP)
                 h0, l0, h1, l1, h2, l2, h3, l3 = _word_values_f32(wt, table_ptr, INTERP)
                 # one FMA chain per word (8 codes), then 4 words = one chunk summed in-thread
@@ -182,7 +188,11 @@ def _gemv_kernel(
                     blk = (rows64[:, None] * K + gcol[None, :]) // BS
                 acc2 += part * _chunk_scales(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, nmask[:, None], NESTED,
                                              INTERP)
-                wt = wt_next
+                if PREFETCH == 2:
+                    wt = wt1
+                    wt1 = wt_next
+                else:
+                    wt = wt_next
             acc = tl.sum(acc2, axis=1)
         else:
             # Element path (odd K, or blocks/runs that a chunk would straddle).  Per run of G
@@ -525,7 +535,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
             return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
         # fp32 partials for the split-K configs (every config writes all it uses: no zeroing)
-        ws = torch.empty((max_split_k(), M, N), dtype=torch.float32, device=dev)
+        splits = max(max_split_k(), cfg.kwargs["SPLIT_K"] if cfg is not None else 1)  # a forced config's too
+        ws = torch.empty((splits, M, N), dtype=torch.float32, device=dev)
         args = (x, *st[:6], bias_t if bias_t is not None else dummy, L if L is not None else dummy,
                 B_t if B_t is not None else dummy, out, ws, M, N, K, stride_wb, x.stride(0), out.stride(0),
                 L.stride(0) if L is not None else 0, r, float(lora_scale), m_bucket(M))

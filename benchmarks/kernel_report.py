@@ -367,7 +367,10 @@ def compile_triton_spec(spec: Any, arch: int, cfg: dict, cuobjdump: str, workdir
                     role=role, bit_exact=bit_exact, expect_violation=_get(spec, "expect_violation"))
     try:
         jit, _ = _unwrap_jit(_get(spec, "fn"))
-        consts = dict(_get(spec, "constexprs") or {})
+        # a constexpr with a default in the kernel's signature (e.g. PREFETCH=1) compiles at that default
+        consts = {prm.name: prm.default for prm in getattr(jit, "params", ())
+                  if prm.is_constexpr and prm.has_default}
+        consts.update(_get(spec, "constexprs") or {})
         options = {"enable_fp_fusion": not bit_exact}
         for k, v in cfg.items():
             (options if k in OPTION_KEYS else consts).__setitem__(k, v)

@@ -12,11 +12,6 @@
 #include <stdint.h>
 #include <string.h>
 
-
-#ifdef NF4KIT_WITH_OPENMP
-#include <omp.h>
-#endif
-
 // The core header's inline functions are compiled here with AVX2 enabled.  Including it
 // inside an anonymous namespace gives these copies internal linkage, so the linker can never
 // pick an AVX2-encoded copy for the generic translation unit (which runs on any x86-64).
@@ -33,40 +28,10 @@ namespace cpu {
 namespace avx2 {
 namespace {
 
-// Uninitialised, 64-byte aligned scratch.  Not std::vector: its out-of-line template members
-// would be emitted here as weak symbols compiled for AVX2, and the linker could pick that copy
-// for the generic translation unit, which must run on CPUs without AVX2.
-struct ScratchBuf {
-  void* p;
-  explicit ScratchBuf(size_t bytes) : p(aligned_alloc(64, ((bytes + 63) / 64) * 64 + 64)) {}
-  ~ScratchBuf() { free(p); }
-  ScratchBuf(const ScratchBuf&) = delete;
-  ScratchBuf& operator=(const ScratchBuf&) = delete;
-};
-
-
-#define NF4_AI inline __attribute__((always_inline))
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int num_threads() {
-#ifdef NF4KIT_WITH_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
 // ---------------------------------------------------------------- code tables
 struct Tables {
   __m256 lo, hi;  // table[0..7], table[8..15]
 };
-
-NF4_AI Tables make_tables(int quant_type) {
-  float t[16];
-  for (int c = 0; c < 16; ++c) t[c] = acore::code_value(quant_type, c);
-  return Tables{_mm256_loadu_ps(t), _mm256_loadu_ps(t + 8)};
-}
 
 // 16-entry lookup: two 8-entry permutes (low 3 bits of the code) and a blend on bit 3.
 NF4_AI __m256 lut16(__m256i codes, const Tables& t) {
@@ -98,14 +63,19 @@ NF4_AI __m256i codes8_odd(const uint8_t* p) {
 
 using acore::code_at;
 
-// ---------------------------------------------------------------- block scales
-// Per-block scales (plain or nested decode, two roundings: -ffp-contract=off keeps it so
-// despite -mfma in this file).
-using Scales = acore::BlockScales;
-
-inline Scales make_scales(const Q4Args& q) {
-  return Scales{q.absmax, q.absmax_q, q.nested_absmax, q.nested_code, q.offset ? *q.offset : 0.0f};
-}
+// ---------------------------------------------------------------- per-call decoder
+// What the 4-bit kernels read for every element: the code table (as two vectors for lut16,
+// and as floats for single elements) and the per-block scales (plain or nested decode, two
+// roundings: -ffp-contract=off keeps it so despite -mfma in this file).
+struct Decoder {
+  float table[16];
+  Tables t;
+  acore::BlockScales sc;
+  explicit Decoder(const Q4Args& q) : sc(block_scales<acore::BlockScales>(q)) {
+    for (int c = 0; c < 16; ++c) table[c] = acore::code_value(q.quant_type, c);
+    t = Tables{_mm256_loadu_ps(table), _mm256_loadu_ps(table + 8)};
+  }
+};
 
 // ---------------------------------------------------------------- output conversion
 NF4_AI void store8(void* out, int dtype, int64_t i, __m256 v) {
@@ -170,35 +140,25 @@ NF4_AI float hsum(__m256 v) {
 //   one(wv, j)   for single leftover elements
 //   seg_begin(scale) / seg_end(scale) around each block segment.
 // Block boundaries are even (blocksizes are even), so within a segment the parity of the
-// element index is fixed and one decoder serves the whole segment.
+// element index is fixed and one nibble decoder (codes8_even or codes8_odd) serves it all.
 template <class Begin, class Vec, class Pair, class One, class End>
-NF4_AI void walk_span(const uint8_t* packed, const Scales& sc, int blocksize, int64_t g0, int64_t len,
-                      const Tables& t, const float* table, Begin&& seg_begin, Vec&& vec, Pair&& pair, One&& one,
-                      End&& seg_end) {
-  int64_t g = g0;
-  const int64_t gend = g0 + len;
-  // Power-of-two blocksizes (all the format allows) index blocks by shifts: an integer
-  // division per block segment costs as much as decoding the segment.
-  const bool pow2 = (blocksize & (blocksize - 1)) == 0;
-  const int lg = __builtin_ctz((unsigned)blocksize);
-  while (g < gend) {
-    const int64_t b = pow2 ? g >> lg : g / blocksize;
-    const int64_t bend = pow2 ? (b + 1) << lg : (b + 1) * blocksize;
-    const int64_t send = bend < gend ? bend : gend;
-    const float scale = sc(b);
+NF4_AI void walk_span(const uint8_t* packed, const Decoder& d, int blocksize, int64_t g0, int64_t len,
+                      Begin&& seg_begin, Vec&& vec, Pair&& pair, One&& one, End&& seg_end) {
+  for_each_block_segment(g0, g0 + len, blocksize, [&](int64_t b, int64_t g, int64_t send) NF4_AI_LAMBDA {
+    const float scale = d.sc(b);
     seg_begin(scale);
-    if ((g & 1) == 0) {
+    const auto vectors = [&](auto codes8) NF4_AI_LAMBDA {
       for (; g + 16 <= send; g += 16)
-        pair(lut16(codes8_even(packed + (g >> 1)), t), lut16(codes8_even(packed + (g >> 1) + 4), t), g - g0);
-      for (; g + 8 <= send; g += 8) vec(lut16(codes8_even(packed + (g >> 1)), t), g - g0);
-    } else {
-      for (; g + 16 <= send; g += 16)
-        pair(lut16(codes8_odd(packed + (g >> 1)), t), lut16(codes8_odd(packed + (g >> 1) + 4), t), g - g0);
-      for (; g + 8 <= send; g += 8) vec(lut16(codes8_odd(packed + (g >> 1)), t), g - g0);
-    }
-    for (; g < send; ++g) one(table[code_at(packed, g)], g - g0);
+        pair(lut16(codes8(packed + (g >> 1)), d.t), lut16(codes8(packed + (g >> 1) + 4), d.t), g - g0);
+      for (; g + 8 <= send; g += 8) vec(lut16(codes8(packed + (g >> 1)), d.t), g - g0);
+    };
+    if ((g & 1) == 0)
+      vectors([](const uint8_t* p) { return codes8_even(p); });
+    else
+      vectors([](const uint8_t* p) { return codes8_odd(p); });
+    for (; g < send; ++g) one(d.table[code_at(packed, g)], g - g0);
     seg_end(scale);
-  }
+  });
 }
 
 // Two vectors -> 16 bf16 (round to nearest even) in one pack.
@@ -222,12 +182,11 @@ NF4_AI void store16_bf16(uint16_t* o, __m256 v0, __m256 v1) {
 
 // Elements [g0, g0+len) -> out[0..len) in dtype DT, bit-exact.
 template <int DT>
-void dequant_span_t(const Q4Args& q, const Scales& sc, const Tables& t, const float* table, int64_t g0, int64_t len,
-                    void* out) {
+void dequant_span_t(const Q4Args& q, const Decoder& d, int64_t g0, int64_t len, void* out) {
   __m256 sv = _mm256_setzero_ps();
   float s1 = 0.0f;
   walk_span(
-      q.packed, sc, q.blocksize, g0, len, t, table,
+      q.packed, d, q.blocksize, g0, len,
       [&](float s) { sv = _mm256_set1_ps(s); s1 = s; },
       [&](__m256 w, int64_t j) { store8(out, DT, j, _mm256_mul_ps(w, sv)); },
       [&](__m256 w0, __m256 w1, int64_t j) {
@@ -241,12 +200,11 @@ void dequant_span_t(const Q4Args& q, const Scales& sc, const Tables& t, const fl
       [&](float w, int64_t j) { store1(out, DT, j, w * s1); }, [](float) {});
 }
 
-void dequant_span_any(const Q4Args& q, const Scales& sc, const Tables& t, const float* table, int64_t g0,
-                      int64_t len, void* out, int dtype) {
+void dequant_span_any(const Q4Args& q, const Decoder& d, int64_t g0, int64_t len, void* out, int dtype) {
   switch (dtype) {
-    case acore::kFloat32: dequant_span_t<acore::kFloat32>(q, sc, t, table, g0, len, out); break;
-    case acore::kFloat16: dequant_span_t<acore::kFloat16>(q, sc, t, table, g0, len, out); break;
-    default: dequant_span_t<acore::kBFloat16>(q, sc, t, table, g0, len, out); break;
+    case acore::kFloat32: dequant_span_t<acore::kFloat32>(q, d, g0, len, out); break;
+    case acore::kFloat16: dequant_span_t<acore::kFloat16>(q, d, g0, len, out); break;
+    default: dequant_span_t<acore::kBFloat16>(q, d, g0, len, out); break;
   }
 }
 
@@ -256,37 +214,23 @@ inline int64_t dtype_size(int dtype) { return dtype == acore::kFloat32 ? 4 : 2; 
 
 // ================================================================ 4-bit dequantize
 int dequantize_4bit(const Q4Args& q, void* out, int out_dtype) {
-  const Tables t = make_tables(q.quant_type);
-  float table[16];
-  for (int c = 0; c < 16; ++c) table[c] = acore::code_value(q.quant_type, c);
-  const Scales sc = make_scales(q);
-  // Chunks of whole blocks, ~16K elements: enough work per chunk, L1/L2-sized output.
-  const int64_t nblocks = ceil_div(q.n, q.blocksize);
-  const int64_t bpc = q.blocksize >= 16384 ? 1 : 16384 / q.blocksize;
-  const int64_t nchunks = ceil_div(nblocks, bpc);
+  const Decoder d(q);
   const int64_t es = dtype_size(out_dtype);
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t g0 = c * bpc * q.blocksize;
-    const int64_t len = (q.n - g0 < bpc * q.blocksize) ? q.n - g0 : bpc * q.blocksize;
-    dequant_span_any(q, sc, t, table, g0, len, static_cast<char*>(out) + g0 * es, out_dtype);
-  }
+  const auto span = [=](int64_t g0, int64_t len) NF4_AI_LAMBDA {
+    dequant_span_any(q, d, g0, len, static_cast<char*>(out) + g0 * es, out_dtype);
+  };
+  for_each_block_chunk(q.n, q.blocksize, span, [] {});
   return kOk;
 }
 
 int dequantize_4bit_tile(const Q4Args& q, int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
                          void* out, int out_dtype) {
   (void)N;
-  const Tables t = make_tables(q.quant_type);
-  float table[16];
-  for (int c = 0; c < 16; ++c) table[c] = acore::code_value(q.quant_type, c);
-  const Scales sc = make_scales(q);
-  const int64_t width = k1 - k0;
-  const int64_t es = dtype_size(out_dtype);
-#pragma omp parallel for schedule(static)
-  for (int64_t r = n0; r < n1; ++r)
-    dequant_span_any(q, sc, t, table, r * K + k0, width, static_cast<char*>(out) + (r - n0) * width * es,
-                     out_dtype);
+  const Decoder d(q);
+  const auto row = [=](int64_t g0, int64_t len, void* o) NF4_AI_LAMBDA {
+    dequant_span_any(q, d, g0, len, o, out_dtype);
+  };
+  for_each_tile_row(K, n0, n1, k0, k1, out, dtype_size(out_dtype), row);
   return kOk;
 }
 
@@ -359,11 +303,7 @@ NF4_AI float block_absmax(const void* in, int dtype, int64_t start, int64_t coun
 int quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int quant_type, uint8_t* packed,
                   float* absmax) {
   const Encoder enc(quant_type);
-  const int64_t nblocks = ceil_div(n, blocksize);
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t start = b * blocksize;
-    const int64_t count = (n - start < blocksize) ? n - start : blocksize;
+  for_each_block(n, blocksize, [=](int64_t b, int64_t start, int64_t count) NF4_AI_LAMBDA {
     const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
     const float inv = acore::block_inverse(amax);
@@ -382,7 +322,7 @@ int quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int qu
                                          : acore::zero_code(quant_type);
       packed[(start + j) >> 1] = acore::pack_pair(hi, lo);
     }
-  }
+  });
   return kOk;
 }
 
@@ -394,11 +334,7 @@ int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, c
   alignas(32) float mid[256];
   for (int i = 0; i < 255; ++i) mid[i] = acore::mul_rn(acore::add_rn(code[i], code[i + 1]), 0.5f);
   mid[255] = 0.0f;  // never read
-  const int64_t nblocks = ceil_div(n, blocksize);
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t start = b * blocksize;
-    const int64_t count = (n - start < blocksize) ? n - start : blocksize;
+  for_each_block(n, blocksize, [=](int64_t b, int64_t start, int64_t count) NF4_AI_LAMBDA {
     const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
     const float inv = acore::block_inverse(amax);
@@ -420,38 +356,28 @@ int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, c
       memcpy(q + start + j + 4, &hi, 4);
     }
     for (; j < count; ++j) q[start + j] = acore::dynamic_encode(acore::mul_rn(load1(in, in_dtype, start + j), inv), code);
-  }
+  });
   return kOk;
 }
 
 int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n, int blocksize,
                          void* out, int out_dtype) {
-  const int64_t chunk = 8192;
-  const int64_t nchunks = ceil_div(n, chunk);
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t e0 = c * chunk, e1 = (n - e0 < chunk) ? n : e0 + chunk;
-    int64_t e = e0;
-    while (e < e1) {
-      const int64_t b = e / blocksize;
-      const int64_t send = (b + 1) * blocksize < e1 ? (b + 1) * blocksize : e1;
-      const float s = absmax[b];
-      const __m256 sv = _mm256_set1_ps(s);
-      for (; e + 8 <= send; e += 8) {
-        const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + e)));
-        store8(out, out_dtype, e, _mm256_mul_ps(_mm256_i32gather_ps(code, idx, 4), sv));
-      }
-      for (; e < send; ++e) store1(out, out_dtype, e, code[q[e]] * s);
+  for_each_chunk_segment(n, blocksize, 8192, [=](int64_t b, int64_t e, int64_t send) NF4_AI_LAMBDA {
+    const float s = absmax[b];
+    const __m256 sv = _mm256_set1_ps(s);
+    for (; e + 8 <= send; e += 8) {
+      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + e)));
+      store8(out, out_dtype, e, _mm256_mul_ps(_mm256_i32gather_ps(code, idx, 4), sv));
     }
-  }
+    for (; e < send; ++e) store1(out, out_dtype, e, code[q[e]] * s);
+  });
   return kOk;
 }
 
 // ================================================================ int8 absmax
 namespace {
-NF4_AI float int8_scale(float amax) { return (1.0f / (amax > 1e-30f ? amax : 1e-30f)) * 127.0f; }
-
-NF4_AI void int8_encode(const void* in, int dtype, int64_t start, int64_t count, float c, int8_t* q) {
+// q[start, start + count) = int8_encode(in[...], c), 8 lanes at a time.
+NF4_AI void int8_encode_span(const void* in, int dtype, int64_t start, int64_t count, float c, int8_t* q) {
   const __m256 cv = _mm256_set1_ps(c);
   const __m256 hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
   int64_t j = 0;
@@ -463,11 +389,7 @@ NF4_AI void int8_encode(const void* in, int dtype, int64_t start, int64_t count,
     const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + start + j), _mm_packs_epi16(i16, i16));
   }
-  for (; j < count; ++j) {
-    float v = nearbyintf(load1(in, dtype, start + j) * c);
-    v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-    q[start + j] = (int8_t)v;
-  }
+  for (; j < count; ++j) q[start + j] = int8_encode(load1(in, dtype, start + j), c);
 }
 }  // namespace
 
@@ -494,43 +416,31 @@ int quantize_absmax_int8(const void* in, int in_dtype, int64_t n, int64_t blocks
       for (int64_t c = 0; c < nch; ++c) {
         const int64_t s = start + c * chunk;
         const int64_t len = (start + count - s < chunk) ? start + count - s : chunk;
-        int8_encode(in, in_dtype, s, len, cst, q);
+        int8_encode_span(in, in_dtype, s, len, cst, q);
       }
     }
     return kOk;
   }
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t start = b * bs;
-    const int64_t count = (n - start < bs) ? n - start : bs;
+  for_each_block(n, bs, [=](int64_t b, int64_t start, int64_t count) NF4_AI_LAMBDA {
     const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
-    int8_encode(in, in_dtype, start, count, int8_scale(amax), q);
-  }
+    int8_encode_span(in, in_dtype, start, count, int8_scale(amax), q);
+  });
   return kOk;
 }
 
 int dequantize_absmax_int8(const int8_t* q, const float* absmax, int64_t n, int64_t blocksize, void* out,
                            int out_dtype) {
   const int64_t bs = blocksize == 0 ? n : blocksize;
-  const int64_t chunk = 8192;
-  const int64_t nchunks = ceil_div(n, chunk);
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t e0 = c * chunk, e1 = (n - e0 < chunk) ? n : e0 + chunk;
-    int64_t e = e0;
-    while (e < e1) {
-      const int64_t b = e / bs;
-      const int64_t send = (b + 1) * bs < e1 ? (b + 1) * bs : e1;
-      const float s = absmax[b] / 127.0f;  // true fp32 division, as the reference
-      const __m256 sv = _mm256_set1_ps(s);
-      for (; e + 8 <= send; e += 8) {
-        const __m256i i32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + e)));
-        store8(out, out_dtype, e, _mm256_mul_ps(_mm256_cvtepi32_ps(i32), sv));
-      }
-      for (; e < send; ++e) store1(out, out_dtype, e, (float)q[e] * s);
+  for_each_chunk_segment(n, bs, 8192, [=](int64_t b, int64_t e, int64_t send) NF4_AI_LAMBDA {
+    const float s = absmax[b] / 127.0f;  // true fp32 division, as the reference
+    const __m256 sv = _mm256_set1_ps(s);
+    for (; e + 8 <= send; e += 8) {
+      const __m256i i32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + e)));
+      store8(out, out_dtype, e, _mm256_mul_ps(_mm256_cvtepi32_ps(i32), sv));
     }
-  }
+    for (; e < send; ++e) store1(out, out_dtype, e, (float)q[e] * s);
+  });
   return kOk;
 }
 
@@ -540,8 +450,8 @@ namespace {
 // Per block segment the unscaled table values are accumulated (two FMA chains for MT ≤ 2
 // to hide the FMA latency), then folded in with the block scale.
 template <int MT>
-NF4_AI void row_dot(const Q4Args& q, const Scales& sc, const Tables& t, const float* table, int64_t n, int64_t K,
-                    const float* x, int64_t ldx, float* outv) {
+NF4_AI void row_dot(const Q4Args& q, const Decoder& d, int64_t n, int64_t K, const float* x, int64_t ldx,
+                    float* outv) {
   __m256 acc[MT], s0[MT], s1[MT];
   float tail[MT], stail[MT];
   for (int m = 0; m < MT; ++m) {
@@ -549,7 +459,7 @@ NF4_AI void row_dot(const Q4Args& q, const Scales& sc, const Tables& t, const fl
     tail[m] = 0.0f;
   }
   walk_span(
-      q.packed, sc, q.blocksize, n * K, K, t, table,
+      q.packed, d, q.blocksize, n * K, K,
       [&](float) {
         for (int m = 0; m < MT; ++m) {
           s0[m] = _mm256_setzero_ps();
@@ -580,12 +490,12 @@ NF4_AI void row_dot(const Q4Args& q, const Scales& sc, const Tables& t, const fl
 }
 
 template <int MT>
-void gemv_tile(const Q4Args& q, const Scales& sc, const Tables& t, const float* table, const float* x, int64_t M0,
-               int64_t N, int64_t K, const float* bias, float* y) {
+void gemv_tile(const Q4Args& q, const Decoder& d, const float* x, int64_t M0, int64_t N, int64_t K, const float* bias,
+               float* y) {
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     float o[MT];
-    row_dot<MT>(q, sc, t, table, n, K, x + M0 * K, K, o);
+    row_dot<MT>(q, d, n, K, x + M0 * K, K, o);
     const float bv = bias ? bias[n] : 0.0f;
     for (int m = 0; m < MT; ++m) y[(M0 + m) * N + n] = o[m] + bv;
   }
@@ -593,92 +503,60 @@ void gemv_tile(const Q4Args& q, const Scales& sc, const Tables& t, const float* 
 }  // namespace
 
 int gemv_4bit(const float* x, int64_t M, const Q4Args& q, int64_t N, int64_t K, const float* bias, float* y) {
-  const Tables t = make_tables(q.quant_type);
-  float table[16];
-  for (int c = 0; c < 16; ++c) table[c] = acore::code_value(q.quant_type, c);
-  const Scales sc = make_scales(q);
+  const Decoder d(q);
   // M tiles of at most 4 rows of x: 4 x 2 accumulator chains + decode temporaries fit the
   // 16 ymm registers.  Each tile reads the packed weight once more (it stays in L2/L3 for
   // the small M this kernel serves).
-  int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) gemv_tile<4>(q, sc, t, table, x, m0, N, K, bias, y);
-  switch (M - m0) {
-    case 3: gemv_tile<3>(q, sc, t, table, x, m0, N, K, bias, y); break;
-    case 2: gemv_tile<2>(q, sc, t, table, x, m0, N, K, bias, y); break;
-    case 1: gemv_tile<1>(q, sc, t, table, x, m0, N, K, bias, y); break;
-    default: break;
-  }
+  for_each_m_tile(M, [&](auto mt, int64_t m0) NF4_AI_LAMBDA {
+    gemv_tile<decltype(mt)::value>(q, d, x, m0, N, K, bias, y);
+  });
   return kOk;
 }
 
-// dx [M, K] = dy [M, N] · W: each thread takes a contiguous range of rows of W and adds
-// dy[m, n] · W[n, :] into its own fp32 accumulator [M, K]; the accumulators are summed at
-// the end.  W is read once, row by row, exactly as in the forward.
+// dx [M, K] = dy [M, N] · W (gemv_t_threads): W is read once, row by row, exactly as in the
+// forward.
 int gemv_t_4bit(const float* dy, int64_t M, const Q4Args& q, int64_t N, int64_t K, float* dx) {
-  const Tables t = make_tables(q.quant_type);
-  float table[16];
-  for (int c = 0; c < 16; ++c) table[c] = acore::code_value(q.quant_type, c);
-  const Scales sc = make_scales(q);
-  const int nt = (int)(num_threads() < N ? num_threads() : N);
+  const Decoder d(q);
   // Private accumulators with a padded row stride: rows K floats apart (K a multiple of 1024)
   // would all map to the same L1 sets and evict each other.
   const int64_t ld = ((K + 15) / 16) * 16 + 16;
-  ScratchBuf partial_buf((size_t)nt * (size_t)(M * ld) * sizeof(float));
-  float* const partial = static_cast<float*>(partial_buf.p);
-#pragma omp parallel num_threads(nt)
-  {
-#ifdef NF4KIT_WITH_OPENMP
-    const int tid = omp_get_thread_num();
-    const int nth = omp_get_num_threads();
-#else
-    const int tid = 0, nth = 1;
-#endif
-    float* acc = partial + (size_t)tid * (size_t)(M * ld);
-    memset(acc, 0, sizeof(float) * (size_t)(M * ld));
-    const int64_t r0 = N * tid / nth, r1 = N * (tid + 1) / nth;
-    // Per block segment: dv[m] = dy[m, n] * scale, then a[m, k] += W_code[k] * dv[m].
-    ScratchBuf dv_buf(sizeof(__m256) * (size_t)M), d1_buf(sizeof(float) * (size_t)M);
-    __m256* const dv = static_cast<__m256*>(dv_buf.p);
-    float* const d1 = static_cast<float*>(d1_buf.p);
-    for (int64_t n = r0; n < r1; ++n) {
-      walk_span(
-          q.packed, sc, q.blocksize, n * K, K, t, table,
-          [&](float s) {
-            for (int64_t m = 0; m < M; ++m) {
-              d1[m] = dy[m * N + n] * s;
-              dv[m] = _mm256_set1_ps(d1[m]);
-            }
-          },
-          [&](__m256 w, int64_t j) {
-            for (int64_t m = 0; m < M; ++m) {
-              float* a = acc + m * ld + j;
-              _mm256_storeu_ps(a, _mm256_fmadd_ps(w, dv[m], _mm256_loadu_ps(a)));
-            }
-          },
-          [&](__m256 w0, __m256 w1, int64_t j) {
-            for (int64_t m = 0; m < M; ++m) {
-              float* a = acc + m * ld + j;
-              _mm256_storeu_ps(a, _mm256_fmadd_ps(w0, dv[m], _mm256_loadu_ps(a)));
-              _mm256_storeu_ps(a + 8, _mm256_fmadd_ps(w1, dv[m], _mm256_loadu_ps(a + 8)));
-            }
-          },
-          [&](float w, int64_t j) {
-            for (int64_t m = 0; m < M; ++m) acc[m * ld + j] += w * d1[m];
-          },
-          [](float) {});
-    }
-#pragma omp barrier
-    // dx = sum of the per-thread accumulators, rows split across threads.
-    for (int64_t m = M * tid / nth; m < M * (tid + 1) / nth; ++m) {
-      float* d = dx + m * K;
-      memcpy(d, partial + m * ld, sizeof(float) * (size_t)K);
-      for (int p = 1; p < nth; ++p) {
-        const float* src = partial + (size_t)p * (size_t)(M * ld) + m * ld;
-        for (int64_t i = 0; i < K; ++i) d[i] += src[i];
-      }
-    }
-  }
-  return kOk;
+  const bool ok = gemv_t_threads(
+      M, N, K, ld,
+      [=](int64_t n_begin, int64_t n_end, float* acc) NF4_AI_LAMBDA {
+        // Per block segment: dv[m] = dy[m, n] * scale, then a[m, k] += W_code[k] * dv[m].
+        Scratch<float> dv_buf(8 * (size_t)M), d1_buf((size_t)M);
+        __m256* const dv = reinterpret_cast<__m256*>(dv_buf.data());
+        float* const d1 = d1_buf.data();
+        for (int64_t n = n_begin; n < n_end; ++n) {
+          walk_span(
+              q.packed, d, q.blocksize, n * K, K,
+              [&](float s) {
+                for (int64_t m = 0; m < M; ++m) {
+                  d1[m] = dy[m * N + n] * s;
+                  dv[m] = _mm256_set1_ps(d1[m]);
+                }
+              },
+              [&](__m256 w, int64_t j) {
+                for (int64_t m = 0; m < M; ++m) {
+                  float* a = acc + m * ld + j;
+                  _mm256_storeu_ps(a, _mm256_fmadd_ps(w, dv[m], _mm256_loadu_ps(a)));
+                }
+              },
+              [&](__m256 w0, __m256 w1, int64_t j) {
+                for (int64_t m = 0; m < M; ++m) {
+                  float* a = acc + m * ld + j;
+                  _mm256_storeu_ps(a, _mm256_fmadd_ps(w0, dv[m], _mm256_loadu_ps(a)));
+                  _mm256_storeu_ps(a + 8, _mm256_fmadd_ps(w1, dv[m], _mm256_loadu_ps(a + 8)));
+                }
+              },
+              [&](float w, int64_t j) {
+                for (int64_t m = 0; m < M; ++m) acc[m * ld + j] += w * d1[m];
+              },
+              [](float) {});
+        }
+      },
+      [=](int64_t m, const float* sum) NF4_AI_LAMBDA { memcpy(dx + m * K, sum, sizeof(float) * (size_t)K); });
+  return ok ? kOk : kNoMemory;
 }
 
 }  // namespace avx2

@@ -18,12 +18,9 @@
 // values) is looked up with vpermps and multiplied into x with FMA (fp32 accumulation).
 #include <immintrin.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
-#ifdef NF4KIT_WITH_OPENMP
-#include <omp.h>
-#endif
+#include <type_traits>
 
 // As in quant_avx2.cpp: the core's inline functions get internal linkage here, so an
 // AVX-512-encoded copy can never be picked by the linker for another translation unit.
@@ -40,30 +37,6 @@ namespace cpu {
 namespace avx512 {
 namespace {
 
-#define NF4_AI inline __attribute__((always_inline))
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Scratch buffer (uninitialised).  Not std::vector<float>: its out-of-line template members
-// would be emitted here as weak symbols compiled for AVX-512, and the linker could pick that
-// copy for the AVX2 translation unit, which runs on CPUs without AVX-512.
-struct FloatBuf {
-  float* p;
-  explicit FloatBuf(size_t n) : p(static_cast<float*>(malloc(n * sizeof(float) + 64))) {}
-  ~FloatBuf() { free(p); }
-  FloatBuf(const FloatBuf&) = delete;
-  FloatBuf& operator=(const FloatBuf&) = delete;
-  float* data() const { return p; }
-};
-
-int num_threads() {
-#ifdef NF4KIT_WITH_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
 NF4_AI __m512 load_table(int quant_type) {
   alignas(64) float t[16];
   for (int c = 0; c < 16; ++c) t[c] = acore::code_value(quant_type, c);
@@ -76,10 +49,6 @@ using acore::code_at;
 // Per-block scales (plain or nested decode, two roundings: -ffp-contract=off keeps it so
 // despite -mfma in this file).
 using Scales = acore::BlockScales;
-
-inline Scales make_scales(const Q4Args& q) {
-  return Scales{q.absmax, q.absmax_q, q.nested_absmax, q.nested_code, q.offset ? *q.offset : 0.0f};
-}
 
 // ---------------------------------------------------------------- nibble decode
 // 16 packed bytes (32 elements from an even index) -> 32 word lanes in element order whose
@@ -127,73 +96,72 @@ NF4_AI __m512i table_w(__m512 p) {
   return _mm512_broadcast_i64x4(h);
 }
 
+// The block's 16 possible outputs as a lookup vector: the fp32 products themselves
+// (vpermps), or their 16-bit outputs in word lanes (vpermw).
+template <int DT>
+NF4_AI auto block_outputs(__m512 p) {
+  if constexpr (DT == acore::kFloat32)
+    return p;
+  else
+    return table_w<DT>(p);
+}
+
+// One 64-byte group of outputs from an even element index (p: its first packed byte):
+// 16 fp32 or 32 16-bit outputs.
+NF4_AI __m512 lookup_group(__m512 outs, const uint8_t* p) { return _mm512_permutexvar_ps(codes16_d(p), outs); }
+NF4_AI __m512i lookup_group(__m512i outs, const uint8_t* p) { return _mm512_permutexvar_epi16(codes32_w(p), outs); }
+
+template <bool NT>
+NF4_AI void store_group(float* o, __m512 v) {
+  if (NT)
+    _mm512_stream_ps(o, v);
+  else
+    _mm512_storeu_ps(o, v);
+}
+template <bool NT>
+NF4_AI void store_group(uint16_t* o, __m512i v) {
+  if (NT)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(o), v);
+  else
+    _mm512_storeu_si512(o, v);
+}
+
+// o[g .. end) one element at a time (odd starts, tails) from the block's output vector.
+template <class T, class V>
+NF4_AI void lookup_scalar(V outs, const uint8_t* packed, T* o, int64_t g, int64_t end) {
+  alignas(64) T t[64 / sizeof(T)];
+  memcpy(t, &outs, 64);
+  for (; g < end; ++g) o[g] = t[code_at(packed, g)];
+}
+
 // ---------------------------------------------------------------- dequantize a span
 // Elements [g0, g0+len) -> out[0..len) in dtype DT, bit-exact.  NT: non-temporal stores for
 // the full 64-byte groups (the caller guarantees they are 64-byte aligned: out is, and every
 // block segment starts a multiple of 32 elements after g0).
 template <int DT, bool NT>
 void dequant_span(const Q4Args& q, const Scales& sc, __m512 tab, int64_t g0, int64_t len, void* out) {
+  using T = std::conditional_t<DT == acore::kFloat32, float, uint16_t>;
+  constexpr int64_t kGroup = 64 / sizeof(T);
   const uint8_t* packed = q.packed;
-  const int lg = __builtin_ctz((unsigned)q.blocksize);  // blocksizes are powers of two
-  int64_t g = g0;
-  const int64_t gend = g0 + len;
-  while (g < gend) {
-    const int64_t b = g >> lg;
-    const int64_t bend = (b + 1) << lg;
-    const int64_t send = bend < gend ? bend : gend;
-    const __m512 p = _mm512_mul_ps(tab, _mm512_set1_ps(sc(b)));  // table[c] * absmax, exact fp32
-    if (DT == acore::kFloat32) {
-      float* o = static_cast<float*>(out) - g0;
-      if (g & 1) {  // odd start (tiles only): one element, then even from here on
-        alignas(64) float t[16];
-        _mm512_store_ps(t, p);
-        o[g] = t[code_at(packed, g)];
-        ++g;
-      }
-      for (; g + 16 <= send; g += 16) {
-        const __m512 v = _mm512_permutexvar_ps(codes16_d(packed + (g >> 1)), p);
-        if (NT)
-          _mm512_stream_ps(o + g, v);
-        else
-          _mm512_storeu_ps(o + g, v);
-      }
-      if (g < send) {
-        alignas(64) float t[16];
-        _mm512_store_ps(t, p);
-        for (; g < send; ++g) o[g] = t[code_at(packed, g)];
-      }
-    } else {
-      uint16_t* o = static_cast<uint16_t*>(out) - g0;
-      const __m512i w = table_w<DT>(p);
-      if (g & 1) {
-        alignas(64) uint16_t t[32];
-        _mm512_store_si512(t, w);
-        o[g] = t[code_at(packed, g)];
-        ++g;
-      }
-      for (; g + 32 <= send; g += 32) {
-        const __m512i v = _mm512_permutexvar_epi16(codes32_w(packed + (g >> 1)), w);
-        if (NT)
-          _mm512_stream_si512(reinterpret_cast<__m512i*>(o + g), v);
-        else
-          _mm512_storeu_si512(o + g, v);
-      }
-      if (g + 16 <= send) {  // codes of 32, first 16 used (the 16 bytes read are in bounds:
-        // they belong to this segment or to the next bytes of the tensor only if g+32 <= n;
-        // otherwise fall through to the scalar loop)
-        if (((g + 32) >> 1) <= ((q.n + 1) >> 1)) {
-          const __m512i v = _mm512_permutexvar_epi16(codes32_w(packed + (g >> 1)), w);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g), _mm512_castsi512_si256(v));
-          g += 16;
-        }
-      }
-      if (g < send) {
-        alignas(64) uint16_t t[32];
-        _mm512_store_si512(t, w);
-        for (; g < send; ++g) o[g] = t[code_at(packed, g)];
+  T* o = static_cast<T*>(out) - g0;
+  for_each_block_segment<true>(g0, g0 + len, q.blocksize, [&](int64_t b, int64_t g, int64_t send) NF4_AI_LAMBDA {
+    const auto outs = block_outputs<DT>(_mm512_mul_ps(tab, _mm512_set1_ps(sc(b))));  // table[c] * absmax, exact fp32
+    if (g & 1) {  // odd start (tiles only): one element, then even from here on
+      lookup_scalar(outs, packed, o, g, g + 1);
+      ++g;
+    }
+    for (; g + kGroup <= send; g += kGroup) store_group<NT>(o + g, lookup_group(outs, packed + (g >> 1)));
+    if constexpr (DT != acore::kFloat32) {
+      // 16 left: codes of 32, first 16 used.  The 16 bytes read lie in this segment or in
+      // the next bytes of the tensor only if g+32 <= n; otherwise the scalar loop does them.
+      if (g + 16 <= send && ((g + 32) >> 1) <= ((q.n + 1) >> 1)) {
+        const __m512i v = lookup_group(outs, packed + (g >> 1));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g), _mm512_castsi512_si256(v));
+        g += 16;
       }
     }
-  }
+    if (g < send) lookup_scalar(outs, packed, o, g, send);
+  });
 }
 
 template <bool NT>
@@ -216,28 +184,23 @@ constexpr int64_t kStreamBytes = int64_t(16) << 20;
 // ================================================================ 4-bit dequantize
 int dequantize_4bit(const Q4Args& q, void* out, int out_dtype) {
   const __m512 tab = load_table(q.quant_type);
-  const Scales sc = make_scales(q);
-  const int64_t nblocks = ceil_div(q.n, q.blocksize);
-  const int64_t bpc = q.blocksize >= 16384 ? 1 : 16384 / q.blocksize;  // ~16K elements a chunk
-  const int64_t nchunks = ceil_div(nblocks, bpc);
+  const Scales sc = block_scales<Scales>(q);
   const int64_t es = dtype_size(out_dtype);
   // Streaming needs every 64-byte group aligned: out aligned and groups at multiples of
   // 32 elements from a chunk start (blocksizes are >= 32 and chunks are whole blocks).
   const bool nt = q.n * es >= kStreamBytes && (reinterpret_cast<uintptr_t>(out) & 63) == 0 && q.blocksize >= 32;
-#pragma omp parallel
-  {
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < nchunks; ++c) {
-      const int64_t g0 = c * bpc * q.blocksize;
-      const int64_t len = (q.n - g0 < bpc * q.blocksize) ? q.n - g0 : bpc * q.blocksize;
-      void* o = static_cast<char*>(out) + g0 * es;
-      if (nt)
-        dequant_span_any<true>(q, sc, tab, g0, len, o, out_dtype);
-      else
-        dequant_span_any<false>(q, sc, tab, g0, len, o, out_dtype);
-    }
-    if (nt) _mm_sfence();  // streaming stores visible before the caller reads out
-  }
+  for_each_block_chunk(
+      q.n, q.blocksize,
+      [=](int64_t g0, int64_t len) NF4_AI_LAMBDA {
+        void* o = static_cast<char*>(out) + g0 * es;
+        if (nt)
+          dequant_span_any<true>(q, sc, tab, g0, len, o, out_dtype);
+        else
+          dequant_span_any<false>(q, sc, tab, g0, len, o, out_dtype);
+      },
+      [=]() NF4_AI_LAMBDA {
+        if (nt) _mm_sfence();  // streaming stores visible before the caller reads out
+      });
   return kOk;
 }
 
@@ -245,14 +208,12 @@ int dequantize_4bit_tile(const Q4Args& q, int64_t N, int64_t K, int64_t n0, int6
                          void* out, int out_dtype) {
   (void)N;
   const __m512 tab = load_table(q.quant_type);
-  const Scales sc = make_scales(q);
-  const int64_t width = k1 - k0;
-  const int64_t es = dtype_size(out_dtype);
+  const Scales sc = block_scales<Scales>(q);
   // The tile is transient and re-read at once by the GEMM: ordinary (cached) stores.
-#pragma omp parallel for schedule(static)
-  for (int64_t r = n0; r < n1; ++r)
-    dequant_span_any<false>(q, sc, tab, r * K + k0, width, static_cast<char*>(out) + (r - n0) * width * es,
-                            out_dtype);
+  const auto row = [=](int64_t g0, int64_t len, void* o) NF4_AI_LAMBDA {
+    dequant_span_any<false>(q, sc, tab, g0, len, o, out_dtype);
+  };
+  for_each_tile_row(K, n0, n1, k0, k1, out, dtype_size(out_dtype), row);
   return kOk;
 }
 
@@ -286,29 +247,30 @@ void merge_even_odd(const float* xp, int64_t K, float* x) {
   }
 }
 
+// The weights of the 32 elements from an even index (p: their 16 packed bytes) in the split
+// layout: even elements (high nibbles) and odd elements (low nibbles), looked up in the
+// block's 16 weight values w16.
+NF4_AI void weights32(const uint8_t* p, __m512 w16, __m512& even, __m512& odd) {
+  const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  even = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), w16);
+  odd = _mm512_permutexvar_ps(c, w16);
+}
+
 // y[m] = Σ_k xp[m, k] · W[n, k] for MT rows of x (xp in the split layout, row stride K).
 // Per block segment the 16 weight values are table[c] * absmax (the exact dequantized
 // values); two groups per step into separate accumulators to cover the FMA latency.
 template <int MT>
-NF4_AI void row_dot(const uint8_t* packed, const Scales& sc, __m512 tab, int lg, int64_t n, int64_t K,
+NF4_AI void row_dot(const uint8_t* packed, const Scales& sc, __m512 tab, int blocksize, int64_t n, int64_t K,
                     const float* xp, float* outv) {
   __m512 a0[MT], a1[MT], a2[MT], a3[MT];
   for (int m = 0; m < MT; ++m) a0[m] = a1[m] = a2[m] = a3[m] = _mm512_setzero_ps();
-  const int64_t r0 = n * K, r1 = r0 + K;
-  int64_t g = r0;
-  while (g < r1) {
-    const int64_t b = g >> lg;
-    const int64_t bend = (b + 1) << lg;
-    const int64_t send = bend < r1 ? bend : r1;
+  const int64_t r0 = n * K;
+  for_each_block_segment<true>(r0, r0 + K, blocksize, [&](int64_t b, int64_t g, int64_t send) NF4_AI_LAMBDA {
     const __m512 p = _mm512_mul_ps(tab, _mm512_set1_ps(sc(b)));
     for (; g + 64 <= send; g += 64) {
-      const __m512i c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (g >> 1))));
-      const __m512i c1 =
-          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (g >> 1) + 16)));
-      const __m512 we0 = _mm512_permutexvar_ps(_mm512_srli_epi32(c0, 4), p);
-      const __m512 wo0 = _mm512_permutexvar_ps(c0, p);
-      const __m512 we1 = _mm512_permutexvar_ps(_mm512_srli_epi32(c1, 4), p);
-      const __m512 wo1 = _mm512_permutexvar_ps(c1, p);
+      __m512 we0, wo0, we1, wo1;
+      weights32(packed + (g >> 1), p, we0, wo0);
+      weights32(packed + (g >> 1) + 16, p, we1, wo1);
       const float* xk = xp + (g - r0);
       for (int m = 0; m < MT; ++m) {
         a0[m] = _mm512_fmadd_ps(we0, _mm512_loadu_ps(xk + m * K), a0[m]);
@@ -318,17 +280,15 @@ NF4_AI void row_dot(const uint8_t* packed, const Scales& sc, __m512 tab, int lg,
       }
     }
     if (g < send) {  // one group of 32 left (segments are multiples of 32)
-      const __m512i c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (g >> 1))));
-      const __m512 we0 = _mm512_permutexvar_ps(_mm512_srli_epi32(c0, 4), p);
-      const __m512 wo0 = _mm512_permutexvar_ps(c0, p);
+      __m512 we0, wo0;
+      weights32(packed + (g >> 1), p, we0, wo0);
       const float* xk = xp + (g - r0);
       for (int m = 0; m < MT; ++m) {
         a0[m] = _mm512_fmadd_ps(we0, _mm512_loadu_ps(xk + m * K), a0[m]);
         a1[m] = _mm512_fmadd_ps(wo0, _mm512_loadu_ps(xk + m * K + 16), a1[m]);
       }
-      g += 32;
     }
-  }
+  });
   for (int m = 0; m < MT; ++m)
     outv[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[m], a1[m]), _mm512_add_ps(a2[m], a3[m])));
 }
@@ -349,8 +309,9 @@ void split_by_nibble(const float* x, int64_t M, int64_t K, float* xq) {
 }
 
 template <int MT>
-NF4_AI void row_dot_wide(const uint8_t* packed, const Scales& sc, __m512 tab, int lg, int64_t n, int64_t K,
+NF4_AI void row_dot_wide(const uint8_t* packed, const Scales& sc, __m512 tab, int blocksize, int64_t n, int64_t K,
                          const float* xq, float* outv) {
+  const int lg = __builtin_ctz((unsigned)blocksize);
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t r0 = n * K;
@@ -381,37 +342,22 @@ NF4_AI void row_dot_wide(const uint8_t* packed, const Scales& sc, __m512 tab, in
 }
 
 template <bool WIDE>
-void gemv_rows(const Q4Args& q, const Scales& sc, __m512 tab, int lg, const float* xp, int64_t M, int64_t N,
-               int64_t K, const float* bias, float* y) {
+void gemv_rows(const Q4Args& q, const Scales& sc, __m512 tab, const float* xp, int64_t M, int64_t N, int64_t K,
+               const float* bias, float* y) {
   // OpenMP over output rows; all M tiles of a row back to back, so the row's packed bytes
   // are read from memory once and from L1 for the other tiles.
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const float bv = bias ? bias[n] : 0.0f;
-    int64_t m0 = 0;
-    float o[4];
-    for (; m0 + 4 <= M; m0 += 4) {
-      if (WIDE)
-        row_dot_wide<4>(q.packed, sc, tab, lg, n, K, xp + m0 * K, o);
+    for_each_m_tile(M, [&](auto mt, int64_t m0) NF4_AI_LAMBDA {
+      constexpr int MT = decltype(mt)::value;
+      float o[MT];
+      if constexpr (WIDE)
+        row_dot_wide<MT>(q.packed, sc, tab, q.blocksize, n, K, xp + m0 * K, o);
       else
-        row_dot<4>(q.packed, sc, tab, lg, n, K, xp + m0 * K, o);
-      for (int m = 0; m < 4; ++m) y[(m0 + m) * N + n] = o[m] + bv;
-    }
-    switch (M - m0) {
-#define NF4_TAIL(T)                                                   \
-  case T:                                                             \
-    if (WIDE)                                                         \
-      row_dot_wide<T>(q.packed, sc, tab, lg, n, K, xp + m0 * K, o);   \
-    else                                                              \
-      row_dot<T>(q.packed, sc, tab, lg, n, K, xp + m0 * K, o);        \
-    break;
-      NF4_TAIL(3)
-      NF4_TAIL(2)
-      NF4_TAIL(1)
-#undef NF4_TAIL
-      default: break;
-    }
-    for (int64_t m = m0; m < M; ++m) y[m * N + n] = o[m - m0] + bv;
+        row_dot<MT>(q.packed, sc, tab, q.blocksize, n, K, xp + m0 * K, o);
+      for (int m = 0; m < MT; ++m) y[(m0 + m) * N + n] = o[m] + bv;
+    });
   }
 }
 
@@ -420,80 +366,50 @@ void gemv_rows(const Q4Args& q, const Scales& sc, __m512 tab, int lg, const floa
 int gemv_4bit(const float* x, int64_t M, const Q4Args& q, int64_t N, int64_t K, const float* bias, float* y) {
   if (K % 32 != 0 || q.blocksize < 32) return avx2::gemv_4bit(x, M, q, N, K, bias, y);
   const __m512 tab = load_table(q.quant_type);
-  const Scales sc = make_scales(q);
-  const int lg = __builtin_ctz((unsigned)q.blocksize);
-  FloatBuf xs((size_t)(M * K));
+  const Scales sc = block_scales<Scales>(q);
+  Scratch<float> xs((size_t)(M * K));
   if (!xs.data()) return kNoMemory;
   if (K % 128 == 0 && q.blocksize >= 64) {
     split_by_nibble(x, M, K, xs.data());
-    gemv_rows<true>(q, sc, tab, lg, xs.data(), M, N, K, bias, y);
+    gemv_rows<true>(q, sc, tab, xs.data(), M, N, K, bias, y);
   } else {
     split_even_odd(x, M, K, xs.data());
-    gemv_rows<false>(q, sc, tab, lg, xs.data(), M, N, K, bias, y);
+    gemv_rows<false>(q, sc, tab, xs.data(), M, N, K, bias, y);
   }
   return kOk;
 }
 
-// dx [M, K] = dy [M, N] · W: each thread takes a contiguous range of rows of W and adds
-// dy[m, n] · W[n, :] into its own fp32 accumulator [M, K] (split layout); the accumulators
-// are summed and re-interleaved at the end.
+// dx [M, K] = dy [M, N] · W (gemv_t_threads), the accumulators in the split layout:
+// re-interleaved as each row of dx is written.
 int gemv_t_4bit(const float* dy, int64_t M, const Q4Args& q, int64_t N, int64_t K, float* dx) {
   if (K % 32 != 0 || q.blocksize < 32) return avx2::gemv_t_4bit(dy, M, q, N, K, dx);
   const __m512 tab = load_table(q.quant_type);
-  const Scales sc = make_scales(q);
-  const int lg = __builtin_ctz((unsigned)q.blocksize);
-  const int nt = (int)(num_threads() < N ? num_threads() : N);
+  const Scales sc = block_scales<Scales>(q);
   // Padded row stride: rows K floats apart (K a multiple of 1024) would share L1 sets.
   const int64_t ld = K + 32;
-  FloatBuf partial((size_t)nt * (size_t)(M * ld));
-  if (!partial.data()) return kNoMemory;
-#pragma omp parallel num_threads(nt)
-  {
-#ifdef NF4KIT_WITH_OPENMP
-    const int tid = omp_get_thread_num();
-    const int nth = omp_get_num_threads();
-#else
-    const int tid = 0, nth = 1;
-#endif
-    float* acc = partial.data() + (size_t)tid * (size_t)(M * ld);
-    memset(acc, 0, sizeof(float) * (size_t)(M * ld));
-    const int64_t n_begin = N * tid / nth, n_end = N * (tid + 1) / nth;
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      const int64_t r0 = n * K, r1 = r0 + K;
-      int64_t g = r0;
-      while (g < r1) {
-        const int64_t b = g >> lg;
-        const int64_t bend = (b + 1) << lg;
-        const int64_t send = bend < r1 ? bend : r1;
-        const __m512 p = _mm512_mul_ps(tab, _mm512_set1_ps(sc(b)));
-        for (; g < send; g += 32) {
-          const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q.packed + (g >> 1))));
-          const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), p);
-          const __m512 wo = _mm512_permutexvar_ps(c, p);
-          float* a = acc + (g - r0);
-          for (int64_t m = 0; m < M; ++m) {
-            const __m512 d = _mm512_set1_ps(dy[m * N + n]);
-            float* am = a + m * ld;
-            _mm512_storeu_ps(am, _mm512_fmadd_ps(we, d, _mm512_loadu_ps(am)));
-            _mm512_storeu_ps(am + 16, _mm512_fmadd_ps(wo, d, _mm512_loadu_ps(am + 16)));
-          }
+  const bool ok = gemv_t_threads(
+      M, N, K, ld,
+      [=](int64_t n_begin, int64_t n_end, float* acc) NF4_AI_LAMBDA {
+        for (int64_t n = n_begin; n < n_end; ++n) {
+          const int64_t r0 = n * K;
+          for_each_block_segment<true>(r0, r0 + K, q.blocksize, [&](int64_t b, int64_t g, int64_t send) NF4_AI_LAMBDA {
+            const __m512 p = _mm512_mul_ps(tab, _mm512_set1_ps(sc(b)));
+            for (; g < send; g += 32) {
+              __m512 we, wo;
+              weights32(q.packed + (g >> 1), p, we, wo);
+              float* a = acc + (g - r0);
+              for (int64_t m = 0; m < M; ++m) {
+                const __m512 d = _mm512_set1_ps(dy[m * N + n]);
+                float* am = a + m * ld;
+                _mm512_storeu_ps(am, _mm512_fmadd_ps(we, d, _mm512_loadu_ps(am)));
+                _mm512_storeu_ps(am + 16, _mm512_fmadd_ps(wo, d, _mm512_loadu_ps(am + 16)));
+              }
+            }
+          });
         }
-      }
-    }
-#pragma omp barrier
-    // Sum of the per-thread accumulators (still split), rows of dx split across threads.
-    FloatBuf rowbuf(M * tid / nth < M * (tid + 1) / nth ? (size_t)K : 0);
-    for (int64_t m = M * tid / nth; m < M * (tid + 1) / nth; ++m) {
-      float* s = rowbuf.data();
-      memcpy(s, partial.data() + m * ld, sizeof(float) * (size_t)K);
-      for (int p = 1; p < nth; ++p) {
-        const float* src = partial.data() + (size_t)p * (size_t)(M * ld) + m * ld;
-        for (int64_t i = 0; i < K; ++i) s[i] += src[i];
-      }
-      merge_even_odd(s, K, dx + m * K);
-    }
-  }
-  return kOk;
+      },
+      [=](int64_t m, const float* sum) NF4_AI_LAMBDA { merge_even_odd(sum, K, dx + m * K); });
+  return ok ? kOk : kNoMemory;
 }
 
 }  // namespace avx512

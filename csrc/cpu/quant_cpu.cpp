@@ -41,7 +41,7 @@ inline void store_from_f32(void* p, int dtype, int64_t i, const float* values, i
   }
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t dtype_size(int dtype) { return dtype == core::kFloat32 ? 4 : 2; }
 
 // max |x| over in[start, start + count).
 inline float block_absmax(const void* in, int dtype, int64_t start, int64_t count) {
@@ -50,24 +50,16 @@ inline float block_absmax(const void* in, int dtype, int64_t start, int64_t coun
   return amax;
 }
 
-// int8 absmax: c = fp32(127 * fp32(1 / max(absmax, 1e-30))); q = clamp(round_half_even(x * c)).
-inline float int8_scale(float amax) { return (1.0f / (amax > 1e-30f ? amax : 1e-30f)) * 127.0f; }
-inline int8_t int8_encode(float x, float c) {
-  float v = nearbyintf(x * c);
-  return (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+inline void fill_code_table(int quant_type, float* table) {
+  for (int c = 0; c < 16; ++c) table[c] = core::code_value(quant_type, c);
 }
 
 }  // namespace
 
 static int generic_quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int quant_type,
-                  uint8_t* packed, float* absmax) {
-  if (n <= 0 || blocksize <= 0 || (blocksize & 1)) return kBadArgument;
-  const int64_t nblocks = ceil_div(n, blocksize);
+                                 uint8_t* packed, float* absmax) {
   // Blocks have an even size, so every block starts on a byte boundary.
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t start = b * blocksize;
-    const int64_t count = (n - start < blocksize) ? n - start : blocksize;
+  for_each_block(n, blocksize, [=](int64_t b, int64_t start, int64_t count) NF4_AI_LAMBDA {
     const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
     const float inv = core::block_inverse(amax);
@@ -77,115 +69,80 @@ static int generic_quantize_4bit(const void* in, int in_dtype, int64_t n, int bl
                                    : core::zero_code(quant_type);
       packed[(start + j) >> 1] = core::pack_pair(hi, lo);
     }
-  }
+  });
   return kOk;
 }
 
-static int generic_dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q,
-                    const float* nested_absmax, const float* nested_code, const float* offset,
-                    int64_t n, int blocksize, int quant_type, void* out, int out_dtype) {
-  if (n <= 0 || blocksize <= 0 || (blocksize & 1)) return kBadArgument;
-  if (absmax == nullptr && (absmax_q == nullptr || nested_absmax == nullptr || nested_code == nullptr ||
-                            offset == nullptr))
-    return kBadArgument;
-  const int64_t nblocks = ceil_div(n, blocksize);
+static int generic_dequantize_4bit(const Q4Args& q, void* out, int out_dtype) {
   float table[16];
-  for (int c = 0; c < 16; ++c) table[c] = core::code_value(quant_type, c);
-  const float off = offset ? *offset : 0.0f;
-#pragma omp parallel
-  {
+  fill_code_table(q.quant_type, table);
+  const core::BlockScales sc = block_scales<core::BlockScales>(q);
+  for_each_block(q.n, q.blocksize, [=](int64_t b, int64_t start, int64_t count64) NF4_AI_LAMBDA {
+    const int count = (int)count64;
+    const float scale = sc(b);
+    const uint8_t* src = q.packed + (start >> 1);
     float buf[4096];
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const int64_t start = b * blocksize;
-      const int count = (int)((n - start < blocksize) ? n - start : blocksize);
-      const float scale = absmax ? absmax[b]
-                                 : core::nested_absmax_decode(absmax_q[b], nested_code,
-                                                              nested_absmax[b / core::kNestedBlocksize], off);
-      const uint8_t* src = packed + (start >> 1);
-      for (int j = 0; j < count / 2; ++j) {
-        buf[2 * j] = table[core::high_code(src[j])] * scale;
-        buf[2 * j + 1] = table[core::low_code(src[j])] * scale;
-      }
-      if (count & 1) buf[count - 1] = table[core::high_code(src[count / 2])] * scale;
-      store_from_f32(out, out_dtype, start, buf, count);
+    for (int j = 0; j < count / 2; ++j) {
+      buf[2 * j] = table[core::high_code(src[j])] * scale;
+      buf[2 * j + 1] = table[core::low_code(src[j])] * scale;
     }
-  }
+    if (count & 1) buf[count - 1] = table[core::high_code(src[count / 2])] * scale;
+    store_from_f32(out, out_dtype, start, buf, count);
+  });
   return kOk;
 }
 
 static int generic_quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, const float* code,
-                       uint8_t* q, float* absmax) {
-  if (n <= 0 || blocksize <= 0) return kBadArgument;
-  const int64_t nblocks = ceil_div(n, blocksize);
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t start = b * blocksize;
-    const int64_t count = (n - start < blocksize) ? n - start : blocksize;
+                                      uint8_t* q, float* absmax) {
+  for_each_block(n, blocksize, [=](int64_t b, int64_t start, int64_t count) NF4_AI_LAMBDA {
     const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
     const float inv = core::block_inverse(amax);
     for (int64_t j = 0; j < count; ++j)
       q[start + j] = core::dynamic_encode(core::mul_rn(load_as_f32(in, in_dtype, start + j), inv), code);
-  }
+  });
   return kOk;
 }
 
 static int generic_dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
-                         int blocksize, void* out, int out_dtype) {
-  if (n <= 0 || blocksize <= 0) return kBadArgument;
-  const int64_t nblocks = ceil_div(n, blocksize);
-#pragma omp parallel
-  {
+                                        int blocksize, void* out, int out_dtype) {
+  for_each_block(n, blocksize, [=](int64_t b, int64_t start, int64_t total) NF4_AI_LAMBDA {
     float buf[4096];
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const int64_t start = b * blocksize;
-      const int64_t total = (n - start < blocksize) ? n - start : blocksize;
-      for (int64_t done = 0; done < total; done += 4096) {
-        const int count = (int)((total - done < 4096) ? total - done : 4096);
-        for (int j = 0; j < count; ++j) buf[j] = code[q[start + done + j]] * absmax[b];
-        store_from_f32(out, out_dtype, start + done, buf, count);
-      }
+    for (int64_t done = 0; done < total; done += 4096) {
+      const int count = (int)((total - done < 4096) ? total - done : 4096);
+      for (int j = 0; j < count; ++j) buf[j] = code[q[start + done + j]] * absmax[b];
+      store_from_f32(out, out_dtype, start + done, buf, count);
     }
-  }
+  });
   return kOk;
 }
 
-// Elements [e0, e1) of a 4-bit tensor -> out[0 .. e1-e0), scalar.
-static void generic_dequantize_range(const Q4Args& q, int64_t e0, int64_t e1, void* out, int out_dtype) {
-  float table[16];
-  for (int c = 0; c < 16; ++c) table[c] = core::code_value(q.quant_type, c);
-  const float off = q.offset ? *q.offset : 0.0f;
+// Elements [g0, g0 + len) of a 4-bit tensor -> out[0 .. len), scalar.
+static void generic_dequantize_span(const Q4Args& q, const core::BlockScales& sc, const float* table, int64_t g0,
+                                    int64_t len, void* out, int out_dtype) {
+  const uint8_t* packed = q.packed;
   float buf[256];
-  for (int64_t e = e0; e < e1;) {
-    const int64_t b = e / q.blocksize;
-    const int64_t seg_end = (b + 1) * q.blocksize < e1 ? (b + 1) * q.blocksize : e1;
-    const float scale = q.absmax ? q.absmax[b]
-                                 : core::nested_absmax_decode(q.absmax_q[b], q.nested_code,
-                                                              q.nested_absmax[b / core::kNestedBlocksize], off);
+  for_each_block_segment(g0, g0 + len, q.blocksize, [&](int64_t b, int64_t e, int64_t seg_end) NF4_AI_LAMBDA {
+    const float scale = sc(b);
     while (e < seg_end) {
       const int count = (int)(seg_end - e < 256 ? seg_end - e : 256);
-      for (int j = 0; j < count; ++j) {
-        const int64_t g = e + j;
-        const uint8_t byte = q.packed[g >> 1];
-        buf[j] = table[(g & 1) ? core::low_code(byte) : core::high_code(byte)] * scale;
-      }
-      store_from_f32(out, out_dtype, e - e0, buf, count);
+      for (int j = 0; j < count; ++j) buf[j] = table[core::code_at(packed, e + j)] * scale;
+      store_from_f32(out, out_dtype, e - g0, buf, count);
       e += count;
     }
-  }
+  });
 }
 
 static int generic_dequantize_4bit_tile(const Q4Args& q, int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t k0,
                                         int64_t k1, void* out, int out_dtype) {
-  const int64_t width = k1 - k0;
-  const int64_t esize = out_dtype == core::kFloat32 ? 4 : 2;
-#pragma omp parallel for schedule(static)
-  for (int64_t r = n0; r < n1; ++r)
-    generic_dequantize_range(q, r * K + k0, r * K + k1, static_cast<char*>(out) + (r - n0) * width * esize,
-                             out_dtype);
   (void)N;
+  float table[16];
+  fill_code_table(q.quant_type, table);
+  const core::BlockScales sc = block_scales<core::BlockScales>(q);
+  const auto row = [=](int64_t g0, int64_t len, void* o) NF4_AI_LAMBDA {
+    generic_dequantize_span(q, sc, table, g0, len, o, out_dtype);
+  };
+  for_each_tile_row(K, n0, n1, k0, k1, out, dtype_size(out_dtype), row);
   return kOk;
 }
 
@@ -193,8 +150,7 @@ static int generic_dequantize_4bit_tile(const Q4Args& q, int64_t N, int64_t K, i
 static int generic_quantize_absmax_int8(const void* in, int in_dtype, int64_t n, int64_t blocksize, int8_t* q,
                                         float* absmax) {
   const int64_t bs = blocksize == 0 ? n : blocksize;
-  const int64_t nblocks = ceil_div(n, bs);
-  if (nblocks == 1) {
+  if (ceil_div(n, bs) == 1) {
     // One block (per tensor): parallel max, then parallel encode.
     float amax = 0.0f;
 #pragma omp parallel for reduction(max : amax) schedule(static)
@@ -205,15 +161,12 @@ static int generic_quantize_absmax_int8(const void* in, int in_dtype, int64_t n,
     for (int64_t i = 0; i < n; ++i) q[i] = int8_encode(load_as_f32(in, in_dtype, i), c);
     return kOk;
   }
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t start = b * bs;
-    const int64_t count = (n - start < bs) ? n - start : bs;
+  for_each_block(n, bs, [=](int64_t b, int64_t start, int64_t count) NF4_AI_LAMBDA {
     const float amax = block_absmax(in, in_dtype, start, count);
     absmax[b] = amax;
     const float c = int8_scale(amax);
     for (int64_t j = 0; j < count; ++j) q[start + j] = int8_encode(load_as_f32(in, in_dtype, start + j), c);
-  }
+  });
   return kOk;
 }
 
@@ -302,8 +255,13 @@ void advise_hugepages(void* p, int64_t bytes) {
 #endif
 }
 
-static int64_t dtype_size(int dtype) { return dtype == core::kFloat32 ? 4 : 2; }
 static bool valid_dtype(int dtype) { return dtype >= core::kFloat32 && dtype <= core::kBFloat16; }
+static bool is_pow2(int blocksize) { return (blocksize & (blocksize - 1)) == 0; }
+// The state pointers a plain or a nested 4-bit state needs (see Q4Args).
+static bool has_state(const Q4Args& q) {
+  return q.absmax != nullptr ||
+         (q.absmax_q != nullptr && q.nested_absmax != nullptr && q.nested_code != nullptr && q.offset != nullptr);
+}
 
 int quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int quant_type, uint8_t* packed,
                   float* absmax) {
@@ -316,29 +274,20 @@ int quantize_4bit(const void* in, int in_dtype, int64_t n, int blocksize, int qu
 int dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q,
                     const float* nested_absmax, const float* nested_code, const float* offset, int64_t n,
                     int blocksize, int quant_type, void* out, int out_dtype) {
-  if (n <= 0 || blocksize <= 0 || (blocksize & 1) || !valid_dtype(out_dtype)) return kBadArgument;
-  if (absmax == nullptr && (absmax_q == nullptr || nested_absmax == nullptr || nested_code == nullptr ||
-                            offset == nullptr))
-    return kBadArgument;
+  const Q4Args q{packed, absmax, absmax_q, nested_absmax, nested_code, offset, n, blocksize, quant_type};
+  if (n <= 0 || blocksize <= 0 || (blocksize & 1) || !valid_dtype(out_dtype) || !has_state(q)) return kBadArgument;
   advise_hugepages(out, n * dtype_size(out_dtype));
-  if (use_avx2()) {
-    const Q4Args q{packed, absmax, absmax_q, nested_absmax, nested_code, offset, n, blocksize, quant_type};
-    if (use_avx512() && (blocksize & (blocksize - 1)) == 0) return avx512::dequantize_4bit(q, out, out_dtype);
-    return avx2::dequantize_4bit(q, out, out_dtype);
-  }
-  return generic_dequantize_4bit(packed, absmax, absmax_q, nested_absmax, nested_code, offset, n, blocksize,
-                                 quant_type, out, out_dtype);
+  if (use_avx512() && is_pow2(blocksize)) return avx512::dequantize_4bit(q, out, out_dtype);
+  if (use_avx2()) return avx2::dequantize_4bit(q, out, out_dtype);
+  return generic_dequantize_4bit(q, out, out_dtype);
 }
 
 int dequantize_4bit_tile(const Q4Args& q, int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
                          void* out, int out_dtype) {
   if (q.blocksize <= 0 || (q.blocksize & 1) || !valid_dtype(out_dtype) || N <= 0 || K <= 0 || N * K != q.n)
     return kBadArgument;
-  if (n0 < 0 || n1 > N || n0 >= n1 || k0 < 0 || k1 > K || k0 >= k1) return kBadArgument;
-  if (q.absmax == nullptr && (q.absmax_q == nullptr || q.nested_absmax == nullptr || q.nested_code == nullptr ||
-                              q.offset == nullptr))
-    return kBadArgument;
-  if (use_avx512() && (q.blocksize & (q.blocksize - 1)) == 0)
+  if (n0 < 0 || n1 > N || n0 >= n1 || k0 < 0 || k1 > K || k0 >= k1 || !has_state(q)) return kBadArgument;
+  if (use_avx512() && is_pow2(q.blocksize))
     return avx512::dequantize_4bit_tile(q, N, K, n0, n1, k0, k1, out, out_dtype);
   if (use_avx2()) return avx2::dequantize_4bit_tile(q, N, K, n0, n1, k0, k1, out, out_dtype);
   return generic_dequantize_4bit_tile(q, N, K, n0, n1, k0, k1, out, out_dtype);
@@ -374,10 +323,7 @@ int dequantize_absmax_int8(const int8_t* q, const float* absmax, int64_t n, int6
 }
 
 static bool valid_q4(const Q4Args& q, int64_t N, int64_t K) {
-  if (N <= 0 || K <= 0 || N * K != q.n || q.blocksize <= 0 || (q.blocksize & (q.blocksize - 1))) return false;
-  if (q.absmax == nullptr && (q.absmax_q == nullptr || q.nested_absmax == nullptr || q.nested_code == nullptr ||
-                              q.offset == nullptr))
-    return false;
+  if (N <= 0 || K <= 0 || N * K != q.n || q.blocksize <= 0 || !is_pow2(q.blocksize) || !has_state(q)) return false;
   return q.quant_type == core::kNF4 || q.quant_type == core::kFP4;
 }
 

@@ -184,9 +184,9 @@ def dequantize_absmax_int8(q: torch.Tensor, absmax: torch.Tensor, blocksize: int
 
 
 # ---------------------------------------------------------------- matmuls
-def _matmul_ok(t: torch.Tensor, blocksize: int, N: int, K: int) -> bool:
+def _matmul_ok(t: torch.Tensor, blocksize: int, N: int, K: int, cols: int) -> bool:
     # The tile / fused kernels index blocks by shifts: power-of-two blocksizes (all the format allows).
-    return (t.dtype in DTYPE_CODES and t.dim() == 2 and N > 0 and K > 0 and blocksize > 0
+    return (t.dtype in DTYPE_CODES and t.dim() == 2 and t.shape[1] == cols and N > 0 and K > 0 and blocksize > 0
             and blocksize & (blocksize - 1) == 0)
 
 
@@ -194,91 +194,54 @@ def _tile_rows(total_rows: int, row_len: int) -> int:
     return max(1, min(total_rows, TILE_ELEMS // max(row_len, 1)))
 
 
-def _lora_fp32(y: torch.Tensor, x: torch.Tensor, lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor],
-               lora_scale: float, backward: bool) -> None:
-    """y (fp32) += s·(x·Aᵀ)·Bᵀ (forward) or s·(x·B)·A (backward), in fp32, in place."""
+def _weight_args(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                 nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int,
+                 quant_type: str) -> tuple[list[torch.Tensor], tuple]:
+    """(tensors to keep alive, the packed weight W as the tile and fused kernels take it: (packed, absmax,
+    absmax_q, nested_absmax, nested_code, offset) pointers, blocksize, quant type code)."""
+    packed = packed.reshape(-1).contiguous()
+    keep, state = _state(absmax, nested_absmax, nested_code, offset)
+    return [packed, *keep], (ptr(packed), *state, blocksize, QUANT_TYPE_CODES[quant_type])
+
+
+def _add_lora(y: torch.Tensor, x: torch.Tensor, lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor],
+              lora_scale: float, backward: bool) -> None:
+    """y += s·(x·Aᵀ)·Bᵀ (forward) or s·(x·B)·A (backward), in place, in y's dtype."""
     if lora_A is None:
         return
-    A, B = lora_A.float(), lora_B.float()
+    A, B = lora_A.to(y.dtype), lora_B.to(y.dtype)
     if backward:
         y.addmm_(x @ B, A, alpha=lora_scale)
     else:
         y.addmm_(x @ A.t(), B.t(), alpha=lora_scale)
 
 
-def _matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
-                nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, quant_type: str,
-                N: int, K: int, bias: Optional[torch.Tensor], lora_A: Optional[torch.Tensor],
-                lora_B: Optional[torch.Tensor], lora_scale: float):
-    """x [M, K] -> x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias, [M, N] in x.dtype (W [N, K] packed)."""
-    if not _matmul_ok(x, blocksize, N, K) or x.shape[1] != K:
-        return NotImplemented
-    C = load()
-    M = x.shape[0]
-    if M == 0:
-        return torch.empty((0, N), dtype=x.dtype)
-    packed = packed.reshape(-1).contiguous()
-    keep, (a, aq, na, nc, off) = _state(absmax, nested_absmax, nested_code, offset)
-    qt = QUANT_TYPE_CODES[quant_type]
-    if M <= GEMV_MAX_M[x.dtype] and C.cpu.isa() in _FUSED_ISAS:
-        # Fused decode + GEMV in fp32 (x converted once); LoRA's M×r term in fp32 with torch.
-        xf = x.float().contiguous()
-        y = torch.empty((M, N), dtype=torch.float32)
-        bf = bias.float().contiguous() if bias is not None else None
-        check(C.cpu.gemv_4bit(ptr(xf), M, ptr(packed), a, aq, na, nc, off, blocksize, qt, N, K, ptr(bf), ptr(y)),
-              "cpu.gemv_4bit")
-        _lora_fp32(y, xf, lora_A, lora_B, lora_scale, backward=False)
-        del keep
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
-    # Large M: bands of weight rows, dequantized into one transient buffer, GEMM into out[:, band].
-    cdt = x.dtype
-    xc = x.contiguous()
-    out = torch.empty((M, N), dtype=cdt)
+def _tiled_forward(xc: torch.Tensor, weight: tuple, N: int, K: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """xc [M, K] contiguous -> xc·deq(W)ᵀ + bias, [M, N] in xc.dtype: bands of weight rows, dequantized into
+    one transient buffer, GEMM into out[:, band]."""
+    cdt = xc.dtype
+    out = torch.empty((xc.shape[0], N), dtype=cdt)
     nt = _tile_rows(N, K)
     buf = torch.empty(nt * K, dtype=cdt)
     bc = bias.to(cdt) if bias is not None else None
     for n0 in range(0, N, nt):
         n1 = min(N, n0 + nt)
         w = buf[: (n1 - n0) * K].view(n1 - n0, K)
-        check(C.cpu.dequantize_4bit_tile(ptr(packed), a, aq, na, nc, off, blocksize, qt, N, K, n0, n1, 0, K,
-                                         ptr(w), DTYPE_CODES[cdt]), "cpu.dequantize_4bit_tile")
+        check(load().cpu.dequantize_4bit_tile(*weight, N, K, n0, n1, 0, K, ptr(w), DTYPE_CODES[cdt]),
+              "cpu.dequantize_4bit_tile")
         if bc is not None:
             torch.addmm(bc[n0:n1], xc, w.t(), out=out[:, n0:n1])
         else:
             torch.mm(xc, w.t(), out=out[:, n0:n1])
-    if lora_A is not None:
-        out.addmm_(xc @ lora_A.to(cdt).t(), lora_B.to(cdt).t(), alpha=lora_scale)
-    del keep
     return out
 
 
-def _matmul_4bit_backward_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
-                               nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
-                               offset: Optional[torch.Tensor], blocksize: int, quant_type: str, N: int, K: int,
-                               lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], lora_scale: float):
-    """dy [M, N] -> dy·deq(W) + s·(dy·B)·A, [M, K] in dy.dtype."""
-    if not _matmul_ok(dy, blocksize, N, K) or dy.shape[1] != N:
-        return NotImplemented
-    C = load()
-    M = dy.shape[0]
-    if M == 0:
-        return torch.empty((0, K), dtype=dy.dtype)
-    packed = packed.reshape(-1).contiguous()
-    keep, (a, aq, na, nc, off) = _state(absmax, nested_absmax, nested_code, offset)
-    qt = QUANT_TYPE_CODES[quant_type]
-    if M <= GEMV_T_MAX_M[dy.dtype] and C.cpu.isa() in _FUSED_ISAS:
-        dyf = dy.float().contiguous()
-        dx = torch.empty((M, K), dtype=torch.float32)
-        check(C.cpu.gemv_t_4bit(ptr(dyf), M, ptr(packed), a, aq, na, nc, off, blocksize, qt, N, K, ptr(dx)),
-              "cpu.gemv_t_4bit")
-        _lora_fp32(dx, dyf, lora_A, lora_B, lora_scale, backward=True)
-        del keep
-        return dx if dy.dtype == torch.float32 else dx.to(dy.dtype)
-    # Large M: bands of weight columns W[:, k0:k1] (N × kt), GEMM into dx[:, k0:k1]; every
-    # output element is produced by one GEMM (no accumulation across tiles in a low dtype).
-    cdt = dy.dtype
-    dyc = dy.contiguous()
-    dx = torch.empty((M, K), dtype=cdt)
+def _tiled_backward(dyc: torch.Tensor, weight: tuple, N: int, K: int) -> torch.Tensor:
+    """dyc [M, N] contiguous -> dyc·deq(W), [M, K] in dyc.dtype: bands of weight columns W[:, k0:k1] (N × kt),
+    GEMM into dx[:, k0:k1]; every output element is produced by one GEMM (no accumulation across tiles in a
+    low dtype)."""
+    cdt = dyc.dtype
+    dx = torch.empty((dyc.shape[0], K), dtype=cdt)
     kt = _tile_rows(K, N)
     if kt < K:
         kt = max(8, kt - kt % 8)
@@ -286,13 +249,59 @@ def _matmul_4bit_backward_input(dy: torch.Tensor, packed: torch.Tensor, absmax: 
     for k0 in range(0, K, kt):
         k1 = min(K, k0 + kt)
         w = buf[: N * (k1 - k0)].view(N, k1 - k0)
-        check(C.cpu.dequantize_4bit_tile(ptr(packed), a, aq, na, nc, off, blocksize, qt, N, K, 0, N, k0, k1,
-                                         ptr(w), DTYPE_CODES[cdt]), "cpu.dequantize_4bit_tile")
+        check(load().cpu.dequantize_4bit_tile(*weight, N, K, 0, N, k0, k1, ptr(w), DTYPE_CODES[cdt]),
+              "cpu.dequantize_4bit_tile")
         torch.mm(dyc, w, out=dx[:, k0:k1])
-    if lora_A is not None:
-        dx.addmm_(dyc @ lora_B.to(cdt), lora_A.to(cdt), alpha=lora_scale)
-    del keep
     return dx
+
+
+def _matmul(t: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+            nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, quant_type: str,
+            N: int, K: int, bias: Optional[torch.Tensor], lora_A: Optional[torch.Tensor],
+            lora_B: Optional[torch.Tensor], lora_scale: float, backward: bool):
+    """Forward: t = x [M, K] -> x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias, [M, N].  Backward: t = dy [M, N] ->
+    dy·deq(W) + s·(dy·B)·A, [M, K].  In t.dtype; W [N, K] packed."""
+    cols, out_cols = (N, K) if backward else (K, N)
+    if not _matmul_ok(t, blocksize, N, K, cols):
+        return NotImplemented
+    M = t.shape[0]
+    if M == 0:
+        return torch.empty((0, out_cols), dtype=t.dtype)
+    keep, weight = _weight_args(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type)
+    if M <= (GEMV_T_MAX_M if backward else GEMV_MAX_M)[t.dtype] and isa() in _FUSED_ISAS:
+        # Fused decode + GEMV in fp32 (t converted once); LoRA's M×r term in fp32 with torch.
+        tc = t.float().contiguous()
+        y = torch.empty((M, out_cols), dtype=torch.float32)
+        if backward:
+            check(load().cpu.gemv_t_4bit(ptr(tc), M, *weight, N, K, ptr(y)), "cpu.gemv_t_4bit")
+        else:
+            bf = bias.float().contiguous() if bias is not None else None
+            check(load().cpu.gemv_4bit(ptr(tc), M, *weight, N, K, ptr(bf), ptr(y)), "cpu.gemv_4bit")
+    else:
+        # Large M: the weight is dequantized one band at a time, in t.dtype, for torch's GEMM.
+        tc = t.contiguous()
+        y = _tiled_backward(tc, weight, N, K) if backward else _tiled_forward(tc, weight, N, K, bias)
+    _add_lora(y, tc, lora_A, lora_B, lora_scale, backward)
+    del keep
+    return y.to(t.dtype)
+
+
+def _matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, quant_type: str,
+                N: int, K: int, bias: Optional[torch.Tensor], lora_A: Optional[torch.Tensor],
+                lora_B: Optional[torch.Tensor], lora_scale: float):
+    """x [M, K] -> x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias, [M, N] in x.dtype (W [N, K] packed)."""
+    return _matmul(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N, K, bias,
+                   lora_A, lora_B, lora_scale, backward=False)
+
+
+def _matmul_4bit_backward_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                               nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                               offset: Optional[torch.Tensor], blocksize: int, quant_type: str, N: int, K: int,
+                               lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], lora_scale: float):
+    """dy [M, N] -> dy·deq(W) + s·(dy·B)·A, [M, K] in dy.dtype."""
+    return _matmul(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N, K, None,
+                   lora_A, lora_B, lora_scale, backward=True)
 
 
 def matmul_4bit(*args):

@@ -273,6 +273,31 @@ def test_dequantize_cuda_graph_capture():
     assert torch.equal(out, ref.dequantize_4bit(*st, bs, "nf4", n, torch.bfloat16))
 
 
+def test_layer_decode_gemv_cuda_graph_capture_on_a_side_stream():
+    """The M = 1 layer call (no grad: the path that skips the dispatcher) captured in a CUDA graph: the
+    GEMV must launch on the capturing stream (the raw current-stream handle), and replay must
+    recompute from the new input."""
+    K, N = 4096, 1000
+    layer = nf4kit.nn.Linear4bit.from_linear(torch.nn.Linear(K, N, bias=True), compute_dtype=torch.bfloat16).to(DEV)
+    x = _rand((1, K), torch.bfloat16, 41)
+    with torch.no_grad(), nf4kit.use_backend("cuda"):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            layer(x)  # warm up off the default stream
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer(x)
+        _ran_cuda("matmul_4bit")
+        x.copy_(_rand((1, K), torch.bfloat16, 42))
+        graph.replay()
+        torch.cuda.synchronize()
+        W = layer.dequantize(torch.float32).double()
+        expect = x.double() @ W.t() + layer.bias.double()
+    assert _relerr(y, expect) < 1e-2
+
+
 def test_kernel_error_is_raised_with_its_name():
     """A status from C++ becomes a RuntimeError naming the kernel (here: an unsupported blocksize)."""
     from nf4kit.backends import _native

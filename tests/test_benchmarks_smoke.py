@@ -79,6 +79,20 @@ def test_plan_covers_the_targets():
         assert must in cpu
 
 
+def test_host_overhead_table_on_the_cpu():
+    """benchmarks.host_overhead: every column of the call chain is timed, with the backend that served it."""
+    from benchmarks import host_overhead
+
+    dev = torch.device("cpu")
+    rows = host_overhead.measure(dev, torch.bfloat16, shapes=[(40, 64)], calls=64, rounds=1)
+    (row,) = rows
+    assert row["shape"] == "40x64" and row["backend"] in ("cpu", "torch")
+    cols = ["layer", "public", "dispatch", "F.linear dense", "nn.Linear dense"]
+    assert all(row[c] > 0 for c in cols)
+    md = host_overhead.to_markdown(rows, dev)
+    assert "| 40x64 |" in md and "layer / nn.Linear" in md
+
+
 def test_roofline_arithmetic():
     n = 4096 * 4096
     w = rl.dequantize_4bit_work(n, torch.bfloat16, 64, nested=False)

@@ -135,6 +135,27 @@ def test_cuda_routing_follows_the_measurements():
     assert backends.chain(torch.device("cpu"), "dequantize_4bit") == ["cpu", "torch"]
 
 
+def test_flat_passes_ready_tensors_through_and_copies_the_rest():
+    """The backends' operand helper: a 1-D contiguous tensor in the wanted dtype is returned as is
+    (no dispatcher calls on the decode path); anything else comes back flat, contiguous, cast."""
+    from nf4kit.backends._native import flat
+
+    t = torch.randn(37)
+    assert flat(t) is t and flat(t, torch.float32) is t
+    m = torch.randn(6, 7)
+    assert torch.equal(flat(m), m.reshape(-1)) and flat(m).shape == (42,)
+    strided = m.t()  # not contiguous: same values in row-major order of the view
+    f = flat(strided)
+    assert f.is_contiguous() and torch.equal(f, strided.reshape(-1))
+    h = torch.randn(5).to(torch.bfloat16)
+    c = flat(h, torch.float32)
+    assert c.dtype == torch.float32 and torch.equal(c, h.float()) and flat(h) is h
+    s = torch.tensor(2.5)  # a 0-d offset
+    assert flat(s, torch.float32).shape == (1,) and flat(s).item() == 2.5
+    evens = torch.arange(20.0)[::2]  # 1-D but strided
+    assert flat(evens) is not evens and torch.equal(flat(evens), torch.arange(0.0, 20.0, 2.0))
+
+
 def test_available_backends_and_build_info():
     avail = nf4kit.available_backends()
     assert "torch" in avail

@@ -80,8 +80,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, qs: QuantState, bias: Opt
             lora_A = lora_A.to(cdt)
         if lora_B.dtype != cdt:
             lora_B = lora_B.to(cdt)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    flat_2d = x.dim() == 2  # the common case: no reshape / view round trip (~1 us each)
+    x2 = x if flat_2d else x.reshape(-1, K)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     args = (x2, packed_as_bytes(packed), *ops.state_args(qs), qs.blocksize, qs.quant_type, N, K, bias, lora_A, lora_B,
@@ -90,4 +90,4 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, qs: QuantState, bias: Opt
         y = backends.run("matmul_4bit", x2.device, *args)
     else:
         y = ops.matmul_4bit(*args)
-    return y.view(*lead, N)
+    return y if flat_2d else y.view(*x.shape[:-1], N)

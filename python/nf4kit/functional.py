@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
+from . import autograd, ops
 from . import format as fmt
-from . import ops
 from .format import QuantState
 
 
@@ -224,8 +224,11 @@ def check_matmul_args(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantS
         r = lora_A.shape[0]
         if lora_B.shape != (N, r):
             raise ValueError(f"lora_B must be [{N}, {r}], got {tuple(lora_B.shape)}")
-    _check_same_device({"x": x, "packed": packed, "absmax": quant_state.absmax, "bias": bias, "lora_A": lora_A,
-                        "lora_B": lora_B})
+    dev = x.device
+    if (packed.device != dev or quant_state.absmax.device != dev or (bias is not None and bias.device != dev)
+            or (lora_A is not None and (lora_A.device != dev or lora_B.device != dev))):
+        _check_same_device({"x": x, "packed": packed, "absmax": quant_state.absmax, "bias": bias, "lora_A": lora_A,
+                            "lora_B": lora_B})  # raises, naming every tensor's device
     return N, K
 
 
@@ -241,6 +244,4 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState, 
     check_matmul_args(x, packed, quant_state, bias, lora_A, lora_B)
     if not math.isfinite(float(lora_scale)):
         raise ValueError(f"lora_scale must be finite, got {lora_scale}")
-    from .autograd import matmul_4bit as _mm
-
-    return _mm(x, packed, quant_state, bias, lora_A, lora_B, float(lora_scale))
+    return autograd.matmul_4bit(x, packed, quant_state, bias, lora_A, lora_B, float(lora_scale))

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .. import format as fmt
-from ._native import DTYPE_CODES, QUANT_TYPE_CODES, check, load, ptr
+from ._native import DTYPE_CODES, QUANT_TYPE_CODES, check, flat, load, ptr
 
 NAME = "cpu"
 
@@ -77,14 +77,14 @@ def _state(absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor], nested_c
            offset: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[int, int, int, int, int]]:
     """(tensors to keep alive, (absmax, absmax_q, nested_absmax, nested_code, offset) pointers)."""
     if nested_absmax is None:
-        a = absmax.reshape(-1).float().contiguous()
+        a = flat(absmax, torch.float32)
         return [a], (ptr(a), 0, 0, 0, 0)
-    q = absmax.reshape(-1).contiguous()
+    q = flat(absmax)
     if q.dtype != torch.uint8:
         raise TypeError(f"nested absmax codes must be uint8, got {q.dtype}")
-    na = nested_absmax.reshape(-1).float().contiguous()
-    nc = nested_code.reshape(-1).float().contiguous()
-    off = offset.reshape(1).float().contiguous()
+    na = flat(nested_absmax, torch.float32)
+    nc = flat(nested_code, torch.float32)
+    off = flat(offset, torch.float32)
     return [q, na, nc, off], (0, ptr(q), ptr(na), ptr(nc), ptr(off))
 
 
@@ -199,7 +199,7 @@ def _weight_args(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Opti
                  quant_type: str) -> tuple[list[torch.Tensor], tuple]:
     """(tensors to keep alive, the packed weight W as the tile and fused kernels take it: (packed, absmax,
     absmax_q, nested_absmax, nested_code, offset) pointers, blocksize, quant type code)."""
-    packed = packed.reshape(-1).contiguous()
+    packed = flat(packed)
     keep, state = _state(absmax, nested_absmax, nested_code, offset)
     return [packed, *keep], (ptr(packed), *state, blocksize, QUANT_TYPE_CODES[quant_type])
 
@@ -307,12 +307,17 @@ def _matmul_4bit_backward_input(dy: torch.Tensor, packed: torch.Tensor, absmax: 
 def matmul_4bit(*args):
     """x [M, K] -> x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias, [M, N] in x.dtype (arguments as reference.matmul_4bit)."""
     # The op computes in the dtypes it was given: an enclosing autocast must not recast the
-    # torch GEMMs used inside (they mix an fp32 LoRA term or a tile buffer with x).
-    with torch.autocast("cpu", enabled=False):
-        return _matmul_4bit(*args)
+    # torch GEMMs used inside (they mix an fp32 LoRA term or a tile buffer with x).  Entering
+    # the context costs ~4 us, so only when autocast is on.
+    if torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return _matmul_4bit(*args)
+    return _matmul_4bit(*args)
 
 
 def matmul_4bit_backward_input(*args):
     """dy [M, N] -> dy·deq(W) + s·(dy·B)·A, [M, K] in dy.dtype (arguments as reference)."""
-    with torch.autocast("cpu", enabled=False):
-        return _matmul_4bit_backward_input(*args)
+    if torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return _matmul_4bit_backward_input(*args)
+    return _matmul_4bit_backward_input(*args)

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from .. import format as fmt
-from ._native import DTYPE_CODES, QUANT_TYPE_CODES, check, load, ptr
+from ._native import DTYPE_CODES, QUANT_TYPE_CODES, check, flat, load, ptr
 
 NAME = "cuda"
 
@@ -55,7 +55,13 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 def is_available() -> bool:
     C = load()
-    return C is not None and bool(getattr(C, "has_cuda", False)) and torch.cuda.is_available()
+    return C is not None and bool(getattr(C, "has_cuda", False)) and _cuda_present()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_present() -> bool:
+    # asked on every dispatch; torch.cuda.is_available() costs a few us of Python per call
+    return torch.cuda.is_available()
 
 
 def serves(device: torch.device) -> bool:
@@ -67,7 +73,15 @@ def _C():
 
 
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    """The caller's current stream on `device`, as a raw cudaStream_t (Triton's launcher and Inductor
+    use the same call; torch.cuda.current_stream() builds a Stream object per call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,14 +105,14 @@ def _state(absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor], nested_c
     offset stays a device tensor so that no host sync happens.
     """
     if nested_absmax is None:
-        a = absmax.reshape(-1).float().contiguous()
+        a = flat(absmax, torch.float32)
         return (ptr(a), 0, 0, 0, 0), (a,)
     if absmax.dtype != torch.uint8 or nested_code is None or offset is None or nested_code.numel() != 256:
         return None
-    q = absmax.reshape(-1).contiguous()
-    na = nested_absmax.reshape(-1).float().contiguous()
-    nc = nested_code.reshape(-1).float().contiguous()
-    off = offset.reshape(1).float().contiguous()
+    q = flat(absmax)
+    na = flat(nested_absmax, torch.float32)
+    nc = flat(nested_code, torch.float32)
+    off = flat(offset, torch.float32)
     return (0, ptr(q), ptr(na), ptr(nc), ptr(off)), (q, na, nc, off)
 
 
@@ -224,7 +238,7 @@ def _operands(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, neste
     st = _state(absmax, nested_absmax, nested_code, offset)
     if st is None:
         return None
-    return a.contiguous(), packed.reshape(-1).contiguous(), st[0], st[1]
+    return a.contiguous(), flat(packed), st[0], st[1]
 
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],

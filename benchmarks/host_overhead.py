@@ -155,11 +155,13 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--backend", default=None, choices=backends.BACKEND_NAMES, help="put this backend first")
+    p.add_argument("--calls", type=int, default=400, help="timed calls per round")
+    p.add_argument("--rounds", type=int, default=7, help="rounds (the best median is kept)")
     p.add_argument("--md", default=None, help="also write the table here")
     a = p.parse_args()
     device = torch.device(a.device)
     with nf4kit.use_backend(a.backend):
-        md = to_markdown(measure(device, getattr(torch, a.dtype)), device)
+        md = to_markdown(measure(device, getattr(torch, a.dtype), calls=a.calls, rounds=a.rounds), device)
     print(md)
     if a.md:
         with open(a.md, "w") as f:

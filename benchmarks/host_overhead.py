@@ -9,7 +9,9 @@ and the kernel.  This times, per call, with the same weight:
   layer     nf4kit.nn.Linear4bit(x)            (what a transformers model calls)
   public    nf4kit.matmul_4bit(x, packed, qs)  (validation + autograd wrapper + dispatch + backend)
   dispatch  nf4kit.backends.run(...)           (backend chain + the backend's own Python + kernel)
-  kernel    the backend's kernel call alone    (CPU: the C++ GEMV on prepared fp32 operands)
+  kernel    the backend's kernel call alone    (cpu / cuda: the C++ entry point on prepared operands)
+  launch    triton: the captured kernel launch replayed (through triton.autotune when autotuned);
+  jit launch  the same launch on the bare JIT function with the chosen config
   anchors   torch F.linear on the dense weight in the compute dtype; nn.Linear
 
 On a CPU every time is wall time, kernel included (the kernel row shows how much that is).  On a
@@ -72,14 +74,17 @@ def measure(device: torch.device, dtype: torch.dtype, shapes=SHAPES, calls: int 
             "public": lambda: nf4kit.matmul_4bit(x, packed, qs),
             "dispatch": lambda: backends.run("matmul_4bit", x.device, *args),
         }
+        with torch.no_grad():
+            backends.run("matmul_4bit", x.device, *args)  # who serves it (and a warm, tuned kernel)
+        served = backends.last_backend["matmul_4bit"]
         kernel = _kernel_call(device, args)
         if kernel is not None:
             fns["kernel"] = kernel
+        with torch.no_grad():
+            fns.update(_triton_launches(args))
         fns["F.linear dense"] = lambda: torch.nn.functional.linear(x, w_dense)
         fns["nn.Linear dense"] = lambda: dense_c(x)
         with torch.no_grad():
-            backends.run("matmul_4bit", x.device, *args)
-            served = backends.last_backend["matmul_4bit"]
             times = {k: _per_call_us(f, device, calls, rounds) for k, f in fns.items()}
         rows.append({"shape": f"{N}x{K}", "backend": served, "dtype": str(dtype).replace("torch.", ""), **times})
     return rows
@@ -87,6 +92,8 @@ def measure(device: torch.device, dtype: torch.dtype, shapes=SHAPES, calls: int 
 
 def _kernel_call(device: torch.device, args: tuple):
     """The served backend's M = 1 kernel call with its operands prepared once (cpu or cuda GEMV)."""
+    if backends.last_backend.get("matmul_4bit") == "triton":
+        return None  # see _triton_launches
     if device.type == "cuda":
         return _cuda_kernel_call(args)
     if device.type != "cpu":
@@ -107,6 +114,37 @@ def _kernel_call(device: torch.device, args: tuple):
         return keep
 
     return fn
+
+
+def _triton_launches(args: tuple) -> dict[str, Callable[[], object]]:
+    """triton backend: the last launch of one call replayed as captured ("launch": through
+    triton.autotune when the kernel is autotuned) and straight on the JIT function with the config
+    the autotuner chose ("jit launch"), so the autotuner's own per-call cost shows apart."""
+    from nf4kit.triton_kernels import matmul as tm
+
+    if backends.last_backend.get("matmul_4bit") != "triton":
+        return {}
+    captured: list = []
+    real = tm._launch
+
+    def spy(kernel, cfg, grid, a, consts):
+        captured.append((kernel, cfg, grid, a, consts))
+        return real(kernel, cfg, grid, a, consts)
+
+    tm._launch = spy
+    try:
+        backends.run("matmul_4bit", args[0].device, *args)
+    finally:
+        tm._launch = real
+    if not captured:
+        return {}
+    kernel, cfg, grid, a, consts = captured[-1]
+    out = {"launch": lambda: real(kernel, cfg, grid, a, consts)}
+    best = cfg if cfg is not None else getattr(kernel, "best_config", None)
+    jit = getattr(kernel, "fn", kernel) if cfg is None else kernel
+    if best is not None:
+        out["jit launch"] = lambda: real(jit, best, grid, a, consts)
+    return out
 
 
 def _cuda_kernel_call(args: tuple):
@@ -139,7 +177,8 @@ def _cuda_kernel_call(args: tuple):
 
 
 def to_markdown(rows: list[dict], device: torch.device) -> str:
-    cols = [c for c in ("layer", "public", "dispatch", "kernel", "F.linear dense", "nn.Linear dense") if c in rows[0]]
+    cols = [c for c in ("layer", "public", "dispatch", "kernel", "launch", "jit launch", "F.linear dense",
+                        "nn.Linear dense") if c in rows[0]]
     what = "wall time per call (kernel included)" if device.type == "cpu" else "CPU time to enqueue one call"
     out = [f"Host cost of one M = 1 call, µs ({what}); torch {torch.__version__}", "",
            "| weight N×K | backend | dtype | " + " | ".join(cols) + " | layer / nn.Linear |",

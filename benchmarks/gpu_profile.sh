@@ -4,13 +4,13 @@
 # bitsandbytes' gemv_4bit (DRAM throughput, MIO pressure, stall reasons, occupancy), then the
 # M = 1 sweeps: cuda rows x ring depth x splits on both projection shapes, and the Triton configs
 # (two K-steps in flight included).  First, the host cost of one M = 1 call layer by layer
-# (benchmarks/host_overhead.py, cuda then triton first; ~30 s).  About 6-7 minutes.
+# (benchmarks/host_overhead.py, cuda then triton first; ~30-60 s with Triton's autotuning).  About 6-7 minutes.
 #   run(command="bash benchmarks/gpu_profile.sh", carry=[".whl", ".nf4kit_commit"], timeout_s=480)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/_gpu_common.sh
 for b in cuda triton; do
-  { echo "## --backend $b"; timeout 60 python3 -m benchmarks.host_overhead --device cuda --backend "$b" --rounds 3 --calls 192; } >> "$OUT/host.md" 2>&1
+  { echo "## --backend $b"; timeout 90 python3 -m benchmarks.host_overhead --device cuda --backend "$b" --rounds 3 --calls 192; } >> "$OUT/host.md" 2>&1
   log "host_overhead $b rc=$?"
 done
 echo "==== host"; cat "$OUT/host.md"

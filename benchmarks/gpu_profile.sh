@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Why is the M = 1 decode at 25-31 us (results/gpu_h100_2026-11-26b)?  Nsight Compute on one
-# launch each of the cuda GEMV (as committed and three deep-ring variants), the triton GEMV and
-# bitsandbytes' gemv_4bit (DRAM throughput, MIO pressure, stall reasons, occupancy), then the
-# M = 1 sweeps: cuda rows x ring depth x splits on both projection shapes, and the Triton configs
-# (two K-steps in flight included).  First, the host cost of one M = 1 call layer by layer
-# (benchmarks/host_overhead.py, cuda then triton first; ~30-60 s with Triton's autotuning).  About 6-7 minutes.
-#   run(command="bash benchmarks/gpu_profile.sh", carry=[".whl", ".nf4kit_commit"], timeout_s=480)
+# launch each of the cuda GEMV (as committed; the 8-deep ring; both with the fp16 pair table), the
+# triton GEMV and bitsandbytes' gemv_4bit (DRAM throughput, MIO pressure, stall reasons,
+# occupancy), then the M = 1 sweeps: cuda rows x ring depth x splits (and the pair table) on both
+# projection shapes, and the Triton configs (two K-steps in flight included).  First, the host
+# cost of one M = 1 call layer by layer (benchmarks/host_overhead.py, cuda then triton; ~30-60 s
+# with Triton's autotuning).  About 7-8 minutes; the sweep is cut at 240 s.
+#   run(command="bash benchmarks/gpu_profile.sh", carry=[".whl", ".nf4kit_commit"], timeout_s=540)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/_gpu_common.sh
@@ -16,7 +17,7 @@ done
 echo "==== host"; cat "$OUT/host.md"
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
-  for call in cuda cuda-r2d4 cuda-r4d4 cuda-r1d8 triton bnb; do
+  for call in cuda cuda-r1d8 cuda-pairs cuda-r1d8-pairs triton bnb; do
     timeout 60 "$NCU" --target-processes all --kernel-name "regex:gemv|kgemm_4bit_inference" \
       --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \

@@ -5,6 +5,8 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda-r2d4     its 2-rows-per-warp, 4-deep load ring variant (1 split)
   cuda-r4d4     its 4-rows-per-warp, 4-deep load ring variant (heuristic splits)
   cuda-r1d8     its 1-row-per-warp, 8-deep load ring variant (1 split)
+  cuda-pairs    the committed settings with the fp16 pair table (one shared load per packed byte)
+  cuda-r1d8-pairs  the 8-deep ring with the pair table (1 split)
   triton        the triton backend's GEMV
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
 from __future__ import annotations
@@ -18,7 +20,9 @@ from nf4kit.backends import cuda as cb
 
 from . import anchors as anc
 
-VARIANTS = {"cuda-r2d4": (2, 4, 1), "cuda-r4d4": (4, 4, None), "cuda-r1d8": (1, 8, 1)}
+# call -> (GEMV_ROWS, GEMV_DEPTH, GEMV_SPLITS, GEMV_PAIR_TABLE)
+VARIANTS = {"cuda-r2d4": (2, 4, 1, False), "cuda-r4d4": (4, 4, None, False), "cuda-r1d8": (1, 8, 1, False),
+            "cuda-pairs": (4, 2, None, True), "cuda-r1d8-pairs": (1, 8, 1, True)}
 
 
 def main(call: str) -> None:
@@ -32,7 +36,7 @@ def main(call: str) -> None:
             raise SystemExit(f"bitsandbytes is not importable: {name}")
     elif call in ("cuda", "triton") or call in VARIANTS:
         if call in VARIANTS:
-            cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = VARIANTS[call]
+            cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS, cb.GEMV_PAIR_TABLE = VARIANTS[call]
         backend = "triton" if call == "triton" else "cuda"
 
         def fn():

@@ -83,6 +83,12 @@ def depth_sweep(packed, qs, W_ref, dev) -> None:
                 for S in (1, 2, 3, 4):
                     cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, S
                     point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S}", x, p, q, exp, dev)
+            cb.GEMV_PAIR_TABLE = True  # one shared load per packed byte: is the plateau the MIO lookups?
+            for rows, depth in sorted(cb._GEMV_PAIR_RINGS):
+                for S in (1, 2, 3, 4):
+                    cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, S
+                    point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S} pair table", x, p, q, exp, dev)
+            cb.GEMV_PAIR_TABLE = False
             cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = default
 
 

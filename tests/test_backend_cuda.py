@@ -213,6 +213,30 @@ def test_gemv_rows_and_depth_variants(monkeypatch, rows, depth, M):
         assert _relerr(y, x.double() @ W64.t()) < 1e-2, f"splits={splits}"
 
 
+@pytest.mark.parametrize("rows,depth", sorted(cuda_backend._GEMV_PAIR_RINGS) if cuda_backend else [])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
+def test_gemv_pair_table_variants(monkeypatch, rows, depth, dt, quant_type, nested):
+    """The experimental fp16 pair-table decode (M = 1): every built (rows, depth), both half dtypes,
+    both code tables, on splits whose ends fall inside a lane's ring.  Only M = 1 with half x selects
+    it (M = 3 and fp32 x keep the exact fp32 table); an unbuilt variant would raise, not fall back."""
+    N, K = 77, 4096 + 64
+    monkeypatch.setattr(cuda_backend, "GEMV_ROWS", rows)
+    monkeypatch.setattr(cuda_backend, "GEMV_DEPTH", depth)
+    monkeypatch.setattr(cuda_backend, "GEMV_PAIR_TABLE", True)
+    assert cuda_backend._gemv_variant(1, dt) == (depth, 1)
+    assert cuda_backend._gemv_variant(3, dt)[1] == 0 and cuda_backend._gemv_variant(1, torch.float32)[1] == 0
+    st, W64 = _weight(N, K, 64, quant_type, nested, seed=rows * 10 + depth)
+    x = _rand((1, K), dt, 51 + depth)
+    bias = _rand((N,), torch.float32, 52)
+    for splits in (1, 3):
+        monkeypatch.setattr(cuda_backend, "GEMV_SPLITS", splits)
+        with nf4kit.use_backend("cuda"):
+            y = ops.matmul_4bit(x, st[0], *st[1:], 64, quant_type, N, K, bias, None, None, 1.0)
+        _ran_cuda("matmul_4bit")
+        assert _relerr(y, x.double() @ W64.t() + bias.double()) < 1e-2, f"splits={splits}"
+
+
 @pytest.mark.parametrize("route", ["gemv", "fused", "dequant"])
 def test_matmul_routes(monkeypatch, route):
     """Every matmul route of backends/cuda.py gives the same answer for one M."""

@@ -10,6 +10,15 @@
 // code) and the (double-quantized) absmax is applied once per chunk.  fp32 accumulation.
 // Split-K partial sums go to an fp32 scratch [S, M, N]; splitk_finalize() reduces them in a
 // fixed order (deterministic) and applies bias and LoRA.
+//
+// Experimental pair table (M = 1, fp16/bf16 activations; off by default, for the sweep): one
+// shared-memory load decodes a whole packed byte, two weights, from a 256-entry table of fp16
+// pairs, one copy per lane (entry v of lane L at word v * 32 + L, always bank L: no conflicts,
+// 32 KB per block).  It halves the MIO lookups and their bytes, the suspect of the M = 1 plateau;
+// the fp16-rounded table values (relative error <= 2^-11) are why fp32 activations keep the
+// exact fp32 table.
+#include <type_traits>
+
 #include "cuda/common.cuh"
 #include "cuda/cuda_kernels.h"
 
@@ -66,6 +75,33 @@ __device__ __forceinline__ float dot32(const uint4& w, const float* table, const
   return d0 + d1;
 }
 
+// The fp16 pair for packed byte v: the high-nibble code's value in the low half (it is the
+// earlier weight), the low-nibble code's in the high half.
+__device__ __forceinline__ uint32_t pair_entry(int quant_type, uint32_t v) {
+  const float* t = kCodeTables[quant_type == core::kNF4 ? 0 : 1];
+  const uint32_t first = __half_as_ushort(__float2half_rn(t[v >> 4]));
+  const uint32_t second = __half_as_ushort(__float2half_rn(t[v & 15u]));
+  return first | (second << 16);
+}
+
+// As dot32, one shared load per packed byte: pairs_lane = this lane's copy (pairs + lane).
+__device__ __forceinline__ float dot32_pairs(const uint4& w, const uint32_t* pairs_lane, const float (&xv)[32]) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  float d0 = 0.0f, d1 = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t v = __byte_perm(words[i], 0u, 0x4440u + (uint32_t)b);  // byte b, zero-extended
+      const uint32_t p = pairs_lane[v << 5];
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&p));
+      d0 = fmaf(xv[8 * i + 2 * b], f.x, d0);
+      d1 = fmaf(xv[8 * i + 2 * b + 1], f.y, d1);
+    }
+  }
+  return d0 + d1;
+}
+
 // Raw per-chunk inputs of one row: 16 packed bytes and the block's absmax (plain) or its
 // uint8 code and nested scale (double quant; decoded at use, from the shared code table).
 struct ChunkLoad {
@@ -92,13 +128,15 @@ __device__ __forceinline__ void write_partials(float (&acc)[RW][MT], int lane, i
   }
 }
 
-template <typename TX, int MT, int kRowsPerWarp, int kDepth>
+template <typename TX, int MT, int kRowsPerWarp, int kDepth, bool kPairs = false>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_4bit_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
                      int log2_bs, int quant_type, int S, float* __restrict__ partial) {
   static_assert(kDepth >= 2 && kDepth <= 8, "chunks per row in a lane's load ring");
+  static_assert(!kPairs || MT == 1, "the pair table is built for M = 1");
   __shared__ float table[16];
   __shared__ float code[256];
+  __shared__ uint32_t pairs[kPairs ? 256 * 32 : 1];
   const bool nested = am.q != nullptr;
   const int lane = threadIdx.x & 31;
   const int64_t row0 = ((int64_t)blockIdx.x * (kGemvThreads / 32) + (threadIdx.x >> 5)) * kRowsPerWarp;
@@ -141,7 +179,11 @@ __global__ void __launch_bounds__(kGemvThreads)
     for (int d = 0; d < kDepth - 1; ++d) fetch(c0 + 32 * d, ring[d]);
   }
 
-  init_table(table, quant_type);
+  if constexpr (kPairs) {
+    for (int i = threadIdx.x; i < 256 * 32; i += kGemvThreads) pairs[i] = pair_entry(quant_type, (uint32_t)i >> 5);
+  } else {
+    init_table(table, quant_type);
+  }
   if (nested) {
     for (int i = threadIdx.x; i < 256; i += kGemvThreads) code[i] = __ldg(am.code + i);
   }
@@ -166,7 +208,10 @@ __global__ void __launch_bounds__(kGemvThreads)
         float xv[32];
         load_x32(x + (int64_t)m * K + (c << 5), xv);
 #pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) acc[r][m] = fmaf(dot32(ld[r].w, table, xv), sc[r], acc[r][m]);
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          const float d = kPairs ? dot32_pairs(ld[r].w, pairs + lane, xv) : dot32(ld[r].w, table, xv);
+          acc[r][m] = fmaf(d, sc[r], acc[r][m]);
+        }
       }
     }
   };
@@ -232,16 +277,36 @@ int launch_finalize(const float* partial, int S, int M, int N, const float* bias
   return (int)cudaGetLastError();
 }
 
-template <typename TX, int MT, int RW, int D>
+template <typename TX, int MT, int RW, int D, bool P = false>
 int launch_gemv_kernel(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                        int quant_type, int S, float* partial, cudaStream_t stream) {
   const int64_t rows_per_cta = (int64_t)(kGemvThreads / 32) * RW;
   const int64_t blocks = ((int64_t)N + rows_per_cta - 1) / rows_per_cta;
   if (blocks > 0x7fffffff || S > 65535) return kUnsupported;
   const dim3 grid((unsigned)blocks, (unsigned)S);
-  gemv_4bit_kernel<TX, MT, RW, D><<<grid, kGemvThreads, 0, stream>>>(static_cast<const TX*>(x), M, N, K, packed, am,
-                                                                     log2_bs, quant_type, S, partial);
+  gemv_4bit_kernel<TX, MT, RW, D, P><<<grid, kGemvThreads, 0, stream>>>(static_cast<const TX*>(x), M, N, K, packed,
+                                                                        am, log2_bs, quant_type, S, partial);
   return (int)cudaGetLastError();
+}
+
+// The pair-table variants (M = 1, fp16/bf16 x): the timed double buffer with 4 rows per warp,
+// the 4-deep ring, and the 8-deep ring with one row per warp.
+template <typename TX, int RW>
+int launch_gemv_pairs(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                      int quant_type, int depth, int S, float* partial, cudaStream_t stream) {
+  if constexpr (!std::is_same<TX, float>::value) {
+    if constexpr (RW == 4) {
+      if (M == 1 && depth == 2)
+        return launch_gemv_kernel<TX, 1, 4, 2, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
+      if (M == 1 && depth == 4)
+        return launch_gemv_kernel<TX, 1, 4, 4, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
+    }
+    if constexpr (RW == 1) {
+      if (M == 1 && depth == 8)
+        return launch_gemv_kernel<TX, 1, 1, 8, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
+    }
+  }
+  return kBadArgument;
 }
 
 // Deeper rings are built for M = 1 only (3 or 4 chunks per row with up to 4 rows per warp, 8 with
@@ -269,13 +334,14 @@ int launch_gemv_rows(const void* x, int M, int N, int64_t K, const uint8_t* pack
 
 template <typename TX>
 int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
-                int rows_per_warp, int depth, int S, float* partial, const float* bias, const float* lora_t,
-                const float* lora_b, int r, void* y, cudaStream_t stream) {
+                int rows_per_warp, int depth, bool pairs, int S, float* partial, const float* bias,
+                const float* lora_t, const float* lora_b, int r, void* y, cudaStream_t stream) {
   int rc;
   switch (rows_per_warp) {
 #define NF4KIT_GEMV_ROWS_CASE(RW)                                                                            \
   case RW:                                                                                                     \
-    rc = launch_gemv_rows<TX, RW>(x, M, N, K, packed, am, log2_bs, quant_type, depth, S, partial, stream);     \
+    rc = pairs ? launch_gemv_pairs<TX, RW>(x, M, N, K, packed, am, log2_bs, quant_type, depth, S, partial, stream) \
+               : launch_gemv_rows<TX, RW>(x, M, N, K, packed, am, log2_bs, quant_type, depth, S, partial, stream); \
     break;
     NF4KIT_GEMV_ROWS_CASE(1)
     NF4KIT_GEMV_ROWS_CASE(2)
@@ -305,9 +371,11 @@ int splitk_finalize(const float* partial, int S, int M, int N, const float* bias
 
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
-              int blocksize, int quant_type, int rows_per_warp, int depth, int S, float* partial,
+              int blocksize, int quant_type, int rows_per_warp, int depth, int pair_table, int S, float* partial,
               const float* bias, const float* lora_t, const float* lora_b, int r, void* y, void* stream) {
   if (M < 1 || M > kMaxM || N < 1 || K < 32 || (K % 32) != 0) return kUnsupported;
+  if (pair_table != 0 && pair_table != 1) return kBadArgument;
+  const bool pairs = pair_table == 1;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
     return kBadArgument;
   if (S < 1 || (int64_t)S > K / 32) return kBadArgument;
@@ -319,13 +387,13 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (x_dtype) {
     case core::kFloat32:
-      return launch_gemv<float>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, S, partial, bias,
-                                lora_t, lora_b, r, y, s);
+      return launch_gemv<float>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, pairs, S, partial,
+                                bias, lora_t, lora_b, r, y, s);
     case core::kFloat16:
-      return launch_gemv<__half>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, S, partial, bias,
-                                 lora_t, lora_b, r, y, s);
+      return launch_gemv<__half>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, pairs, S,
+                                 partial, bias, lora_t, lora_b, r, y, s);
     case core::kBFloat16:
-      return launch_gemv<__nv_bfloat16>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, S,
+      return launch_gemv<__nv_bfloat16>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, pairs, S,
                                         partial, bias, lora_t, lora_b, r, y, s);
     default:
       return kUnsupported;

@@ -7,6 +7,7 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda-r1d8     its 1-row-per-warp, 8-deep load ring variant (1 split)
   cuda-pairs    the committed settings with the fp16 pair table (one shared load per packed byte)
   cuda-r1d8-pairs  the 8-deep ring with the pair table (1 split)
+  cuda-r1d8-direct the 8-deep ring, 1 split, y written by the GEMV kernel (no finalize launch)
   triton        the triton backend's GEMV
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
 from __future__ import annotations
@@ -20,9 +21,10 @@ from nf4kit.backends import cuda as cb
 
 from . import anchors as anc
 
-# call -> (GEMV_ROWS, GEMV_DEPTH, GEMV_SPLITS, GEMV_PAIR_TABLE)
-VARIANTS = {"cuda-r2d4": (2, 4, 1, False), "cuda-r4d4": (4, 4, None, False), "cuda-r1d8": (1, 8, 1, False),
-            "cuda-pairs": (4, 2, None, True), "cuda-r1d8-pairs": (1, 8, 1, True)}
+# call -> (GEMV_ROWS, GEMV_DEPTH, GEMV_SPLITS, GEMV_PAIR_TABLE, GEMV_DIRECT)
+VARIANTS = {"cuda-r2d4": (2, 4, 1, False, False), "cuda-r4d4": (4, 4, None, False, False),
+            "cuda-r1d8": (1, 8, 1, False, False), "cuda-pairs": (4, 2, None, True, False),
+            "cuda-r1d8-pairs": (1, 8, 1, True, False), "cuda-r1d8-direct": (1, 8, 1, False, True)}
 
 
 def main(call: str) -> None:
@@ -36,7 +38,7 @@ def main(call: str) -> None:
             raise SystemExit(f"bitsandbytes is not importable: {name}")
     elif call in ("cuda", "triton") or call in VARIANTS:
         if call in VARIANTS:
-            cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS, cb.GEMV_PAIR_TABLE = VARIANTS[call]
+            cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS, cb.GEMV_PAIR_TABLE, cb.GEMV_DIRECT = VARIANTS[call]
         backend = "triton" if call == "triton" else "cuda"
 
         def fn():

@@ -89,6 +89,11 @@ def depth_sweep(packed, qs, W_ref, dev) -> None:
                     cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, S
                     point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S} pair table", x, p, q, exp, dev)
             cb.GEMV_PAIR_TABLE = False
+            cb.GEMV_DIRECT = True  # one split, y written by the GEMV kernel: what does the finalize launch cost?
+            for rows, depth in [(4, 2), (1, 2), (1, 4), (1, 8), (2, 4)]:
+                cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, 1
+                point(f"cuda M=1 {shape} rows={rows} depth={depth} S=1 direct", x, p, q, exp, dev)
+            cb.GEMV_DIRECT = False
             cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = default
 
 

@@ -164,9 +164,9 @@ def _cuda_kernel_call(args: tuple):
     S = cb._gemv_splits(N, K, dev)
     partial = torch.empty(S * N, dtype=torch.float32, device=dev)
     y = torch.empty((1, N), dtype=x.dtype, device=dev)
-    depth, pairs = cb._gemv_variant(1, x.dtype)
+    depth, options = cb._gemv_variant(1, x.dtype, S)
     launch = (ptr(x), DTYPE_CODES[x.dtype], 1, N, K, ptr(packed), *pointers, bs, QUANT_TYPE_CODES[qt], cb.GEMV_ROWS,
-              depth, pairs, S, ptr(partial), 0, 0, 0, 0, ptr(y))
+              depth, options, S, ptr(partial), 0, 0, 0, 0, ptr(y))
     C = cb._C()
 
     def fn():

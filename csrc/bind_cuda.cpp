@@ -47,12 +47,12 @@ void bind_cuda(py::module_& m) {
   });
   c.def("gemv_4bit", [](P x, int x_dtype, int M, int N, int64_t K, P packed, P absmax, P absmax_q, P nested_absmax,
                         P nested_code, P offset, int blocksize, int quant_type, int rows_per_warp, int depth,
-                        int pair_table, int S, P partial, P bias, P lora_t, P lora_b, int r, P y, P stream) {
+                        int options, int S, P partial, P bias, P lora_t, P lora_b, int r, P y, P stream) {
     py::gil_scoped_release nogil;
     return cuda::gemv_4bit(as_ptr<const void>(x), x_dtype, M, N, K, as_ptr<const uint8_t>(packed),
                            as_ptr<const float>(absmax), as_ptr<const uint8_t>(absmax_q),
                            as_ptr<const float>(nested_absmax), as_ptr<const float>(nested_code),
-                           as_ptr<const float>(offset), blocksize, quant_type, rows_per_warp, depth, pair_table, S,
+                           as_ptr<const float>(offset), blocksize, quant_type, rows_per_warp, depth, options, S,
                            as_ptr<float>(partial), as_ptr<const float>(bias), as_ptr<const float>(lora_t), as_ptr<const float>(lora_b), r,
                            as_ptr<void>(y), as_ptr<void>(stream));
   });

@@ -224,8 +224,8 @@ def test_gemv_pair_table_variants(monkeypatch, rows, depth, dt, quant_type, nest
     monkeypatch.setattr(cuda_backend, "GEMV_ROWS", rows)
     monkeypatch.setattr(cuda_backend, "GEMV_DEPTH", depth)
     monkeypatch.setattr(cuda_backend, "GEMV_PAIR_TABLE", True)
-    assert cuda_backend._gemv_variant(1, dt) == (depth, 1)
-    assert cuda_backend._gemv_variant(3, dt)[1] == 0 and cuda_backend._gemv_variant(1, torch.float32)[1] == 0
+    assert cuda_backend._gemv_variant(1, dt, 1) == (depth, 1)
+    assert cuda_backend._gemv_variant(3, dt, 1)[1] == 0 and cuda_backend._gemv_variant(1, torch.float32, 1)[1] == 0
     st, W64 = _weight(N, K, 64, quant_type, nested, seed=rows * 10 + depth)
     x = _rand((1, K), dt, 51 + depth)
     bias = _rand((N,), torch.float32, 52)
@@ -235,6 +235,35 @@ def test_gemv_pair_table_variants(monkeypatch, rows, depth, dt, quant_type, nest
             y = ops.matmul_4bit(x, st[0], *st[1:], 64, quant_type, N, K, bias, None, None, 1.0)
         _ran_cuda("matmul_4bit")
         assert _relerr(y, x.double() @ W64.t() + bias.double()) < 1e-2, f"splits={splits}"
+
+
+@pytest.mark.parametrize("rows,depth,pairs,dt", [
+    (4, 2, False, torch.bfloat16), (4, 2, False, torch.float32), (1, 8, False, torch.bfloat16),
+    (1, 8, False, torch.float32), (2, 3, False, torch.float16), (4, 2, True, torch.bfloat16),
+    (1, 8, True, torch.float16)])  # the pair table serves fp16/bf16 activations only
+def test_gemv_direct_epilogue_matches_the_finalize_kernel(monkeypatch, rows, depth, pairs, dt):
+    """M = 1, one split: y written by the GEMV kernel (bias and LoRA added there) has the same bits
+    as the partial + finalize path, and the direct path is only taken for M = 1 with one split."""
+    N, K = 131, 2048 + 96
+    monkeypatch.setattr(cuda_backend, "GEMV_ROWS", rows)
+    monkeypatch.setattr(cuda_backend, "GEMV_DEPTH", depth)
+    monkeypatch.setattr(cuda_backend, "GEMV_PAIR_TABLE", pairs)
+    monkeypatch.setattr(cuda_backend, "GEMV_SPLITS", 1)
+    st, W64 = _weight(N, K, 64, "nf4", True, seed=rows + depth)
+    x = _rand((1, K), dt, 61)
+    bias = _rand((N,), torch.float32, 62)
+    A, B = _rand((8, K), dt, 63, 0.1), _rand((N, 8), dt, 64, 0.1)
+    out = {}
+    for direct in (False, True):
+        monkeypatch.setattr(cuda_backend, "GEMV_DIRECT", direct)
+        assert (cuda_backend._gemv_variant(1, dt, 1)[1] & 2) == (2 if direct else 0)
+        with nf4kit.use_backend("cuda"):
+            out[direct] = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, bias, A, B, 0.5)
+        _ran_cuda("matmul_4bit")
+    assert torch.equal(out[True], out[False])
+    exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    assert _relerr(out[True], exp) < _tol(dt)
+    assert (cuda_backend._gemv_variant(1, dt, 2)[1] & 2) == 0 and (cuda_backend._gemv_variant(2, dt, 1)[1] & 2) == 0
 
 
 @pytest.mark.parametrize("route", ["gemv", "fused", "dequant"])

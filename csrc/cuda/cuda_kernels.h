@@ -36,15 +36,19 @@ int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* cod
 // aligned.  rows_per_warp: 1, 2, 4 or 8 rows share each x chunk.  depth: chunks per row in each
 // lane's load ring (depth - 1 in flight): 2; for M = 1 also 3 or 4 with rows_per_warp <= 4,
 // and 8 with rows_per_warp == 1.
-// pair_table: 0 = the exact fp32 16-entry table; 1 = the experimental fp16 pair table (one shared
-// load per packed byte), built for M = 1 with fp16/bf16 x at (rows, depth) = (4, 2), (4, 4), (1, 8).
+// options (experimental, 0 = as timed): kGemvPairTable decodes with the fp16 pair table (one shared
+// load per packed byte; built for M = 1 with fp16/bf16 x at (rows, depth) = (4, 2), (4, 4), (1, 8))
+// instead of the exact fp32 16-entry table; kGemvDirect, with S == 1, writes y (bias and LoRA
+// added) from the GEMV kernel itself, with no finalize launch (the same bits).
 // S splits, 1 <= S <= K / 32.
 // partial: fp32 [S*M*N] scratch from the caller.
 // bias fp32 [N] or null; lora_t fp32 [M, r] (already scaled), lora_b fp32 [N, r], or null.
 // y [M, N] in x_dtype.
+constexpr int kGemvPairTable = 1;
+constexpr int kGemvDirect = 2;
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
-              int blocksize, int quant_type, int rows_per_warp, int depth, int pair_table, int S, float* partial,
+              int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,
               const float* bias, const float* lora_t, const float* lora_b, int r, void* y, void* stream);
 
 // y[m, n] = T(sum_{s<S} partial[s, m, n] (in order) + bias[n] + sum_j lora_t[m, j] * lora_b[n, j])

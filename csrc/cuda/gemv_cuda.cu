@@ -110,10 +110,21 @@ struct ChunkLoad {
   uint32_t q;   // nested: the 8-bit absmax code
 };
 
-// Warp-reduce each row's per-lane sums; lane 0 writes partial[s, m, row].
-template <int MT, int RW>
+// The direct epilogue (M = 1, one split): y[0, row] written by the GEMV kernel itself, bias and
+// LoRA added in splitk_finalize's order, so both paths give the same bits and the finalize launch
+// is saved.  A separate instantiation (kDirect), so the timed kernels' code is unchanged.
+struct GemvEpilogue {
+  void* y = nullptr;
+  const float* bias = nullptr;
+  const float* lora_t = nullptr;  // [M, r], already scaled
+  const float* lora_b = nullptr;  // [N, r]
+  int r = 0;
+};
+
+// Warp-reduce each row's per-lane sums; lane 0 writes them (to y when kDirect, see GemvEpilogue).
+template <typename TX, int MT, int RW, bool kDirect>
 __device__ __forceinline__ void write_partials(float (&acc)[RW][MT], int lane, int M, int N, int64_t row0, int s,
-                                               float* __restrict__ partial) {
+                                               float* __restrict__ partial, const GemvEpilogue& ep) {
 #pragma unroll
   for (int r = 0; r < RW; ++r) {
 #pragma unroll
@@ -122,18 +133,33 @@ __device__ __forceinline__ void write_partials(float (&acc)[RW][MT], int lane, i
         float v = acc[r][m];
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0 && row0 + r < N) partial[((int64_t)s * M + m) * N + row0 + r] = v;
+        const int64_t n = row0 + r;
+        if (lane != 0 || n >= N) continue;
+        if constexpr (!kDirect) {
+          partial[((int64_t)s * M + m) * N + n] = v;
+          continue;
+        }
+        float out = 0.0f;
+        out += v;
+        if (ep.bias != nullptr) out += ep.bias[n];
+        if (ep.lora_t != nullptr) {
+          float l = 0.0f;
+          for (int j = 0; j < ep.r; ++j) l = fmaf(ep.lora_t[(int64_t)m * ep.r + j], ep.lora_b[n * ep.r + j], l);
+          out += l;
+        }
+        static_cast<TX*>(ep.y)[(int64_t)m * N + n] = from_f32<TX>(out);
       }
     }
   }
 }
 
-template <typename TX, int MT, int kRowsPerWarp, int kDepth, bool kPairs = false>
+template <typename TX, int MT, int kRowsPerWarp, int kDepth, bool kPairs = false, bool kDirect = false>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_4bit_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
-                     int log2_bs, int quant_type, int S, float* __restrict__ partial) {
+                     int log2_bs, int quant_type, int S, float* __restrict__ partial, GemvEpilogue ep) {
   static_assert(kDepth >= 2 && kDepth <= 8, "chunks per row in a lane's load ring");
   static_assert(!kPairs || MT == 1, "the pair table is built for M = 1");
+  static_assert(!kDirect || MT == 1, "the direct epilogue is built for M = 1");
   __shared__ float table[16];
   __shared__ float code[256];
   __shared__ uint32_t pairs[kPairs ? 256 * 32 : 1];
@@ -243,7 +269,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     }
   }
 
-  write_partials<MT, kRowsPerWarp>(acc, lane, M, N, row0, s, partial);
+  write_partials<TX, MT, kRowsPerWarp, kDirect>(acc, lane, M, N, row0, s, partial, ep);
 }
 
 
@@ -277,33 +303,47 @@ int launch_finalize(const float* partial, int S, int M, int N, const float* bias
   return (int)cudaGetLastError();
 }
 
-template <typename TX, int MT, int RW, int D, bool P = false>
-int launch_gemv_kernel(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                       int quant_type, int S, float* partial, cudaStream_t stream) {
+template <typename TX, int MT, int RW, int D, bool P = false, bool Dir = false>
+int launch_gemv_instance(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                         int quant_type, int S, float* partial, const GemvEpilogue& ep, cudaStream_t stream) {
   const int64_t rows_per_cta = (int64_t)(kGemvThreads / 32) * RW;
   const int64_t blocks = ((int64_t)N + rows_per_cta - 1) / rows_per_cta;
   if (blocks > 0x7fffffff || S > 65535) return kUnsupported;
   const dim3 grid((unsigned)blocks, (unsigned)S);
-  gemv_4bit_kernel<TX, MT, RW, D, P><<<grid, kGemvThreads, 0, stream>>>(static_cast<const TX*>(x), M, N, K, packed,
-                                                                        am, log2_bs, quant_type, S, partial);
+  gemv_4bit_kernel<TX, MT, RW, D, P, Dir><<<grid, kGemvThreads, 0, stream>>>(
+      static_cast<const TX*>(x), M, N, K, packed, am, log2_bs, quant_type, S, partial, ep);
   return (int)cudaGetLastError();
+}
+
+// ep.y set (M = 1, S = 1 only; launch_gemv checks): the direct-epilogue instance.
+template <typename TX, int MT, int RW, int D, bool P = false>
+int launch_gemv_kernel(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                       int quant_type, int S, float* partial, const GemvEpilogue& ep, cudaStream_t stream) {
+  if constexpr (MT == 1) {
+    if (ep.y != nullptr)
+      return launch_gemv_instance<TX, 1, RW, D, P, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep,
+                                                         stream);
+  }
+  return launch_gemv_instance<TX, MT, RW, D, P, false>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep,
+                                                       stream);
 }
 
 // The pair-table variants (M = 1, fp16/bf16 x): the timed double buffer with 4 rows per warp,
 // the 4-deep ring, and the 8-deep ring with one row per warp.
 template <typename TX, int RW>
 int launch_gemv_pairs(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                      int quant_type, int depth, int S, float* partial, cudaStream_t stream) {
+                      int quant_type, int depth, int S, float* partial, const GemvEpilogue& ep,
+                      cudaStream_t stream) {
   if constexpr (!std::is_same<TX, float>::value) {
     if constexpr (RW == 4) {
       if (M == 1 && depth == 2)
-        return launch_gemv_kernel<TX, 1, 4, 2, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
+        return launch_gemv_kernel<TX, 1, 4, 2, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
       if (M == 1 && depth == 4)
-        return launch_gemv_kernel<TX, 1, 4, 4, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
+        return launch_gemv_kernel<TX, 1, 4, 4, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
     }
     if constexpr (RW == 1) {
       if (M == 1 && depth == 8)
-        return launch_gemv_kernel<TX, 1, 1, 8, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
+        return launch_gemv_kernel<TX, 1, 1, 8, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
     }
   }
   return kBadArgument;
@@ -313,35 +353,41 @@ int launch_gemv_pairs(const void* x, int M, int N, int64_t K, const uint8_t* pac
 // one row per warp): with 8 activation rows or 8 weight rows their registers would spill.
 template <typename TX, int RW>
 int launch_gemv_rows(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                     int quant_type, int depth, int S, float* partial, cudaStream_t stream) {
+                     int quant_type, int depth, int S, float* partial, const GemvEpilogue& ep,
+                     cudaStream_t stream) {
   if (depth == 2) {
-    return M == 1 ? launch_gemv_kernel<TX, 1, RW, 2>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream)
+    return M == 1 ? launch_gemv_kernel<TX, 1, RW, 2>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream)
                   : launch_gemv_kernel<TX, kMaxM, RW, 2>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial,
-                                                         stream);
+                                                         ep, stream);
   }
   if constexpr (RW <= 4) {
     if (M == 1 && depth == 3)
-      return launch_gemv_kernel<TX, 1, RW, 3>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
+      return launch_gemv_kernel<TX, 1, RW, 3>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
     if (M == 1 && depth == 4)
-      return launch_gemv_kernel<TX, 1, RW, 4>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
+      return launch_gemv_kernel<TX, 1, RW, 4>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
   }
   if constexpr (RW == 1) {  // one row per warp: registers for 7 chunks in flight
     if (M == 1 && depth == 8)
-      return launch_gemv_kernel<TX, 1, RW, 8>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
+      return launch_gemv_kernel<TX, 1, RW, 8>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
   }
   return kBadArgument;
 }
 
 template <typename TX>
 int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
-                int rows_per_warp, int depth, bool pairs, int S, float* partial, const float* bias,
+                int rows_per_warp, int depth, int options, int S, float* partial, const float* bias,
                 const float* lora_t, const float* lora_b, int r, void* y, cudaStream_t stream) {
+  const bool pairs = (options & kGemvPairTable) != 0;
+  const bool direct = (options & kGemvDirect) != 0 && S == 1 && M == 1;
+  GemvEpilogue ep;
+  if (direct) ep = GemvEpilogue{y, bias, lora_t, lora_b, r};
   int rc;
   switch (rows_per_warp) {
 #define NF4KIT_GEMV_ROWS_CASE(RW)                                                                            \
   case RW:                                                                                                     \
-    rc = pairs ? launch_gemv_pairs<TX, RW>(x, M, N, K, packed, am, log2_bs, quant_type, depth, S, partial, stream) \
-               : launch_gemv_rows<TX, RW>(x, M, N, K, packed, am, log2_bs, quant_type, depth, S, partial, stream); \
+    rc = pairs                                                                                                 \
+             ? launch_gemv_pairs<TX, RW>(x, M, N, K, packed, am, log2_bs, quant_type, depth, S, partial, ep, stream) \
+             : launch_gemv_rows<TX, RW>(x, M, N, K, packed, am, log2_bs, quant_type, depth, S, partial, ep, stream); \
     break;
     NF4KIT_GEMV_ROWS_CASE(1)
     NF4KIT_GEMV_ROWS_CASE(2)
@@ -350,7 +396,7 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
 #undef NF4KIT_GEMV_ROWS_CASE
     default: return kBadArgument;
   }
-  if (rc != 0) return rc;
+  if (rc != 0 || direct) return rc;
   return launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
 }
 
@@ -371,11 +417,10 @@ int splitk_finalize(const float* partial, int S, int M, int N, const float* bias
 
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
-              int blocksize, int quant_type, int rows_per_warp, int depth, int pair_table, int S, float* partial,
+              int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,
               const float* bias, const float* lora_t, const float* lora_b, int r, void* y, void* stream) {
   if (M < 1 || M > kMaxM || N < 1 || K < 32 || (K % 32) != 0) return kUnsupported;
-  if (pair_table != 0 && pair_table != 1) return kBadArgument;
-  const bool pairs = pair_table == 1;
+  if ((options & ~(kGemvPairTable | kGemvDirect)) != 0) return kBadArgument;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
     return kBadArgument;
   if (S < 1 || (int64_t)S > K / 32) return kBadArgument;
@@ -387,13 +432,13 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (x_dtype) {
     case core::kFloat32:
-      return launch_gemv<float>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, pairs, S, partial,
+      return launch_gemv<float>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, options, S, partial,
                                 bias, lora_t, lora_b, r, y, s);
     case core::kFloat16:
-      return launch_gemv<__half>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, pairs, S,
+      return launch_gemv<__half>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, options, S,
                                  partial, bias, lora_t, lora_b, r, y, s);
     case core::kBFloat16:
-      return launch_gemv<__nv_bfloat16>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, pairs, S,
+      return launch_gemv<__nv_bfloat16>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, options, S,
                                         partial, bias, lora_t, lora_b, r, y, s);
     default:
       return kUnsupported;

@@ -53,6 +53,10 @@ _GEMV_RINGS = {(r, d) for r in (1, 2, 4) for d in (3, 4)} | {(1, 8)}  # (rows, d
 # for the (rows, depth) pairs below; experimental and off until the sweep has timed it.
 GEMV_PAIR_TABLE = False
 _GEMV_PAIR_RINGS = {(4, 2), (4, 4), (1, 8)}
+# M = 1 with one K-split: the GEMV kernel writes y itself (bias and LoRA added, same bits as the
+# finalize kernel), saving the second launch.  Experimental and off until the sweep has timed it.
+GEMV_DIRECT = False
+_GEMV_PAIR_TABLE, _GEMV_DIRECT = 1, 2  # the C API's option bits (csrc/cuda/cuda_kernels.h)
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -208,12 +212,14 @@ def _gemm_splits(M: int, N_out: int, K_red: int, device: torch.device) -> int:
     return max(1, min(round(sms * 4 / tiles), -(-K_red // 64) // 4, 64))
 
 
-def _gemv_variant(M: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(ring depth, pair table 0/1) of the decode GEMV for M rows of x: the settings above where that
-    variant is built, else the double buffer with the exact fp32 table."""
+def _gemv_variant(M: int, dtype: torch.dtype, splits: int) -> tuple[int, int]:
+    """(ring depth, option bits) of the decode GEMV for M rows of x and `splits` K-splits: the settings
+    above where that variant is built, else the double buffer, the exact fp32 table and the finalize
+    kernel."""
     depth = GEMV_DEPTH if M == 1 and (GEMV_ROWS, GEMV_DEPTH) in _GEMV_RINGS else 2
     pairs = GEMV_PAIR_TABLE and M == 1 and dtype in _HALF_DTYPES and (GEMV_ROWS, depth) in _GEMV_PAIR_RINGS
-    return depth, int(pairs)
+    direct = GEMV_DIRECT and M == 1 and splits == 1
+    return depth, (_GEMV_PAIR_TABLE if pairs else 0) | (_GEMV_DIRECT if direct else 0)
 
 
 def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
@@ -273,10 +279,10 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
             partial = torch.empty(S * M * N, dtype=torch.float32, device=dev)
             b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)
             y = torch.empty((M, N), dtype=dt, device=dev)
-            depth, pairs = _gemv_variant(M, dt)
+            depth, options = _gemv_variant(M, dt, S)
             check(_C().gemv_4bit(ptr(x), DTYPE_CODES[dt], M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc, p_off,
-                                 blocksize, qt, GEMV_ROWS, depth, pairs, S, ptr(partial), ptr(b), ptr(lt), ptr(lb), r,
-                                 ptr(y), _stream(dev)), "cuda.gemv_4bit")
+                                 blocksize, qt, GEMV_ROWS, depth, options, S, ptr(partial), ptr(b), ptr(lt), ptr(lb),
+                                 r, ptr(y), _stream(dev)), "cuda.gemv_4bit")
             return y
         if fast and dt in _HALF_DTYPES and M <= FUSED_MAX_M:
             y = torch.empty((M, N), dtype=dt, device=dev)

@@ -28,10 +28,16 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
 
 
 def _check_same_device(named: dict[str, Optional[torch.Tensor]]) -> None:
-    devices = {k: v.device for k, v in named.items() if isinstance(v, torch.Tensor)}
-    if len(set(devices.values())) > 1:
-        desc = ", ".join(f"{k} on {d}" for k, d in devices.items())
-        raise ValueError(f"tensors are on different devices: {desc}")
+    # One comparison per tensor on every call (the decode path runs this per layer); the message
+    # naming every tensor's device is built only on a mismatch.
+    first = None
+    for v in named.values():
+        if isinstance(v, torch.Tensor):
+            if first is None:
+                first = v.device
+            elif v.device != first:
+                desc = ", ".join(f"{k} on {t.device}" for k, t in named.items() if isinstance(t, torch.Tensor))
+                raise ValueError(f"tensors are on different devices: {desc}")
 
 
 def _check_nonempty(t: torch.Tensor, name: str) -> None:
@@ -224,11 +230,8 @@ def check_matmul_args(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantS
         r = lora_A.shape[0]
         if lora_B.shape != (N, r):
             raise ValueError(f"lora_B must be [{N}, {r}], got {tuple(lora_B.shape)}")
-    dev = x.device
-    if (packed.device != dev or quant_state.absmax.device != dev or (bias is not None and bias.device != dev)
-            or (lora_A is not None and (lora_A.device != dev or lora_B.device != dev))):
-        _check_same_device({"x": x, "packed": packed, "absmax": quant_state.absmax, "bias": bias, "lora_A": lora_A,
-                            "lora_B": lora_B})  # raises, naming every tensor's device
+    _check_same_device({"x": x, "packed": packed, "absmax": quant_state.absmax, "bias": bias, "lora_A": lora_A,
+                        "lora_B": lora_B})
     return N, K
 
 

@@ -69,10 +69,6 @@ def cap_isa(name: str) -> str:
     return C.cpu.isa()
 
 
-def _float_input(A: torch.Tensor) -> torch.Tensor:
-    return A.reshape(-1).contiguous()
-
-
 def _state(absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
            offset: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[int, int, int, int, int]]:
     """(tensors to keep alive, (absmax, absmax_q, nested_absmax, nested_code, offset) pointers)."""
@@ -93,7 +89,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
     """A (any shape, fp32/fp16/bf16) -> (packed uint8 [(n+1)//2], absmax fp32 [ceil(n/blocksize)])."""
     if A.dtype not in DTYPE_CODES or A.numel() == 0:
         return NotImplemented
-    x = _float_input(A)
+    x = flat(A)
     n = x.numel()
     packed = torch.empty(fmt.packed_nbytes(n), dtype=torch.uint8)
     absmax = torch.empty(fmt.num_blocks(n, blocksize), dtype=torch.float32)
@@ -119,7 +115,7 @@ def dequantize_4bit_out(packed: torch.Tensor, absmax: torch.Tensor, nested_absma
     """dequantize_4bit into a preallocated contiguous `out` [numel] (fp32/fp16/bf16)."""
     if out.dtype not in DTYPE_CODES or numel == 0 or not out.is_contiguous() or out.numel() != numel:
         return NotImplemented
-    packed = packed.reshape(-1).contiguous()
+    packed = flat(packed)
     keep, (a, aq, na, nc, off) = _state(absmax, nested_absmax, nested_code, offset)
     check(load().cpu.dequantize_4bit(ptr(packed), a, aq, na, nc, off, numel, blocksize,
                                      QUANT_TYPE_CODES[quant_type], ptr(out), DTYPE_CODES[out.dtype]),
@@ -133,8 +129,8 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     """A [n] -> (uint8 [n], absmax fp32 [ceil(n/blocksize)]) with the sorted 256-entry `code`."""
     if A.dtype not in DTYPE_CODES or A.numel() == 0 or code.numel() != 256:
         return NotImplemented
-    x = _float_input(A)
-    code = code.float().contiguous()
+    x = flat(A)
+    code = flat(code, torch.float32)
     q = torch.empty(x.numel(), dtype=torch.uint8)
     absmax = torch.empty(fmt.num_blocks(x.numel(), blocksize), dtype=torch.float32)
     check(load().cpu.quantize_blockwise(ptr(x), DTYPE_CODES[x.dtype], x.numel(), blocksize, ptr(code), ptr(q),
@@ -147,9 +143,9 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     """uint8 [n] -> [n] in dtype: T(code[q] * absmax[block])."""
     if dtype not in DTYPE_CODES or q.numel() == 0 or code.numel() != 256:
         return NotImplemented
-    q = q.reshape(-1).contiguous()
-    absmax = absmax.reshape(-1).float().contiguous()
-    code = code.reshape(-1).float().contiguous()
+    q = flat(q)
+    absmax = flat(absmax, torch.float32)
+    code = flat(code, torch.float32)
     out = torch.empty(q.numel(), dtype=dtype)
     check(load().cpu.dequantize_blockwise(ptr(q), ptr(absmax), ptr(code), q.numel(), blocksize, ptr(out),
                                           DTYPE_CODES[dtype]), "cpu.dequantize_blockwise")
@@ -161,7 +157,7 @@ def quantize_absmax_int8(X: torch.Tensor, blocksize: int):
     """X [n] -> (int8 [n], absmax fp32 [nblocks]); blocksize 0 = one scale for the tensor."""
     if X.dtype not in DTYPE_CODES or X.numel() == 0 or blocksize < 0:
         return NotImplemented
-    x = _float_input(X)
+    x = flat(X)
     n = x.numel()
     nb = 1 if blocksize == 0 else fmt.num_blocks(n, blocksize)
     q = torch.empty(n, dtype=torch.int8)
@@ -175,8 +171,8 @@ def dequantize_absmax_int8(q: torch.Tensor, absmax: torch.Tensor, blocksize: int
     """int8 [n] -> [n] in dtype: T(fp32(q) * fp32(absmax / 127))."""
     if dtype not in DTYPE_CODES or q.numel() == 0 or q.dtype != torch.int8 or blocksize < 0:
         return NotImplemented
-    q = q.reshape(-1).contiguous()
-    absmax = absmax.reshape(-1).float().contiguous()
+    q = flat(q)
+    absmax = flat(absmax, torch.float32)
     out = torch.empty(q.numel(), dtype=dtype)
     check(load().cpu.dequantize_absmax_int8(ptr(q), ptr(absmax), q.numel(), blocksize, ptr(out),
                                             DTYPE_CODES[dtype]), "cpu.dequantize_absmax_int8")
@@ -275,7 +271,7 @@ def _matmul(t: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_
         if backward:
             check(load().cpu.gemv_t_4bit(ptr(tc), M, *weight, N, K, ptr(y)), "cpu.gemv_t_4bit")
         else:
-            bf = bias.float().contiguous() if bias is not None else None
+            bf = flat(bias, torch.float32) if bias is not None else None
             check(load().cpu.gemv_4bit(ptr(tc), M, *weight, N, K, ptr(bf), ptr(y)), "cpu.gemv_4bit")
     else:
         # Large M: the weight is dequantized one band at a time, in t.dtype, for torch's GEMM.
@@ -304,20 +300,21 @@ def _matmul_4bit_backward_input(dy: torch.Tensor, packed: torch.Tensor, absmax: 
                    lora_A, lora_B, lora_scale, backward=True)
 
 
-def matmul_4bit(*args):
-    """x [M, K] -> x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias, [M, N] in x.dtype (arguments as reference.matmul_4bit)."""
-    # The op computes in the dtypes it was given: an enclosing autocast must not recast the
+def _without_autocast(fn, args: tuple):
+    # The ops compute in the dtypes they were given: an enclosing autocast must not recast the
     # torch GEMMs used inside (they mix an fp32 LoRA term or a tile buffer with x).  Entering
     # the context costs ~4 us, so only when autocast is on.
     if torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            return _matmul_4bit(*args)
-    return _matmul_4bit(*args)
+            return fn(*args)
+    return fn(*args)
+
+
+def matmul_4bit(*args):
+    """x [M, K] -> x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias, [M, N] in x.dtype (arguments as reference.matmul_4bit)."""
+    return _without_autocast(_matmul_4bit, args)
 
 
 def matmul_4bit_backward_input(*args):
     """dy [M, N] -> dy·deq(W) + s·(dy·B)·A, [M, K] in dy.dtype (arguments as reference)."""
-    if torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            return _matmul_4bit_backward_input(*args)
-    return _matmul_4bit_backward_input(*args)
+    return _without_autocast(_matmul_4bit_backward_input, args)

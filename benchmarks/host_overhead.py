@@ -148,10 +148,10 @@ def _triton_launches(args: tuple) -> dict[str, Callable[[], object]]:
 
 
 def _cuda_kernel_call(args: tuple):
-    """cuda backend: the GEMV launch alone, with the pointers, split count and buffers of
-    backends/cuda.py's M = 1 path computed once (None if that backend does not serve here)."""
+    """cuda backend: backends/cuda.py's GEMV launch (_launch_gemv) alone, its operands, split count
+    and buffers prepared once (None if that backend does not serve here)."""
     from nf4kit.backends import cuda as cb
-    from nf4kit.backends._native import DTYPE_CODES, QUANT_TYPE_CODES, check, ptr
+    from nf4kit.backends._native import QUANT_TYPE_CODES
 
     if backends.last_backend.get("matmul_4bit") != "cuda":
         return None
@@ -164,13 +164,10 @@ def _cuda_kernel_call(args: tuple):
     S = cb._gemv_splits(N, K, dev)
     partial = torch.empty(S * N, dtype=torch.float32, device=dev)
     y = torch.empty((1, N), dtype=x.dtype, device=dev)
-    depth, options = cb._gemv_variant(1, x.dtype, S)
-    launch = (ptr(x), DTYPE_CODES[x.dtype], 1, N, K, ptr(packed), *pointers, bs, QUANT_TYPE_CODES[qt], cb.GEMV_ROWS,
-              depth, options, S, ptr(partial), 0, 0, 0, 0, ptr(y))
-    C = cb._C()
 
     def fn():
-        check(C.gemv_4bit(*launch, cb._stream(dev)), "cuda.gemv_4bit")
+        cb._launch_gemv(x, packed, pointers, bs, QUANT_TYPE_CODES[qt], N, K, S, partial, (None, None, None, 0), y,
+                        cb._stream(dev))
         return keep
 
     return fn

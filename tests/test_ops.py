@@ -156,6 +156,22 @@ def test_flat_passes_ready_tensors_through_and_copies_the_rest():
     assert flat(evens) is not evens and torch.equal(flat(evens), torch.arange(0.0, 20.0, 2.0))
 
 
+@pytest.mark.skipif(not getattr(backends._native.load(), "has_cuda", False),
+                    reason="nf4kit._C built without its CUDA kernels (NF4KIT_NO_CUDA or no nvcc)")
+def test_cuda_gemv_launch_matches_the_binding_without_a_gpu():
+    """backends/cuda.py's GEMV launch passes the argument list the compiled binding takes (a
+    mismatch is a TypeError from pybind11); with M = 0 the C entry point refuses before touching
+    the GPU, and the status comes back as an error naming the kernel.  Runs in CI, which builds
+    the CUDA sources without a GPU."""
+    from nf4kit.backends import cuda as cuda_backend
+
+    x = torch.empty((0, 64), dtype=torch.bfloat16)
+    packed = torch.zeros(2048, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="cuda.gemv_4bit"):
+        cuda_backend._launch_gemv(x, packed, (0, 0, 0, 0, 0), 64, 0, 64, 64, 1, torch.empty(0),
+                                  (None, None, None, 0), torch.empty(0), 0)
+
+
 def test_available_backends_and_build_info():
     avail = nf4kit.available_backends()
     assert "torch" in avail

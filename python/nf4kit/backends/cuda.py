@@ -81,6 +81,9 @@ def _C():
     return load().cuda
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(device: torch.device) -> int:
     """The caller's current stream on `device`, as a raw cudaStream_t (Triton's launcher and Inductor
     use the same call; torch.cuda.current_stream() builds a Stream object per call)."""
@@ -88,9 +91,6 @@ def _stream(device: torch.device) -> int:
     if _raw_stream is not None:
         return _raw_stream(index)
     return torch.cuda.current_stream(index).cuda_stream
-
-
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +130,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
     """A (any shape, fp32/fp16/bf16, CUDA) -> (packed uint8 [(n+1)//2], absmax fp32 [nb])."""
     if A.dtype not in DTYPE_CODES or not _ok_blocksize(blocksize) or A.numel() == 0:
         return NotImplemented
-    x = A.reshape(-1).contiguous()
+    x = flat(A)
     n = x.numel()
     with torch.cuda.device(x.device):
         packed = torch.empty(fmt.packed_nbytes(n), dtype=torch.uint8, device=x.device)
@@ -150,7 +150,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: O
     if st is None:
         return NotImplemented
     (p_abs, p_q, p_na, p_nc, p_off), _keep = st
-    packed = packed.reshape(-1).contiguous()
+    packed = flat(packed)
     with torch.cuda.device(packed.device):
         out = torch.empty(numel, dtype=dtype, device=packed.device)
         check(_C().dequantize_4bit(ptr(packed), p_abs, p_q, p_na, p_nc, p_off, numel, blocksize,
@@ -164,8 +164,8 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     """A [n] -> (uint8 [n] nearest entries of the sorted code[256], absmax fp32 [nb])."""
     if A.dtype not in DTYPE_CODES or blocksize <= 0 or blocksize % 2 or code.numel() != 256 or A.numel() == 0:
         return NotImplemented
-    x = A.reshape(-1).contiguous()
-    code = code.reshape(-1).float().contiguous()
+    x = flat(A)
+    code = flat(code, torch.float32)
     with torch.cuda.device(x.device):
         q = torch.empty(x.numel(), dtype=torch.uint8, device=x.device)
         absmax = torch.empty(fmt.num_blocks(x.numel(), blocksize), dtype=torch.float32, device=x.device)
@@ -180,9 +180,9 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if (dtype not in DTYPE_CODES or q.dtype != torch.uint8 or blocksize < 16 or blocksize & (blocksize - 1)
             or code.numel() != 256 or q.numel() == 0):
         return NotImplemented
-    q = q.reshape(-1).contiguous()
-    absmax = absmax.reshape(-1).float().contiguous()
-    code = code.reshape(-1).float().contiguous()
+    q = flat(q)
+    absmax = flat(absmax, torch.float32)
+    code = flat(code, torch.float32)
     with torch.cuda.device(q.device):
         out = torch.empty(q.numel(), dtype=dtype, device=q.device)
         check(_C().dequantize_blockwise(ptr(q), ptr(absmax), ptr(code), q.numel(), blocksize, ptr(out),
@@ -222,6 +222,19 @@ def _gemv_variant(M: int, dtype: torch.dtype, splits: int) -> tuple[int, int]:
     return depth, (_GEMV_PAIR_TABLE if pairs else 0) | (_GEMV_DIRECT if direct else 0)
 
 
+def _launch_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, blocksize: int, quant_type_code: int, N: int,
+                 K: int, splits: int, partial: torch.Tensor, epilogue: tuple, y: torch.Tensor, stream: int) -> None:
+    """The decode GEMV (and its finalize) on `stream`: x [M, K] contiguous, packed flat, state the
+    five pointers of _state, partial fp32 [splits*M*N], epilogue (bias, s·x·Aᵀ, B, r) of
+    _fp32_epilogue, y [M, N] in x.dtype; the variant from the settings above (_gemv_variant)."""
+    M = x.shape[0]
+    depth, options = _gemv_variant(M, x.dtype, splits)
+    b, lt, lb, r = epilogue
+    check(_C().gemv_4bit(ptr(x), DTYPE_CODES[x.dtype], M, N, K, ptr(packed), *state, blocksize, quant_type_code,
+                         GEMV_ROWS, depth, options, splits, ptr(partial), ptr(b), ptr(lt), ptr(lb), r, ptr(y), stream),
+          "cuda.gemv_4bit")
+
+
 def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
     out = t.new_zeros((t.shape[0], cols))
     out[:, : t.shape[1]] = t
@@ -230,7 +243,7 @@ def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
 
 def _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale):
     """(bias fp32 [N], s·(x·Aᵀ) fp32 [M, r], B fp32 [N, r], r) for splitk_finalize; None/0 if absent."""
-    b = bias.reshape(-1).float().contiguous() if bias is not None else None
+    b = flat(bias, torch.float32) if bias is not None else None
     if lora_A is None:
         return b, None, None, 0
     lt = ((x.float() @ lora_A.float().t()) * float(lora_scale)).contiguous()
@@ -279,10 +292,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
             partial = torch.empty(S * M * N, dtype=torch.float32, device=dev)
             b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)
             y = torch.empty((M, N), dtype=dt, device=dev)
-            depth, options = _gemv_variant(M, dt, S)
-            check(_C().gemv_4bit(ptr(x), DTYPE_CODES[dt], M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc, p_off,
-                                 blocksize, qt, GEMV_ROWS, depth, options, S, ptr(partial), ptr(b), ptr(lt), ptr(lb),
-                                 r, ptr(y), _stream(dev)), "cuda.gemv_4bit")
+            _launch_gemv(x, packed, (p_abs, p_q, p_na, p_nc, p_off), blocksize, qt, N, K, S, partial, (b, lt, lb, r),
+                         y, _stream(dev))
             return y
         if fast and dt in _HALF_DTYPES and M <= FUSED_MAX_M:
             y = torch.empty((M, N), dtype=dt, device=dev)
@@ -302,7 +313,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
                 t = (x @ lora_A.to(dt).t()).float() * float(lora_scale)
                 A2 = _pad_cols(t.to(dt), R)
                 B2 = _pad_cols(lora_B.to(dt), R)
-            b = bias.reshape(-1).float().contiguous() if bias is not None else None
+            b = flat(bias, torch.float32) if bias is not None else None
             check(_C().gemm_4bit(DTYPE_CODES[dt], 0, ptr(x), M, N, K, ptr(packed), p_abs, p_q, p_na, p_nc, p_off,
                                  blocksize, qt, ptr(A2), ptr(B2), R, ptr(b), ptr(y), 1, 0, 0, 0, 0, _stream(dev)),
                   "cuda.gemm_4bit(forward)")

@@ -79,21 +79,18 @@ def depth_sweep(packed, qs, W_ref, dev) -> None:
             x = torch.randn(1, ref.shape[1], device=dev, dtype=torch.bfloat16)
             exp = x.float() @ ref.t()
             point(f"cuda M=1 {shape} default (rows {default[0]}, depth {default[1]}, heuristic S)", x, p, q, exp, dev)
-            for rows, depth in [(r, d) for r in (1, 2, 4) for d in (2, 3, 4)] + [(1, 8)]:
-                for S in (1, 2, 3, 4):
-                    cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, S
-                    point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S}", x, p, q, exp, dev)
-            cb.GEMV_PAIR_TABLE = True  # one shared load per packed byte: is the plateau the MIO lookups?
-            for rows, depth in sorted(cb._GEMV_PAIR_RINGS):
-                for S in (1, 2, 3, 4):
-                    cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, S
-                    point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S} pair table", x, p, q, exp, dev)
-            cb.GEMV_PAIR_TABLE = False
-            cb.GEMV_DIRECT = True  # one split, y written by the GEMV kernel: what does the finalize launch cost?
-            for rows, depth in [(4, 2), (1, 2), (1, 4), (1, 8), (2, 4)]:
-                cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, 1
-                point(f"cuda M=1 {shape} rows={rows} depth={depth} S=1 direct", x, p, q, exp, dev)
-            cb.GEMV_DIRECT = False
+            # (label suffix, pair table, direct epilogue, (rows, depth) pairs, splits).  The pair table:
+            # is the plateau the MIO lookups?  Direct: what does the finalize launch cost?
+            variants = (("", False, False, [(r, d) for r in (1, 2, 4) for d in (2, 3, 4)] + [(1, 8)], (1, 2, 3, 4)),
+                        (" pair table", True, False, sorted(cb._GEMV_PAIR_RINGS), (1, 2, 3, 4)),
+                        (" direct", False, True, [(4, 2), (1, 2), (1, 4), (1, 8), (2, 4)], (1,)))
+            for suffix, pairs, direct, rings, splits in variants:
+                cb.GEMV_PAIR_TABLE, cb.GEMV_DIRECT = pairs, direct
+                for rows, depth in rings:
+                    for S in splits:
+                        cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, S
+                        point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S}{suffix}", x, p, q, exp, dev)
+            cb.GEMV_PAIR_TABLE = cb.GEMV_DIRECT = False
             cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = default
 
 

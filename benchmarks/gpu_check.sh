@@ -16,6 +16,8 @@
 #
 # Files under $OUT (the device tool returns at most 8): gpu_report.md, bench.json, bench.md,
 # junit.xml, sanitizer.log, gpu_check.log (every stage's full output).
+# Optional stages: sweep (GPU_CHECK_SWEEP, e.g. depth,triton; $OUT/sweep.log) and profile
+# (GPU_CHECK_NCU, e.g. "cuda bnb"; $OUT/ncu.csv).
 # Environment: OUT (default ./gpu_out), NF4KIT_GIT_COMMIT (else .nf4kit_commit, else git),
 # NF4KIT_CUDA_ARCHS (default 90), GPU_CHECK_DEADLINE_S (default 460: the whole script's
 # budget; stages shrink to fit it), GPU_CHECK_TEST_WORKERS (default 4 if pytest-xdist),
@@ -46,10 +48,16 @@ echo "$COMMIT" > "$WORK/commit.txt"
 export NF4KIT_GIT_COMMIT="$COMMIT"
 
 # Later stages' default limits (s); a stage gets what is left before the deadline minus these.
-# They sum to 455 s: with every stage at its limit the script still ends inside 8 minutes.
-declare -A LIMIT=( [env]=15 [wheels]=20 [build]=110 [info]=20 [tests]=120 [sanitizer]=70 [bench]=100 )
+# The default stages sum to 470 s: with every stage at its limit the script still ends inside 8
+# minutes (the optional ones add 220 s; GPU_CHECK_DEADLINE_S then scales them all down).
+declare -A LIMIT=( [env]=30 [wheels]=20 [build]=110 [info]=20 [tests]=120 [sanitizer]=70 [bench]=100
+                   [sweep]=120 [profile]=100 )
 ORDER=(env wheels build info tests sanitizer bench)
-# A deadline under the defaults' sum (455 s) scales every default down (a short lease).
+# Optional: the M = 1 decode sweeps (GPU_CHECK_SWEEP=depth,triton: benchmarks.gpu_sweep sections) and
+# Nsight Compute on decode calls (GPU_CHECK_NCU="cuda bnb": benchmarks.gpu_profile_target calls).
+[ -n "${GPU_CHECK_SWEEP:-}" ] && ORDER+=(sweep)
+[ -n "${GPU_CHECK_NCU:-}" ] && ORDER+=(profile)
+# A deadline under the defaults' sum (470 s) scales every default down (a short lease).
 SUM=0; for s in "${ORDER[@]}"; do SUM=$((SUM + LIMIT[$s])); done
 if [ "$DEADLINE_S" -lt "$SUM" ]; then
   for s in "${ORDER[@]}"; do LIMIT[$s]=$(( LIMIT[$s] * DEADLINE_S / SUM )); [ ${LIMIT[$s]} -lt 5 ] && LIMIT[$s]=5; done
@@ -181,6 +189,24 @@ stage_bench() {
 }
 export -f stage_bench
 run_stage bench stage_bench
+
+# ---- optional: M = 1 decode sweeps (same timing as bench: L2 read-flush, spin pad, device time)
+stage_sweep() {
+  SWEEP=$GPU_CHECK_SWEEP $PY -m benchmarks.gpu_sweep 2>&1 | tee "$OUT/sweep.log"
+  local rc=${PIPESTATUS[0]}
+  echo "$(grep -c ' us ' "$OUT/sweep.log") points" > "$WORK/sweep.note"
+  return $rc
+}
+export -f stage_sweep
+[[ " ${ORDER[*]} " == *" sweep "* ]] && run_stage sweep stage_sweep
+
+# ---- optional: Nsight Compute on single decode launches
+stage_profile() {
+  source benchmarks/_ncu_decode.sh
+  NCU_CALL_S=$(( ${STAGE_LIMIT:-100} / $# )) ncu_decode "$OUT/ncu.csv" "$@"
+}
+export -f stage_profile
+[[ " ${ORDER[*]} " == *" profile "* ]] && run_stage profile stage_profile "$GPU_CHECK_NCU"
 
 # ---- logs, report, summary (printed last)
 for s in "${ORDER[@]}"; do

@@ -15,23 +15,9 @@ for b in cuda triton; do
   log "host_overhead $b rc=$?"
 done
 echo "==== host"; cat "$OUT/host.md"
-NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-if [ -n "$NCU" ]; then
-  for call in cuda cuda-r1d8 cuda-pairs cuda-r1d8-pairs triton bnb; do
-    timeout 60 "$NCU" --target-processes all --kernel-name "regex:gemv|kgemm_4bit_inference" \
-      --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
-      --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
-      --csv --page details python3 -m benchmarks.gpu_profile_target "$call" > "/tmp/ncu_$call.csv" 2>> "$OUT/ncu.err"
-    log "ncu $call rc=$? $(grep -c . "/tmp/ncu_$call.csv") lines"
-    { echo "# call $call"; cat "/tmp/ncu_$call.csv"; } >> "$OUT/ncu.csv"  # one file: at most 8 come back
-    echo "==== ncu $call"
-    grep -E "Kernel Name|DRAM Throughput|Memory Throughput|Duration|Issue Slots Busy|Stall (Long|MIO|Short|Wait|LG)|Achieved Occupancy|Registers Per|Waves Per" \
-      "/tmp/ncu_$call.csv" | awk -F'","' '{print $(NF-2)" | "$(NF-1)" | "$NF}' | head -24
-  done
-  tail -3 "$OUT/ncu.err"
-else
-  log "ncu not found"
-fi
+source benchmarks/_ncu_decode.sh
+ncu_decode "$OUT/ncu.csv" cuda cuda-r1d8 cuda-pairs cuda-r1d8-pairs triton bnb
+log "ncu done"
 SWEEP=depth,triton timeout -s INT 240 python3 -m benchmarks.gpu_sweep > "$OUT/sweep.log" 2>&1
 log "sweep rc=$?"
 echo "==== sweep"; cat "$OUT/sweep.log"

@@ -59,6 +59,28 @@ def junit_summary(path: str) -> dict:
     return res
 
 
+_SWEEP_POINT = re.compile(r"^(?P<label>.+?):\s+(?P<us>[0-9.]+) us\b")
+
+
+def sweep_fastest(log: str, per_group: int = 5) -> list[str]:
+    """The fastest points of benchmarks.gpu_sweep's output, per backend and weight shape (the
+    label's first words up to the shape, e.g. 'cuda M=1 4096x14336'), fastest first."""
+    groups: dict[str, list[tuple[float, str]]] = {}
+    for ln in log.splitlines():
+        m = _SWEEP_POINT.match(ln.strip())
+        if not m:
+            continue
+        label = m.group("label")
+        shape = re.search(r"\d+x\d+", label)
+        key = label[:shape.end()] if shape else label.split(" ")[0]
+        groups.setdefault(key, []).append((float(m.group("us")), label))
+    out = []
+    for key, pts in groups.items():
+        for us, label in sorted(pts)[:per_group]:
+            out.append(f"{us:8.1f} us  {label}")
+    return out
+
+
 def sanitizer_summary(log: str) -> str:
     m = re.search(r"ERROR SUMMARY: (\d+) error", log)
     probs = re.search(r"gpu_sanitize: (\d+) problem", log)
@@ -110,6 +132,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     md += [ln for ln in san_log.splitlines() if ln.strip().startswith("[") or "gpu_sanitize" in ln
            or "ERROR SUMMARY" in ln or "Invalid" in ln][:120]
     md += ["```", "", "## Benchmarks", "", bench_md or "(no benchmark table)", ""]
+    sweep_log = read(os.path.join(O, "sweep.log"))
+    if sweep_log:
+        md += ["## M = 1 decode sweep (benchmarks.gpu_sweep; fastest first per group)", "", "```"]
+        md += sweep_fastest(sweep_log, per_group=10) + ["```", "", "Every point:", "", "```",
+                                                        sweep_log.strip(), "```", ""]
     with open(os.path.join(O, "gpu_report.md"), "w") as f:
         f.write("\n".join(md) + "\n")
 
@@ -142,6 +169,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"  ... {len(lines) - 40} more rows in bench.md / gpu_report.md")
     else:
         print("bench:      no results")
+    if sweep_log:
+        print("sweep (fastest per group):")
+        for ln in sweep_fastest(sweep_log, per_group=4):
+            print("  " + ln[:150])
     print(f"report:     {os.path.join(O, 'gpu_report.md')}")
     return 0
 

@@ -8,6 +8,8 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda-pairs    the committed settings with the fp16 pair table (one shared load per packed byte)
   cuda-r1d8-pairs  the 8-deep ring with the pair table (1 split)
   cuda-r1d8-direct the 8-deep ring, 1 split, y written by the GEMV kernel (no finalize launch)
+  cuda-stream   the memory-order stream GEMV (ring depth 4; cuda-stream8: 8; cuda-stream-pairs:
+                depth 4 with the pair table)
   triton        the triton backend's GEMV
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
 from __future__ import annotations
@@ -21,10 +23,16 @@ from nf4kit.backends import cuda as cb
 
 from . import anchors as anc
 
-# call -> (GEMV_ROWS, GEMV_DEPTH, GEMV_SPLITS, GEMV_PAIR_TABLE, GEMV_DIRECT)
-VARIANTS = {"cuda-r2d4": (2, 4, 1, False, False), "cuda-r4d4": (4, 4, None, False, False),
-            "cuda-r1d8": (1, 8, 1, False, False), "cuda-pairs": (4, 2, None, True, False),
-            "cuda-r1d8-pairs": (1, 8, 1, True, False), "cuda-r1d8-direct": (1, 8, 1, False, True)}
+# call -> the cuda backend's settings it changes
+VARIANTS = {"cuda-r2d4": dict(GEMV_ROWS=2, GEMV_DEPTH=4, GEMV_SPLITS=1),
+            "cuda-r4d4": dict(GEMV_ROWS=4, GEMV_DEPTH=4),
+            "cuda-r1d8": dict(GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1),
+            "cuda-pairs": dict(GEMV_PAIR_TABLE=True),
+            "cuda-r1d8-pairs": dict(GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1, GEMV_PAIR_TABLE=True),
+            "cuda-r1d8-direct": dict(GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1, GEMV_DIRECT=True),
+            "cuda-stream": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4),
+            "cuda-stream8": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=8),
+            "cuda-stream-pairs": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=True)}
 
 
 def main(call: str) -> None:
@@ -38,7 +46,8 @@ def main(call: str) -> None:
             raise SystemExit(f"bitsandbytes is not importable: {name}")
     elif call in ("cuda", "triton") or call in VARIANTS:
         if call in VARIANTS:
-            cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS, cb.GEMV_PAIR_TABLE, cb.GEMV_DIRECT = VARIANTS[call]
+            for name, value in VARIANTS[call].items():
+                setattr(cb, name, value)
         backend = "triton" if call == "triton" else "cuda"
 
         def fn():

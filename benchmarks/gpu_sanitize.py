@@ -83,6 +83,23 @@ def main(argv=None) -> int:
                               dy, packed_as_bytes(pk_n), *ops.state_args(qs_n), 64, "nf4", N, K, A, Bm, 2.0), "same"))
         xf = rn(5, K, dtype=torch.float32)
         calls.append(("matmul_4bit fp32 M=5", "matmul_4bit", lambda: nf4kit.matmul_4bit(xf, pk_p, qs_p), "same"))
+        if b == "cuda":  # the experimental memory-order stream GEMV (M = 1, K % 1024 == 0), rings past the last row
+            from nf4kit.backends import cuda as cb
+
+            pk_s, qs_s = q4(rn(37, 2048, scale=0.05), True)
+            x_s = rn(1, 2048)
+
+            def stream_gemv(depth, pairs):
+                saved = (cb.GEMV_STREAM, cb.GEMV_STREAM_DEPTH, cb.GEMV_PAIR_TABLE)
+                cb.GEMV_STREAM, cb.GEMV_STREAM_DEPTH, cb.GEMV_PAIR_TABLE = True, depth, pairs
+                try:
+                    return nf4kit.matmul_4bit(x_s, pk_s, qs_s, bias=bias[:37])
+                finally:
+                    cb.GEMV_STREAM, cb.GEMV_STREAM_DEPTH, cb.GEMV_PAIR_TABLE = saved
+
+            for depth, pairs in ((4, False), (8, True)):
+                calls.append((f"matmul_4bit stream d{depth}{' pairs' if pairs else ''}", "matmul_4bit",
+                              lambda d=depth, p=pairs: stream_gemv(d, p), "same"))
 
         for what, op, fn, ref in calls:
             B.last_backend.pop(op, None)

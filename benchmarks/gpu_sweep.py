@@ -2,7 +2,7 @@
 small-M fused GEMM (splits), and of the Triton M = 1 configs (including two K-steps in flight),
 on the headline weight (4096x14336 NF4, blocksize 64, double quant, bf16), L2 flushed before
 every call.  Prints one line per setting: the time and the heuristic's choice, so the routing
-constants can be set from measurements.  GPU only:  [SWEEP=flush,depth,gemv,gemm,triton]
+constants can be set from measurements.  GPU only:  [SWEEP=flush,depth|stream,gemv,gemm,triton]
 python -m benchmarks.gpu_sweep
 """
 from __future__ import annotations
@@ -58,9 +58,10 @@ def flush_modes(packed, qs, W, dev) -> None:
     _timing.FLUSH_MODE = "read"
 
 
-def depth_sweep(packed, qs, W_ref, dev) -> None:
-    """M = 1 GEMV: rows per warp x load-ring depth x K-splits, on this weight and on its transpose's
-    shape (N = 14336, K = 4096: the gate/up projections), against the committed default."""
+def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
+    """M = 1 GEMV on this weight and on its transpose's shape (N = 14336, K = 4096: the gate/up
+    projections): the committed default, the memory-order stream kernel, and (rows_too) the row
+    kernel's rows per warp x load-ring depth x K-splits, pair table and direct epilogue."""
     N, K = W_ref.shape
     Wt = torch.randn(K, N, device=dev, dtype=torch.bfloat16)
     packed_t, qs_t = nf4kit.quantize_4bit(Wt, blocksize=64, compress_statistics=True)
@@ -79,6 +80,16 @@ def depth_sweep(packed, qs, W_ref, dev) -> None:
             x = torch.randn(1, ref.shape[1], device=dev, dtype=torch.bfloat16)
             exp = x.float() @ ref.t()
             point(f"cuda M=1 {shape} default (rows {default[0]}, depth {default[1]}, heuristic S)", x, p, q, exp, dev)
+            # The memory-order stream kernel: is the plateau the order in which W is read?
+            stream_default = (cb.GEMV_STREAM, cb.GEMV_STREAM_DEPTH)
+            cb.GEMV_STREAM = True
+            for depth in (4, 8):
+                for pairs in (False, True):
+                    cb.GEMV_STREAM_DEPTH, cb.GEMV_PAIR_TABLE = depth, pairs
+                    point(f"cuda M=1 {shape} stream depth={depth}{' pair table' if pairs else ''}", x, p, q, exp, dev)
+            (cb.GEMV_STREAM, cb.GEMV_STREAM_DEPTH), cb.GEMV_PAIR_TABLE = stream_default, False
+            if not rows_too:
+                continue
             # (label suffix, pair table, direct epilogue, (rows, depth) pairs, splits).  The pair table:
             # is the plateau the MIO lookups?  Direct: what does the finalize launch cost?
             variants = (("", False, False, [(r, d) for r in (1, 2, 4) for d in (2, 3, 4)] + [(1, 8)], (1, 2, 3, 4)),
@@ -94,6 +105,7 @@ def depth_sweep(packed, qs, W_ref, dev) -> None:
             cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = default
 
 
+
 def main() -> None:
     dev = torch.device("cuda")
     N, K = 4096, 14336
@@ -103,8 +115,8 @@ def main() -> None:
     sections = os.environ.get("SWEEP", "flush,depth,gemv,gemm,triton").split(",")
     if "flush" in sections:
         flush_modes(packed, qs, W, dev)
-    if "depth" in sections:
-        depth_sweep(packed, qs, W_ref, dev)
+    if "depth" in sections or "stream" in sections:  # stream: the floors, default and stream kernel only
+        depth_sweep(packed, qs, W_ref, dev, rows_too="depth" in sections)
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "
           f"M=64 {cb._gemm_splits(64, N, K, dev)}, M=256 {cb._gemm_splits(256, N, K, dev)}", flush=True)
     with nf4kit.use_backend("cuda"):

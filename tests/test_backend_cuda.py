@@ -224,8 +224,9 @@ def test_gemv_pair_table_variants(monkeypatch, rows, depth, dt, quant_type, nest
     monkeypatch.setattr(cuda_backend, "GEMV_ROWS", rows)
     monkeypatch.setattr(cuda_backend, "GEMV_DEPTH", depth)
     monkeypatch.setattr(cuda_backend, "GEMV_PAIR_TABLE", True)
-    assert cuda_backend._gemv_variant(1, dt, 1) == (depth, 1)
-    assert cuda_backend._gemv_variant(3, dt, 1)[1] == 0 and cuda_backend._gemv_variant(1, torch.float32, 1)[1] == 0
+    assert cuda_backend._gemv_variant(1, K, dt, 1) == (depth, 1)
+    assert cuda_backend._gemv_variant(3, K, dt, 1)[1] == 0
+    assert cuda_backend._gemv_variant(1, K, torch.float32, 1)[1] == 0
     st, W64 = _weight(N, K, 64, quant_type, nested, seed=rows * 10 + depth)
     x = _rand((1, K), dt, 51 + depth)
     bias = _rand((N,), torch.float32, 52)
@@ -256,14 +257,54 @@ def test_gemv_direct_epilogue_matches_the_finalize_kernel(monkeypatch, rows, dep
     out = {}
     for direct in (False, True):
         monkeypatch.setattr(cuda_backend, "GEMV_DIRECT", direct)
-        assert (cuda_backend._gemv_variant(1, dt, 1)[1] & 2) == (2 if direct else 0)
+        assert (cuda_backend._gemv_variant(1, K, dt, 1)[1] & 2) == (2 if direct else 0)
         with nf4kit.use_backend("cuda"):
             out[direct] = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, bias, A, B, 0.5)
         _ran_cuda("matmul_4bit")
     assert torch.equal(out[True], out[False])
     exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
     assert _relerr(out[True], exp) < _tol(dt)
-    assert (cuda_backend._gemv_variant(1, dt, 2)[1] & 2) == 0 and (cuda_backend._gemv_variant(2, dt, 1)[1] & 2) == 0
+    assert (cuda_backend._gemv_variant(1, K, dt, 2)[1] & 2) == 0
+    assert (cuda_backend._gemv_variant(2, K, dt, 1)[1] & 2) == 0
+
+
+@pytest.mark.parametrize("depth", [4, 8])
+@pytest.mark.parametrize("pairs,dt", [(False, torch.bfloat16), (False, torch.float32), (True, torch.float16),
+                                      (True, torch.bfloat16)])
+@pytest.mark.parametrize("N,K,quant_type,nested", [(77, 3072, "nf4", True), (5, 2048, "fp4", False),
+                                                   (1000, 4096, "nf4", True), (3001, 1024, "nf4", False)])
+def test_gemv_stream_variants(monkeypatch, depth, pairs, dt, N, K, quant_type, nested):
+    """The memory-order stream GEMV (M = 1, K % 1024 == 0): odd row counts, fewer tiles than warps
+    (5 x 2), and more tiles than resident warps (several passes, rings crossing the last row), with
+    bias and LoRA in the finalize kernel; fp32 x keeps the exact table even with the pair table on."""
+    monkeypatch.setattr(cuda_backend, "GEMV_STREAM", True)
+    monkeypatch.setattr(cuda_backend, "GEMV_STREAM_DEPTH", depth)
+    monkeypatch.setattr(cuda_backend, "GEMV_PAIR_TABLE", pairs)
+    assert cuda_backend._gemv_split_count(1, N, K, torch.device("cuda")) == K // 1024
+    st, W64 = _weight(N, K, 64, quant_type, nested, seed=N + depth)
+    x = _rand((1, K), dt, 71 + depth)
+    bias = _rand((N,), torch.float32, 72)
+    A, B = _rand((8, K), dt, 73, 0.1), _rand((N, 8), dt, 74, 0.1)
+    with nf4kit.use_backend("cuda"):
+        y = ops.matmul_4bit(x, st[0], *st[1:], 64, quant_type, N, K, bias, A, B, 0.5)
+    _ran_cuda("matmul_4bit")
+    exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    assert y.shape == (1, N) and y.dtype == dt
+    assert _relerr(y, exp) < (1e-2 if dt != torch.float32 else 1e-5)
+
+
+def test_gemv_stream_leaves_other_shapes_to_the_row_kernel(monkeypatch):
+    """With the stream kernel on, M > 1 and K not a multiple of 1024 still take the row kernel."""
+    monkeypatch.setattr(cuda_backend, "GEMV_STREAM", True)
+    for M, K in ((1, 1024 + 64), (3, 2048)):
+        N = 45
+        st, W64 = _weight(N, K, 64, "nf4", True, seed=M + K)
+        x = _rand((M, K), torch.bfloat16, 81)
+        assert cuda_backend._gemv_variant(M, K, x.dtype, 1)[1] & cuda_backend._GEMV_STREAM == 0
+        with nf4kit.use_backend("cuda"):
+            y = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, None, None, 1.0)
+        _ran_cuda("matmul_4bit")
+        assert _relerr(y, x.double() @ W64.t()) < 1e-2
 
 
 @pytest.mark.parametrize("route", ["gemv", "fused", "dequant"])

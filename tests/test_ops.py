@@ -172,6 +172,40 @@ def test_cuda_gemv_launch_matches_the_binding_without_a_gpu():
                                   (None, None, None, 0), torch.empty(0), 0)
 
 
+@pytest.mark.skipif(not getattr(backends._native.load(), "has_cuda", False),
+                    reason="nf4kit._C built without its CUDA kernels (NF4KIT_NO_CUDA or no nvcc)")
+def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
+    """The memory-order stream option of the GEMV takes M = 1, K % 1024 == 0 and exactly K / 1024
+    partial slices; anything else is refused as a bad argument before any CUDA call (so this runs
+    in CI's GPU-less CUDA build).  The Python side sizes the scratch to match."""
+    from nf4kit.backends import cuda as cuda_backend
+    from nf4kit.backends._native import DTYPE_CODES
+
+    C = backends._native.load().cuda
+    fake = 1 << 12  # 16-byte aligned, never dereferenced: every case is refused first
+    bf16 = DTYPE_CODES[torch.bfloat16]
+
+    def call(M, K, S, options):
+        return C.gemv_4bit(fake, bf16, M, 64, K, fake, fake, 0, 0, 0, 0, 64, 0, 4, 4, options, S, fake,
+                           0, 0, 0, 0, fake, 0)
+
+    stream = cuda_backend._GEMV_STREAM
+    assert call(1, 2048, 3, stream) == -1             # S != K / 1024
+    assert call(2, 2048, 2, stream) == -1             # M > 1
+    assert call(1, 2048 + 32, 2, stream) == -1        # K % 1024 != 0
+    assert call(1, 2048, 2, stream | cuda_backend._GEMV_DIRECT) == -1
+    assert call(1, 2048, 2, 8) == -1                  # an unknown option bit
+    old = cuda_backend.GEMV_STREAM
+    try:
+        cuda_backend.GEMV_STREAM = True
+        assert cuda_backend._gemv_split_count(1, 64, 3072, torch.device("cpu")) == 3
+        assert cuda_backend._gemv_variant(1, 3072, torch.bfloat16, 3) == (cuda_backend.GEMV_STREAM_DEPTH, stream)
+        assert cuda_backend._gemv_variant(1, 3072 + 32, torch.bfloat16, 3)[1] & stream == 0
+        assert cuda_backend._gemv_variant(2, 3072, torch.bfloat16, 3)[1] & stream == 0
+    finally:
+        cuda_backend.GEMV_STREAM = old
+
+
 def test_available_backends_and_build_info():
     avail = nf4kit.available_backends()
     assert "torch" in avail

@@ -39,13 +39,17 @@ int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* cod
 // options (experimental, 0 = as timed): kGemvPairTable decodes with the fp16 pair table (one shared
 // load per packed byte; built for M = 1 with fp16/bf16 x at (rows, depth) = (4, 2), (4, 4), (1, 8))
 // instead of the exact fp32 16-entry table; kGemvDirect, with S == 1, writes y (bias and LoRA
-// added) from the GEMV kernel itself, with no finalize launch (the same bits).
+// added) from the GEMV kernel itself, with no finalize launch (the same bits); kGemvStream (M = 1,
+// K % 1024 == 0, S == K / 1024, not with kGemvDirect; depth 4 or 8, pair table with fp16/bf16 x)
+// reads W in memory order with a persistent grid, one 1024-wide K-tile per warp (rows_per_warp
+// is ignored).
 // S splits, 1 <= S <= K / 32.
 // partial: fp32 [S*M*N] scratch from the caller.
 // bias fp32 [N] or null; lora_t fp32 [M, r] (already scaled), lora_b fp32 [N, r], or null.
 // y [M, N] in x_dtype.
 constexpr int kGemvPairTable = 1;
 constexpr int kGemvDirect = 2;
+constexpr int kGemvStream = 4;
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
               int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,

@@ -17,6 +17,15 @@
 // 32 KB per block).  It halves the MIO lookups and their bytes, the suspect of the M = 1 plateau;
 // the fp16-rounded table values (relative error <= 2^-11) are why fp32 activations keep the
 // exact fp32 table.
+//
+// Experimental memory-order stream (M = 1, K % 1024 == 0; kGemvStream): the kernel above keeps
+// thousands of separate row streams in flight (every warp walks its own rows), and all of its
+// variants stall at ~1.1 TB/s while a copy of the same bytes runs at ~3 TB/s.  Here a persistent
+// grid reads W in memory order: warp g owns one 1024-wide K-tile (kt = g % tiles_per_row, so its
+// 32 x values per lane sit in registers for the whole kernel) and visits rows n0, n0 + R, ... with
+// R = warps / tiles_per_row; at any moment the grid's loads cover one contiguous window of
+// ~warps x 512 bytes, as a copy's do.  Each (row, K-tile) dot is warp-reduced into partial[kt][n],
+// and splitk_finalize sums the tiles in order (deterministic).
 #include <type_traits>
 
 #include "cuda/common.cuh"
@@ -273,6 +282,78 @@ __global__ void __launch_bounds__(kGemvThreads)
 }
 
 
+constexpr int kStreamTile = 1024;  // K-elements per warp-tile: 32 lanes x 32 codes (16 bytes)
+
+template <typename TX, int kDepth, bool kPairs>
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv_4bit_stream_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
+                            int log2_bs, int quant_type, int warps_used, float* __restrict__ partial) {
+  static_assert(kDepth >= 2 && kDepth <= 8, "row tiles in a lane's load ring");
+  __shared__ float table[16];
+  __shared__ float code[256];
+  __shared__ uint32_t pairs[kPairs ? 256 * 32 : 1];
+  const bool nested = am.q != nullptr;
+  const int lane = threadIdx.x & 31;
+  const int g = blockIdx.x * (kGemvThreads / 32) + (threadIdx.x >> 5);
+  const int tiles_per_row = (int)(K / kStreamTile);
+  const int R = warps_used / tiles_per_row;  // rows apart between one warp's consecutive tiles
+  const bool active = g < warps_used;        // warp-uniform
+  const int kt = g % tiles_per_row;
+  const int n0 = g / tiles_per_row;
+  const int64_t col = (int64_t)kt * kStreamTile + (lane << 5);  // this lane's 32 codes in a row
+
+  auto fetch = [&](int n, ChunkLoad& ld) {
+    if (!active || n >= N) return;
+    const int64_t e0 = (int64_t)n * K + col;
+    const int64_t blk = e0 >> log2_bs;
+    ld.w = __ldcs(reinterpret_cast<const uint4*>(packed + (e0 >> 1)));  // read once: evict first
+    if (nested) {
+      ld.q = __ldg(am.q + blk);
+      ld.a = __ldg(am.nested + (blk / core::kNestedBlocksize));
+    } else {
+      ld.a = __ldg(am.absmax + blk);
+    }
+  };
+
+  // The first kDepth - 1 tiles are requested before the tables are built.
+  ChunkLoad ring[kDepth];
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d) ring[d] = ChunkLoad{make_uint4(0u, 0u, 0u, 0u), 0.0f, 0u};
+#pragma unroll
+  for (int d = 0; d < kDepth - 1; ++d) fetch(n0 + d * R, ring[d]);
+
+  if constexpr (kPairs) {
+    for (int i = threadIdx.x; i < 256 * 32; i += kGemvThreads) pairs[i] = pair_entry(quant_type, (uint32_t)i >> 5);
+  } else {
+    init_table(table, quant_type);
+  }
+  if (nested) {
+    for (int i = threadIdx.x; i < 256; i += kGemvThreads) code[i] = __ldg(am.code + i);
+  }
+  __syncthreads();
+  if (!active) return;  // whole warps exit together (after the only __syncthreads)
+  const float offset = nested ? __ldg(am.offset) : 0.0f;
+  float xv[32];
+  load_x32(x + col, xv);  // the same K-tile for every row this warp visits
+
+  // Unrolled by kDepth so that ring slots rotate by compile-time index (as the row kernel's ring).
+  for (int base = n0; base < N; base += kDepth * R) {
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) {
+      const int n = base + d * R;
+      fetch(n + (kDepth - 1) * R, ring[(d + kDepth - 1) % kDepth]);  // refills the slot used last
+      if (n < N) {  // warp-uniform
+        const ChunkLoad& ld = ring[d];
+        const float sc = nested ? core::nested_absmax_decode((uint8_t)ld.q, code, ld.a, offset) : ld.a;
+        float v = (kPairs ? dot32_pairs(ld.w, pairs + lane, xv) : dot32(ld.w, table, xv)) * sc;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) partial[(int64_t)kt * N + n] = v;
+      }
+    }
+  }
+}
+
 // y[m, n] = T(sum_s partial[s, m, n] + bias[n] + sum_j lora_t[m, j] * lora_b[n, j]).
 template <typename TX>
 __global__ void __launch_bounds__(256)
@@ -373,11 +454,80 @@ int launch_gemv_rows(const void* x, int M, int N, int64_t K, const uint8_t* pack
   return kBadArgument;
 }
 
+// The persistent grid of the stream kernel: as many blocks as fit on the device at once, read
+// once per device and instantiation (the occupancy query costs a few microseconds).
+template <typename TX, int D, bool P>
+int stream_blocks(int* blocks) {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {0};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return (int)e;
+  if (dev >= 0 && dev < kMaxDevices && cached[dev] > 0) {
+    *blocks = cached[dev];
+    return 0;
+  }
+  int sms = 0, per_sm = 0;
+  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e != cudaSuccess) return (int)e;
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_4bit_stream_kernel<TX, D, P>, kGemvThreads, 0);
+  if (e != cudaSuccess) return (int)e;
+  *blocks = sms * (per_sm > 0 ? per_sm : 1);
+  if (dev >= 0 && dev < kMaxDevices) cached[dev] = *blocks;
+  return 0;
+}
+
+template <typename TX, int D, bool P>
+int launch_gemv_stream_instance(const void* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                                int quant_type, float* partial, cudaStream_t stream) {
+  int blocks = 0;
+  const int rc = stream_blocks<TX, D, P>(&blocks);
+  if (rc != 0) return rc;
+  const int tiles_per_row = (int)(K / kStreamTile);
+  const int64_t tiles = (int64_t)N * tiles_per_row;
+  // Whole rows of tiles per pass, no more warps than tiles.
+  int64_t warps = (int64_t)blocks * (kGemvThreads / 32);
+  warps = warps < tiles ? warps : tiles;
+  warps -= warps % tiles_per_row;
+  if (warps < tiles_per_row) return kUnsupported;  // K too long for this device's resident warps
+  const int64_t grid = (warps + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
+  gemv_4bit_stream_kernel<TX, D, P><<<(unsigned)grid, kGemvThreads, 0, stream>>>(
+      static_cast<const TX*>(x), N, K, packed, am, log2_bs, quant_type, (int)warps, partial);
+  return (int)cudaGetLastError();
+}
+
+// The stream variants (M = 1, K % 1024 == 0, S == K / 1024): ring depth 4 or 8, exact table or
+// (fp16/bf16 x) the pair table.
+template <typename TX>
+int launch_gemv_stream(const void* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
+                       int depth, bool pairs, float* partial, cudaStream_t stream) {
+  if (!pairs) {
+    if (depth == 4)
+      return launch_gemv_stream_instance<TX, 4, false>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
+    if (depth == 8)
+      return launch_gemv_stream_instance<TX, 8, false>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
+    return kBadArgument;
+  }
+  if constexpr (!std::is_same<TX, float>::value) {
+    if (depth == 4)
+      return launch_gemv_stream_instance<TX, 4, true>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
+    if (depth == 8)
+      return launch_gemv_stream_instance<TX, 8, true>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
+  }
+  return kBadArgument;
+}
+
 template <typename TX>
 int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
                 int rows_per_warp, int depth, int options, int S, float* partial, const float* bias,
                 const float* lora_t, const float* lora_b, int r, void* y, cudaStream_t stream) {
   const bool pairs = (options & kGemvPairTable) != 0;
+  if ((options & kGemvStream) != 0) {
+    if (M != 1 || K % kStreamTile != 0 || S != K / kStreamTile || (options & kGemvDirect) != 0) return kBadArgument;
+    const int rc = launch_gemv_stream<TX>(x, N, K, packed, am, log2_bs, quant_type, depth, pairs, partial, stream);
+    if (rc != 0) return rc;
+    return launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
+  }
   const bool direct = (options & kGemvDirect) != 0 && S == 1 && M == 1;
   GemvEpilogue ep;
   if (direct) ep = GemvEpilogue{y, bias, lora_t, lora_b, r};
@@ -420,7 +570,7 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
               int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,
               const float* bias, const float* lora_t, const float* lora_b, int r, void* y, void* stream) {
   if (M < 1 || M > kMaxM || N < 1 || K < 32 || (K % 32) != 0) return kUnsupported;
-  if ((options & ~(kGemvPairTable | kGemvDirect)) != 0) return kBadArgument;
+  if ((options & ~(kGemvPairTable | kGemvDirect | kGemvStream)) != 0) return kBadArgument;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
     return kBadArgument;
   if (S < 1 || (int64_t)S > K / 32) return kBadArgument;

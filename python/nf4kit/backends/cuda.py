@@ -23,6 +23,7 @@ Matmul routing (per call, by M = rows of x):
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -56,7 +57,16 @@ _GEMV_PAIR_RINGS = {(4, 2), (4, 4), (1, 8)}
 # M = 1 with one K-split: the GEMV kernel writes y itself (bias and LoRA added, same bits as the
 # finalize kernel), saving the second launch.  Experimental and off until the sweep has timed it.
 GEMV_DIRECT = False
-_GEMV_PAIR_TABLE, _GEMV_DIRECT = 1, 2  # the C API's option bits (csrc/cuda/cuda_kernels.h)
+# M = 1 with K % 1024 == 0: the memory-order stream kernel.  The row kernel above keeps thousands
+# of separate row streams in flight and stalls near 1.1 TB/s on an H100 in every variant, while a
+# copy of the same bytes runs at ~3 TB/s; this one reads W in address order with a persistent grid
+# (one 1024-wide K-tile per warp, K / 1024 partial slices summed by the finalize kernel).  Depth 4
+# or 8: row tiles in each lane's load ring; GEMV_PAIR_TABLE applies.  Experimental until timed;
+# NF4KIT_CUDA_GEMV_STREAM=1 in the environment turns it on for a whole process.
+GEMV_STREAM = os.environ.get("NF4KIT_CUDA_GEMV_STREAM", "0") == "1"
+GEMV_STREAM_DEPTH = 4
+_STREAM_TILE = 1024
+_GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM = 1, 2, 4  # the C API's option bits (csrc/cuda/cuda_kernels.h)
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -212,10 +222,26 @@ def _gemm_splits(M: int, N_out: int, K_red: int, device: torch.device) -> int:
     return max(1, min(round(sms * 4 / tiles), -(-K_red // 64) // 4, 64))
 
 
-def _gemv_variant(M: int, dtype: torch.dtype, splits: int) -> tuple[int, int]:
-    """(ring depth, option bits) of the decode GEMV for M rows of x and `splits` K-splits: the settings
+def _gemv_stream(M: int, K: int) -> bool:
+    """Whether the decode GEMV of M rows over K takes the memory-order stream kernel."""
+    return GEMV_STREAM and M == 1 and K % _STREAM_TILE == 0
+
+
+def _gemv_split_count(M: int, N: int, K: int, device: torch.device) -> int:
+    """Partial slices S of the decode GEMV (its fp32 scratch is S * M * N): one per 1024-wide K-tile
+    for the stream kernel, else GEMV_SPLITS or the heuristic."""
+    if _gemv_stream(M, K):
+        return K // _STREAM_TILE
+    return min(GEMV_SPLITS, K // 32) if GEMV_SPLITS else _gemv_splits(N, K, device)
+
+
+def _gemv_variant(M: int, K: int, dtype: torch.dtype, splits: int) -> tuple[int, int]:
+    """(ring depth, option bits) of the decode GEMV for x [M, K] and `splits` K-splits: the settings
     above where that variant is built, else the double buffer, the exact fp32 table and the finalize
     kernel."""
+    if _gemv_stream(M, K):
+        pairs = GEMV_PAIR_TABLE and dtype in _HALF_DTYPES
+        return GEMV_STREAM_DEPTH, _GEMV_STREAM | (_GEMV_PAIR_TABLE if pairs else 0)
     depth = GEMV_DEPTH if M == 1 and (GEMV_ROWS, GEMV_DEPTH) in _GEMV_RINGS else 2
     pairs = GEMV_PAIR_TABLE and M == 1 and dtype in _HALF_DTYPES and (GEMV_ROWS, depth) in _GEMV_PAIR_RINGS
     direct = GEMV_DIRECT and M == 1 and splits == 1
@@ -228,7 +254,7 @@ def _launch_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, blocksize:
     five pointers of _state, partial fp32 [splits*M*N], epilogue (bias, s·x·Aᵀ, B, r) of
     _fp32_epilogue, y [M, N] in x.dtype; the variant from the settings above (_gemv_variant)."""
     M = x.shape[0]
-    depth, options = _gemv_variant(M, x.dtype, splits)
+    depth, options = _gemv_variant(M, K, x.dtype, splits)
     b, lt, lb, r = epilogue
     check(_C().gemv_4bit(ptr(x), DTYPE_CODES[x.dtype], M, N, K, ptr(packed), *state, blocksize, quant_type_code,
                          GEMV_ROWS, depth, options, splits, ptr(partial), ptr(b), ptr(lt), ptr(lb), r, ptr(y), stream),
@@ -288,7 +314,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     dev = x.device
     with torch.cuda.device(dev):
         if fast and M <= GEMV_MAX_M:
-            S = min(GEMV_SPLITS, K // 32) if GEMV_SPLITS else _gemv_splits(N, K, dev)
+            S = _gemv_split_count(M, N, K, dev)
             partial = torch.empty(S * M * N, dtype=torch.float32, device=dev)
             b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)
             y = torch.empty((M, N), dtype=dt, device=dev)

@@ -17,7 +17,8 @@
 # Files under $OUT (the device tool returns at most 8): gpu_report.md, bench.json, bench.md,
 # junit.xml, sanitizer.log, gpu_check.log (every stage's full output).
 # Optional stages: sweep (GPU_CHECK_SWEEP, e.g. depth,triton; $OUT/sweep.log) and profile
-# (GPU_CHECK_NCU, e.g. "cuda bnb"; $OUT/ncu.csv).
+# (GPU_CHECK_NCU, e.g. "cuda bnb"; $OUT/ncu.csv).  GPU_CHECK_BENCH_ENV: VAR=value settings for the
+# bench stage alone (e.g. NF4KIT_CUDA_GEMV_STREAM=1), named in the report.
 # Environment: OUT (default ./gpu_out), NF4KIT_GIT_COMMIT (else .nf4kit_commit, else git),
 # NF4KIT_CUDA_ARCHS (default 90), GPU_CHECK_DEADLINE_S (default 460: the whole script's
 # budget; stages shrink to fit it), GPU_CHECK_TEST_WORKERS (default 4 if pytest-xdist),
@@ -169,9 +170,17 @@ stage_sanitizer() {
   local cs; cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   if [ ! -x "$cs" ]; then echo "compute-sanitizer not found" | tee "$WORK/sanitizer.note"; return 3; fi
   # No caching allocator: every tensor is its own cudaMalloc, so an access past its end is seen.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --leak-check no --error-exitcode 99 --print-limit 50 \
-    $PY -m benchmarks.gpu_sanitize 2>&1 | tee "$OUT/sanitizer.log"
-  local rc=$?
+  # One run per backend, cuda first: Triton's JIT under memcheck is slow, and a stage limit that
+  # cuts it still leaves the CUDA kernels' verdict.
+  local rc=0 b
+  : > "$OUT/sanitizer.log"
+  for b in ${GPU_CHECK_SANITIZE_BACKENDS:-cuda triton}; do
+    echo "## gpu_sanitize --backends $b" >> "$OUT/sanitizer.log"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --leak-check no --error-exitcode 99 --print-limit 50 \
+      $PY -m benchmarks.gpu_sanitize --backends "$b" 2>&1 | tee -a "$OUT/sanitizer.log"
+    local st=${PIPESTATUS[0]}
+    [ "$st" != 0 ] && rc=$st
+  done
   grep -h "ERROR SUMMARY\|gpu_sanitize:" "$OUT/sanitizer.log" | tr '\n' ' ' > "$WORK/sanitizer.note"
   return $rc
 }
@@ -181,7 +190,7 @@ run_stage sanitizer stage_sanitizer
 # ---- benchmarks
 stage_bench() {
   local lim=${STAGE_LIMIT:-100}
-  $PY -m benchmarks.run --device cuda --json "$OUT/bench.json" --md "$OUT/bench.md" \
+  env ${GPU_CHECK_BENCH_ENV:-} $PY -m benchmarks.run --device cuda --json "$OUT/bench.json" --md "$OUT/bench.md" \
     --budget-s $(( lim > 60 ? lim - 35 : lim / 2 )) ${GPU_CHECK_BENCH_ARGS:-}
   local rc=$?
   echo "$(grep -c '"kind": "nf4kit"' "$OUT/bench.json" 2>/dev/null) nf4kit rows" > "$WORK/bench.note"

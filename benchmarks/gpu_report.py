@@ -82,13 +82,19 @@ def sweep_fastest(log: str, per_group: int = 5) -> list[str]:
 
 
 def sanitizer_summary(log: str) -> str:
-    m = re.search(r"ERROR SUMMARY: (\d+) error", log)
-    probs = re.search(r"gpu_sanitize: (\d+) problem", log)
-    parts = []
-    parts.append(f"memcheck {m.group(1)} error(s)" if m else "memcheck: no ERROR SUMMARY line (did not finish?)")
-    if probs:
-        parts.append(f"{probs.group(1)} call problem(s)")
-    return ", ".join(parts)
+    """One verdict per sanitized run ('## gpu_sanitize --backends B' headers; a log without them is
+    one run): memcheck's error count, or that it did not finish, and gpu_sanitize's own problems."""
+    runs = re.split(r"^## gpu_sanitize --backends (\S+)\s*$", log, flags=re.M)
+    named = list(zip(runs[1::2], runs[2::2])) if len(runs) > 1 else [("", log)]
+    out = []
+    for name, text in named:
+        m = re.search(r"ERROR SUMMARY: (\d+) error", text)
+        probs = re.search(r"gpu_sanitize: (\d+) problem", text)
+        part = f"memcheck {m.group(1)} error(s)" if m else "memcheck: no ERROR SUMMARY line (did not finish?)"
+        if probs:
+            part += f", {probs.group(1)} call problem(s)"
+        out.append(f"{name}: {part}" if name else part)
+    return "; ".join(out)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -116,7 +122,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     tests_line = (f"{ju['passed']} passed, {ju['failures']} failed, {ju['errors']} errors, {ju['skipped']} skipped "
                   f"of {ju['tests']} ({ju['time']:.0f} s)" if ju["found"] else "no junit XML (pytest did not finish)")
     md = [f"# nf4kit GPU check — {card}", "",
-          f"- date: {date}", f"- commit: {commit}", f"- total stage time: {total} s", ""]
+          f"- date: {date}", f"- commit: {commit}", f"- total stage time: {total} s"]
+    if os.environ.get("GPU_CHECK_BENCH_ENV"):
+        md.append(f"- benchmark settings: `{os.environ['GPU_CHECK_BENCH_ENV']}` (bench stage only)")
+    md.append("")
     md += ["## Stages", "", "| stage | status | seconds | limit | note |", "|---|---|---|---|---|"]
     for s in st:
         status = "ok" if s["rc"] == 0 else ("TIMEOUT" if s["rc"] in (124, 137) else f"FAILED rc={s['rc']}")
@@ -143,6 +152,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # ---- short summary, printed last
     print("\n" + "=" * 100)
     print(f"GPU CHECK SUMMARY  {card}  commit {commit[:12]}  {date}")
+    if os.environ.get("GPU_CHECK_BENCH_ENV"):
+        print(f"bench settings: {os.environ['GPU_CHECK_BENCH_ENV']}")
     print(f"{'stage':<14}{'status':<16}{'s':>6}{'limit':>7}  note")
     for s in st:
         status = "ok" if s["rc"] == 0 else ("TIMEOUT" if s["rc"] in (124, 137) else f"FAILED rc={s['rc']}")

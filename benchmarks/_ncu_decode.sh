@@ -8,7 +8,7 @@ ncu_decode() {
   if [ -z "$ncu" ]; then echo "ncu not found"; return 3; fi
   local call rc
   for call in "$@"; do
-    timeout "${NCU_CALL_S:-60}" "$ncu" --target-processes all --kernel-name "regex:gemv|kgemm_4bit_inference" \
+    timeout "${NCU_CALL_S:-60}" "$ncu" --target-processes all --kernel-name "regex:gemv|kgemm_4bit_inference|gemm_4bit_simt" \
       --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
       --csv --page details python3 -m benchmarks.gpu_profile_target "$call" > "/tmp/ncu_$call.csv" 2>> "/tmp/ncu.err"

@@ -58,6 +58,8 @@ ORDER=(env wheels build info tests sanitizer bench)
 # Nsight Compute on decode calls (GPU_CHECK_NCU="cuda bnb": benchmarks.gpu_profile_target calls).
 [ -n "${GPU_CHECK_SWEEP:-}" ] && ORDER+=(sweep)
 [ -n "${GPU_CHECK_NCU:-}" ] && ORDER+=(profile)
+# GPU_CHECK_LIMITS="build=100 tests=120 ...": a stage's own limit (s), before any scaling below.
+for kv in ${GPU_CHECK_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 # A deadline under the defaults' sum (470 s) scales every default down (a short lease).
 SUM=0; for s in "${ORDER[@]}"; do SUM=$((SUM + LIMIT[$s])); done
 if [ "$DEADLINE_S" -lt "$SUM" ]; then

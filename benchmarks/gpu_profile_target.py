@@ -10,7 +10,7 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda-r1d8-direct the 8-deep ring, 1 split, y written by the GEMV kernel (no finalize launch)
   cuda-stream   the memory-order stream GEMV (ring depth 4; cuda-stream8: 8; cuda-stream-pairs:
                 depth 4 with the pair table)
-  triton        the triton backend's GEMV
+  triton        the triton backend's GEMV (triton-stream: its memory-order stream kernel)
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
 from __future__ import annotations
 
@@ -44,11 +44,15 @@ def main(call: str) -> None:
         fn, name = anc.bnb_matmul(x, packed, qs)
         if fn is None:
             raise SystemExit(f"bitsandbytes is not importable: {name}")
-    elif call in ("cuda", "triton") or call in VARIANTS:
+    elif call in ("cuda", "triton", "triton-stream") or call in VARIANTS:
+        if call == "triton-stream":
+            from nf4kit.triton_kernels import matmul as tm
+
+            tm.GEMV_STREAM = True
         if call in VARIANTS:
             for name, value in VARIANTS[call].items():
                 setattr(cb, name, value)
-        backend = "triton" if call == "triton" else "cuda"
+        backend = "triton" if call.startswith("triton") else "cuda"
 
         def fn():
             with nf4kit.use_backend(backend):

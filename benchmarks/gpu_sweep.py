@@ -2,7 +2,7 @@
 small-M fused GEMM (splits), and of the Triton M = 1 configs (including two K-steps in flight),
 on the headline weight (4096x14336 NF4, blocksize 64, double quant, bf16), L2 flushed before
 every call.  Prints one line per setting: the time and the heuristic's choice, so the routing
-constants can be set from measurements.  GPU only:  [SWEEP=flush,depth|stream,gemv,gemm,triton]
+constants can be set from measurements.  GPU only:  [SWEEP=flush,depth|stream,gemv,gemm,triton|triton-stream]
 python -m benchmarks.gpu_sweep
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ def main() -> None:
                 setattr(cb, attr, v)
                 point(f"cuda M={M:4d} {attr}={v:3d}", x, packed, qs, exp, dev)
             setattr(cb, attr, None)
-    if "triton" not in sections:
+    if "triton" not in sections and "triton-stream" not in sections:
         return
     from nf4kit.triton_kernels import matmul as tm
 
@@ -153,6 +153,18 @@ def main() -> None:
     extra += [tm._cfg(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, PREFETCH=2, warps=w, stages=2)
               for bn, bk, w in ((8, 1024, 4), (4, 2048, 4), (8, 2048, 8), (4, 1024, 4))]
     with nf4kit.use_backend("triton"):
+        if "triton-stream" in sections or "triton" in sections:
+            # The memory-order stream kernel; programs per SM = what the static view says fits.
+            saved = (tm.GEMV_STREAM, tm.STREAM_CONFIG)
+            point(f"triton M=1 {N}x{K} default (autotuned word path)", x, packed, qs, exp, dev)
+            tm.GEMV_STREAM = True
+            for bn, bk, w, per_sm in ((4, 1024, 4, 8), (8, 1024, 4, 5), (1, 1024, 1, 32), (16, 1024, 8, 2),
+                                      (8, 2048, 8, 2), (4, 1024, 4, 4)):
+                tm.STREAM_CONFIG = dict(BLOCK_N=bn, BLOCK_K=bk, warps=w, programs_per_sm=per_sm)
+                point(f"triton M=1 {N}x{K} stream {tm.STREAM_CONFIG}", x, packed, qs, exp, dev)
+            tm.GEMV_STREAM, tm.STREAM_CONFIG = saved
+        if "triton" not in sections:
+            return
         for cfg in tm.gemv_configs(torch.cuda.get_device_capability(dev), True) + extra:
             with tm.force_config("gemv", cfg):
                 point(f"triton M=1 {cfg}", x, packed, qs, exp, dev)

@@ -245,6 +245,33 @@ def test_gemv_word_path_prefetching_two_tiles(K, split, dtype, monkeypatch):
     assert _rel(y, x.double().cpu() @ Wq.t()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("N,K,bs,quant_type,nested,dtype", [
+    (37, 64, 32, "nf4", True, torch.bfloat16),     # one K-tile per row; several passes over row blocks
+    (21, 192, 64, "fp4", False, torch.float32),    # 3 K-tiles; the last row block is partial
+    (5, 128, 128, "nf4", False, torch.float16),    # fewer row blocks than programs ask for
+    (19, 64, 64, "nf4", True, torch.float32)])
+def test_gemv_stream_kernel(N, K, bs, quant_type, nested, dtype, monkeypatch):
+    """The memory-order M = 1 kernel (GEMV_STREAM, experimental): every (row, K-tile) dot written
+    once into its partial slice, summed in order with bias and LoRA, on odd row counts and K-tiles
+    shared by several row blocks.  K not a multiple of the K-tile keeps the word path."""
+    from nf4kit.triton_kernels import matmul as tkm
+
+    monkeypatch.setattr(tkm, "DEQUANT_GEMM_MIN_M", 0)
+    monkeypatch.setattr(tkm, "GEMV_STREAM", True)
+    monkeypatch.setattr(tkm, "STREAM_CONFIG", dict(BLOCK_N=4, BLOCK_K=64, warps=4, programs_per_sm=2))
+    tpr = K // 64
+    progs = tkm._stream_programs(N, K, torch.device(DEVICE))
+    assert progs % tpr == 0 and progs >= tpr
+    packed, qs, Wq, x, b, A, B = _mm_case(1, N, K, bs, dtype, nested, lora=True, bias=True, seed=N + K,
+                                          quant_type=quant_type)
+    y = ops.matmul_4bit(x, fmt.packed_as_bytes(packed), *ops.state_args(qs), bs, quant_type, N, K, b, A, B, 0.5)
+    assert_ran("matmul_4bit", "triton")
+    want = x.double().cpu() @ Wq.t() + b.double().cpu() \
+        + 0.5 * (x.double().cpu() @ A.double().cpu().t()) @ B.double().cpu().t()
+    assert y.shape == (1, N) and y.dtype == dtype
+    assert _rel(y, want) < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_matmul_4bit_autograd_through_public_api(dtype, monkeypatch):
     """nf4kit.matmul_4bit with leading dims: forward and dx through the triton kernels,
@@ -317,7 +344,7 @@ def test_registry_lists_every_kernel():
     names = {s.fn.__name__ if hasattr(s.fn, "__name__") else s.fn.fn.__name__ for s in specs}
     assert {"_quantize_4bit_kernel", "_dequantize_4bit_kernel", "_quantize_blockwise_kernel",
             "_dequantize_blockwise_kernel", "_fused_matmul_kernel", "_gemv_kernel",
-            "_splitk_reduce_kernel"} <= names
+            "_splitk_reduce_kernel", "_gemv_stream_kernel"} <= names
     assert len({s.name for s in specs}) == len(specs)
     assert len(registry.kernel_specs(80)) > 0
 

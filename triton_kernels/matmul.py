@@ -55,6 +55,13 @@ DEQUANT_GEMM_MIN_M: int = int(os.environ.get("NF4KIT_TRITON_DEQUANT_GEMM_MIN_M",
 FUSED_BACKWARD: bool = os.environ.get("NF4KIT_TRITON_FUSED_BACKWARD", "0") == "1"
 # NF4KIT_TRITON_AUTOTUNE=0: use the first (heuristic) config of each bucket, no tuning runs.
 AUTOTUNE: bool = os.environ.get("NF4KIT_TRITON_AUTOTUNE", "1") != "0"
+# M = 1 in memory order (_gemv_stream_kernel; experimental until timed on a GPU): a persistent grid
+# whose loads cover one contiguous window of W at a time.  STREAM_CONFIG: the row block and K-tile
+# of a program, its warps, and programs per SM (the persistent grid: what fits at once; sm_90
+# static view of this default: 64 registers, 8 programs of 4 warps per SM); K % BLOCK_K == 0 is
+# needed, other shapes keep the word path.
+GEMV_STREAM: bool = os.environ.get("NF4KIT_TRITON_GEMV_STREAM", "0") == "1"
+STREAM_CONFIG: dict = dict(BLOCK_N=4, BLOCK_K=1024, warps=4, programs_per_sm=8)
 MAX_LORA_RANK = 256
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -246,6 +253,49 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _gemv_stream_kernel(x_ptr, packed_ptr, absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, table_ptr, ws_ptr, N, K,
+                        stride_wb, ROW_BLOCK_STEP, BS: tl.constexpr, NESTED: tl.constexpr, INTERP: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """M = 1 decode in memory order (experimental; K % BLOCK_K == 0, BS a multiple of 32):
+    ws[kt, n] = x[kt-th BLOCK_K slice] · deq(W)[n, same slice] for every row n.  Program p owns the
+    K-tile kt = p % (K / BLOCK_K), so its x slice is loaded once, and visits the row blocks
+    p // (K / BLOCK_K) + j * ROW_BLOCK_STEP: with the grid persistent (ROW_BLOCK_STEP * K / BLOCK_K
+    programs), the programs' loads at any moment cover one contiguous window of W, as a copy's do,
+    rather than thousands of separate row streams.  The word path's decode (as _gemv_kernel)."""
+    p = tl.program_id(0)
+    TPR = K // BLOCK_K
+    kt = p % TPR
+    CHUNK: tl.constexpr = 32
+    NW: tl.constexpr = BLOCK_K // 8
+    NC: tl.constexpr = BLOCK_K // CHUNK
+    if NESTED:
+        offset = tl.load(offset_ptr)
+    else:
+        offset = 0.0
+    k0 = kt * BLOCK_K
+    e0, o0, e1, o1, e2, o2, e3, o3 = _x_octets(x_ptr, k0 // 8, K // 8, NW, INTERP)
+    gcol = (k0 + tl.arange(0, NC) * CHUNK).to(tl.int64)
+    rows64 = ((p // TPR) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    nmask = rows64 < N
+    step = ROW_BLOCK_STEP * BLOCK_N
+    wt = _tile_words(packed_ptr, rows64, nmask, k0 // 8, K // 8, stride_wb, NW)
+    for _ in range(p // TPR, tl.cdiv(N, BLOCK_N), ROW_BLOCK_STEP):
+        rows_next = rows64 + step
+        mask_next = rows_next < N
+        wt_next = _tile_words(packed_ptr, rows_next, mask_next, k0 // 8, K // 8, stride_wb, NW)
+        h0, l0, h1, l1, h2, l2, h3, l3 = _word_values_f32(wt, table_ptr, INTERP)
+        s = h0 * e0[None, :] + l0 * o0[None, :] + h1 * e1[None, :] + l1 * o1[None, :] + \
+            h2 * e2[None, :] + l2 * o2[None, :] + h3 * e3[None, :] + l3 * o3[None, :]
+        part = tl.sum(s.reshape(BLOCK_N, NC, CHUNK // 8), axis=2)
+        blk = (rows64[:, None] * K + gcol[None, :]) // BS
+        part = part * _chunk_scales(absmax_ptr, nabs_ptr, ncode_ptr, offset, blk, nmask[:, None], NESTED, INTERP)
+        tl.store(ws_ptr + kt.to(tl.int64) * N + rows64, tl.sum(part, axis=1), mask=nmask)
+        wt = wt_next
+        rows64 = rows_next
+        nmask = mask_next
+
+
+@triton.jit
 def _tile_words(wp, rows64, rmask, j0, jlimit, stride_ww, NW: tl.constexpr):
     """Packed W as 32-bit words [R, NW]: words j0.. of each row (0 where j >= jlimit or the
     row is masked); wp: the byte pointer, stride_ww: bytes per row (a multiple of 16 when
@@ -376,9 +426,12 @@ def fused_configs(cap: tuple[int, int], large: bool) -> list[triton.Config]:
                 _cfg(BLOCK_M=32, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, warps=4, stages=4),
                 _cfg(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=128, GROUP_M=8, warps=4, stages=4),
                 _cfg(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, warps=8, stages=3)]
-    # sm80 / sm86 / sm89 (A100: 164 KB smem) and anything older
+    # sm80 / sm86 / sm89 (A100: 164 KB smem) and anything older; not timed on such a card.
     if large:
-        return [_cfg(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=32, GROUP_M=8, warps=4, stages=4),
+        # The 128x128 tile on 8 warps: on 4 warps its fp32 accumulator alone is 128 registers
+        # per thread and the kernel sits at 255 (the backward spilled 8 B on Triton 3.6);
+        # on 8 warps 152-158 registers on Triton 3.6 and 3.9, sm_80 and sm_86, same smem.
+        return [_cfg(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=32, GROUP_M=8, warps=8, stages=4),
                 _cfg(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, warps=8, stages=3)]
     return [_cfg(BLOCK_M=64, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, warps=4, stages=3),
             _cfg(BLOCK_M=32, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, warps=4, stages=4),
@@ -522,6 +575,12 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     common = dict(BS=blocksize, NESTED=nested, K_ALIGN=ka, HAS_BIAS=bias is not None, HAS_LORA=L is not None,
                   R_PAD=max(16, next_pow2(r)), INTERP=INTERPRET, IEEE=T == torch.float32)
     cap = capability(dev)
+    if M == 1 and GEMV_STREAM and K % STREAM_CONFIG["BLOCK_K"] == 0:
+        if x.data_ptr() % 16:  # x in 16-byte vectors, W as 32-bit words, as the word path
+            x = x.clone()
+        if st[0].data_ptr() % 4:
+            st = (st[0].clone(), *st[1:])
+        return _gemv_stream(x, st, nested, blocksize, N, K, stride_wb, bias_t, L, B_t, r, lora_scale, common, out)
     if M <= GEMV_MAX_M:
         kernel, cfg = _launcher("gemv", cap, M == 1)
         if M == 1:
@@ -559,6 +618,44 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
             B_t if B_t is not None else dummy, out, M, N, K, N, K, stride_wb, x.stride(0), out.stride(0),
             L.stride(0) if L is not None else 0, 1, r, r, float(lora_scale), m_bucket(M))
     _launch(kernel, cfg, grid, args, dict(common, FWD=True))
+    return out
+
+
+def _stream_programs(N: int, K: int, device: torch.device) -> int:
+    """The stream kernel's persistent grid: programs_per_sm on every SM (2 'SMs' under the
+    interpreter, so that the tests see several passes), in whole rows of K-tiles, no more than
+    there are tiles."""
+    tpr = K // STREAM_CONFIG["BLOCK_K"]
+    tiles = triton.cdiv(N, STREAM_CONFIG["BLOCK_N"]) * tpr
+    sms = 2 if device.type != "cuda" else _sm_count(device)
+    progs = min(tiles, sms * STREAM_CONFIG["programs_per_sm"])
+    return max(tpr, progs - progs % tpr)
+
+
+def _sm_count(device: torch.device) -> int:
+    key = ("sms", str(device))
+    if key not in _TUNED:
+        _TUNED[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _TUNED[key]
+
+
+def _gemv_stream(x, st, nested, blocksize, N, K, stride_wb, bias_t, L, B_t, r, lora_scale, common, out):
+    """M = 1 through _gemv_stream_kernel (fp32 partials per K-tile) and _splitk_reduce_kernel (their
+    sum in order, bias, LoRA, the cast to out's dtype)."""
+    cfg = STREAM_CONFIG
+    tpr = K // cfg["BLOCK_K"]
+    progs = _stream_programs(N, K, x.device)
+    ws = torch.empty((tpr, 1, N), dtype=torch.float32, device=x.device)
+    _gemv_stream_kernel[(progs,)](x, *st[:6], ws, N, K, stride_wb, progs // tpr, BS=blocksize, NESTED=nested,
+                                  INTERP=INTERPRET, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                  num_warps=cfg["warps"], num_stages=1)
+    dummy = st[5]
+    bn = 128
+    _splitk_reduce_kernel[(1, triton.cdiv(N, bn))](
+        ws, bias_t if bias_t is not None else dummy, L if L is not None else dummy, B_t if B_t is not None else dummy,
+        out, 1, N, out.stride(0), L.stride(0) if L is not None else 0, r, float(lora_scale), SPLIT_K=tpr,
+        HAS_BIAS=bias_t is not None, HAS_LORA=L is not None, R_PAD=common["R_PAD"], INTERP=INTERPRET, BLOCK_N=bn,
+        num_warps=4)
     return out
 
 

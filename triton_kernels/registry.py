@@ -98,6 +98,13 @@ def _matmul_specs(arch: int) -> list[KernelSpec]:
                 {**common, "HAS_BIAS": True, **cfg.kwargs},
                 ("N", "K", "stride_wb", "stride_xm", "stride_om", "stride_lm", "RANK"),
                 {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+    cfg = MM.STREAM_CONFIG
+    specs.append(KernelSpec(
+        "gemv_stream_m1", MM._gemv_stream_kernel,
+        {"x_ptr": "*bf16", **state, "ws_ptr": "*fp32", "N": "i32", "K": "i32", "stride_wb": "i32",
+         "ROW_BLOCK_STEP": "i32"},
+        {"BS": 64, "NESTED": True, "INTERP": False, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]},
+        ("N", "K", "stride_wb"), {"num_warps": cfg["warps"], "num_stages": 1}))
     specs.append(KernelSpec(
         "splitk_reduce", MM._splitk_reduce_kernel,
         {"ws_ptr": "*fp32", "bias_ptr": "*bf16", "l_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32",

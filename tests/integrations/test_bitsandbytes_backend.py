@@ -2,6 +2,7 @@
 nf4kit's kernels registered as without them, and nf4kit's kernels are the ones that ran."""
 from __future__ import annotations
 
+import inspect
 import os
 import pathlib
 import subprocess
@@ -230,6 +231,140 @@ def test_disable_restores_stock_kernels():
     assert counts_delta(before) == {}
 
 
+
+# ---------------------------------------------------------------- overriding bitsandbytes' own kernels
+def _strict_library_impl(orig, flag: bool):
+    """``torch.library.Library.impl`` as torch 2.11 has it (flag=True: ``allow_override``,
+    False by default) or as a torch without the flag has it (flag=False): either refuses to
+    register for a (namespace, op, dispatch key) that already has a kernel registered from
+    Python, unless told.  torch 2.13 (CI) allows it by default, so without this the collision
+    with bitsandbytes' own kernels would not show here.  Self-contained: its source is also
+    run in subprocesses."""
+    import inspect
+
+    import torch
+
+    has_flag = "allow_override" in inspect.signature(orig).parameters
+    passthrough = {"allow_override": True} if has_flag else {}
+
+    def check(self, op_name, dispatch_key):
+        key = f"{self.ns}/{str(op_name).split('::')[-1]}/{dispatch_key or self.dispatch_key}"
+        if key in torch.library._impls:
+            raise RuntimeError("This is not allowed since there's already a kernel registered from python "
+                               f"overriding {key}")
+
+    if flag:
+        def impl(self, op_name, fn, dispatch_key="", *, with_keyset=False, allow_override=False):
+            if not allow_override:
+                check(self, op_name, dispatch_key)
+            return orig(self, op_name, fn, dispatch_key, with_keyset=with_keyset, **passthrough)
+    else:
+        # no flag in the signature; torch's own internals of this version may still pass it
+        def impl(self, op_name, fn, dispatch_key="", *, with_keyset=False, **internal):
+            if not internal.get("allow_override", False):
+                check(self, op_name, dispatch_key)
+            return orig(self, op_name, fn, dispatch_key, with_keyset=with_keyset, **passthrough)
+    return impl
+
+
+_TORCH_HAS_OVERRIDE_FLAG = "allow_override" in inspect.signature(torch.library.Library.impl).parameters
+LIBRARY_MODES = ["native", "torch_2_11", "no_flag"]
+
+
+@pytest.fixture(params=LIBRARY_MODES)
+def library_mode(request, monkeypatch):
+    """torch.library as this torch has it, as torch 2.11 has it, as a torch without the flag."""
+    if request.param != "native":
+        if request.param == "torch_2_11" and not _TORCH_HAS_OVERRIDE_FLAG:
+            pytest.skip("this torch has no allow_override flag ('native' is the no-flag case)")
+        orig = torch.library.Library.impl
+        monkeypatch.setattr(torch.library.Library, "impl", _strict_library_impl(orig, request.param == "torch_2_11"))
+    return request.param
+
+
+def _python_kernel_keys() -> set:
+    return {k for k in torch.library._impls if k.startswith("bitsandbytes/")}
+
+
+@pytest.fixture
+def stock_cuda_kernels(library_mode):
+    """bitsandbytes' CUDA kernels, registered from Python as bitsandbytes does on a GPU machine
+    (``backends/cuda/ops.py``: ``torch.library.register_kernel("bitsandbytes::<op>", "cuda")``).
+    Without a GPU bitsandbytes registers none, so stand-ins that record their calls take their
+    place (registering for the CUDA key needs no GPU); on a GPU machine its own are there."""
+    if "bitsandbytes/quantize_4bit/CUDA" in torch.library._impls and torch.cuda.is_available():
+        yield None                                   # bitsandbytes' real CUDA kernels
+        return
+    calls = []
+
+    def make(op):
+        def stock(*args, **kwargs):
+            calls.append(op)
+            if op == "quantize_4bit":
+                return torch.zeros((1, 1), dtype=torch.uint8), torch.zeros(1)
+            raise AssertionError(f"stand-in for {op} not meant to be called")
+        return stock
+
+    lib = torch.library.Library("bitsandbytes", "FRAGMENT")  # noqa: TOR901
+    for op in nbnb.OPS:
+        torch.library.register_kernel(f"bitsandbytes::{op}", "cuda", make(op), lib=lib)
+    yield calls
+    lib._destroy()
+
+
+def _cuda_quantize_ran_nf4kit(stand_in_calls) -> bool:
+    """Calls bitsandbytes::quantize_4bit through its CUDA kernel; True if nf4kit's ran."""
+    before, n_stock = dict(nbnb.call_counts), len(stand_in_calls or ())
+    if stand_in_calls is None:                       # a GPU: bitsandbytes' own CUDA kernels
+        BF.quantize_4bit(torch.randn(32, 64, device="cuda"), quant_type="nf4", compress_statistics=False)
+    else:                                            # no GPU: dispatch to the CUDA key by hand
+        torch.ops.bitsandbytes.quantize_4bit.default.redispatch(
+            torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), torch.randn(32, 64), 64, "nf4", torch.uint8)
+    ran_nf4kit = bool(counts_delta(before))
+    if stand_in_calls is not None:
+        assert ran_nf4kit != (len(stand_in_calls) > n_stock)
+    return ran_nf4kit
+
+
+def test_enable_overrides_bitsandbytes_python_kernels(stock_cuda_kernels, library_mode):
+    """The GPU machine's failure (torch 2.11): bitsandbytes had registered its CUDA kernels
+    from Python, so registering nf4kit's for the same keys raised "already a kernel registered
+    from python".  enable() overrides them on any torch; disable() brings them back, and
+    torch's record of bitsandbytes' Python kernels is as it was (no stale or lost keys)."""
+    keys = _python_kernel_keys()
+    assert "bitsandbytes/quantize_4bit/CUDA" in keys
+    assert not _cuda_quantize_ran_nf4kit(stock_cuda_kernels)
+    assert nbnb.enable() is True and nbnb.is_enabled()
+    assert _cuda_quantize_ran_nf4kit(stock_cuda_kernels)
+    before = dict(nbnb.call_counts)                  # the CPU key as well (bitsandbytes' CPU kernels)
+    BF.dequantize_4bit(*BF.quantize_4bit(torch.randn(8, 64), quant_type="nf4", compress_statistics=True))
+    assert counts_delta(before) == {("quantize_4bit", "cpu"): 1, ("quantize_blockwise", "cpu"): 1,
+                                    ("dequantize_blockwise", "cpu"): 1, ("dequantize_4bit", "cpu"): 1}
+    nbnb.disable()
+    import gc
+
+    gc.collect()                                     # a collected fragment drops its keys too
+    assert not _cuda_quantize_ran_nf4kit(stock_cuda_kernels)
+    assert _python_kernel_keys() == keys
+    # and again: enable / disable cycles leave nothing behind
+    with nbnb.enabled():
+        assert _cuda_quantize_ran_nf4kit(stock_cuda_kernels)
+    assert not _cuda_quantize_ran_nf4kit(stock_cuda_kernels)
+    assert _python_kernel_keys() == keys
+
+
+def test_enable_failure_leaves_stock_kernels(stock_cuda_kernels, library_mode, monkeypatch):
+    """A registration that fails half-way removes the half that was made."""
+    keys = _python_kernel_keys()
+    kernels = dict(nbnb._KERNELS)
+    kernels["gemm_4bit"] = "not callable"            # Library.impl raises TypeError at this op
+    monkeypatch.setattr(nbnb, "_KERNELS", kernels)
+    with pytest.raises(TypeError):
+        nbnb.enable()
+    assert not nbnb.is_enabled()
+    assert not _cuda_quantize_ran_nf4kit(stock_cuda_kernels)
+    assert _python_kernel_keys() == keys
+
 def test_entry_point_never_raises(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("simulated failure")
@@ -252,7 +387,7 @@ _EP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_entry_point_discovered_by_bitsandbytes(tmp_path, env="1"):
+def test_entry_point_discovered_by_bitsandbytes(tmp_path, env="1", library_mode="native"):
     """bitsandbytes finds the entry point through importlib.metadata: install a throwaway
     dist-info that declares it (what pyproject's [project.entry-points] produces)."""
     dist = tmp_path / "nf4kit_bnb_backend_test-0.0.dist-info"
@@ -262,14 +397,29 @@ def test_entry_point_discovered_by_bitsandbytes(tmp_path, env="1"):
         "[bitsandbytes.backends]\nnf4kit = nf4kit.integrations.bitsandbytes:entry_point\n")
     envv = dict(os.environ, NF4KIT_BNB_BACKEND=env,
                 PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO / "python"), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _EP_SCRIPT], env=envv, capture_output=True, text=True, timeout=120)
+    script = _EP_SCRIPT
+    if library_mode != "native":                     # torch.library as on the GPU machine, before bitsandbytes
+        script = (textwrap.dedent(inspect.getsource(_strict_library_impl)) + "import torch\n"
+                  "torch.library.Library.impl = _strict_library_impl(torch.library.Library.impl, "
+                  f"{library_mode == 'torch_2_11'})\n" + script)
+    out = subprocess.run([sys.executable, "-c", script], env=envv, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("ENABLED")][-1]
     if env == "1":
         enabled, gemm = line.split()[1], int(line.split()[3])
-        assert enabled == "True" and gemm == 1
+        assert enabled == "True" and gemm == 1, out.stderr[-2000:]
     else:
         assert line.split()[1] == "False"
+
+
+@pytest.mark.parametrize("mode", ["torch_2_11", "no_flag"])
+def test_entry_point_enables_on_strict_torch(tmp_path, mode):
+    """The GPU machine's "ENABLED False": on a torch whose Library.impl refuses overrides by
+    default, the entry point's enable() collided with bitsandbytes' Python-registered kernels
+    (its CPU ones here; CUDA ones there) and only warned.  It registers now."""
+    if mode == "torch_2_11" and not _TORCH_HAS_OVERRIDE_FLAG:
+        pytest.skip("this torch has no allow_override flag")
+    test_entry_point_discovered_by_bitsandbytes(tmp_path, library_mode=mode)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and a CUDA build of bitsandbytes")

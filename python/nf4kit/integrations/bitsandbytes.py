@@ -10,6 +10,16 @@ bitsandbytes routes its 4-bit and 8-bit block-wise work through torch.library op
 on the CPU and CUDA dispatch keys, in a private ``torch.library.Library`` fragment, so that
 `disable()` removes exactly those registrations and bitsandbytes' own kernels are back.
 
+bitsandbytes registers its own kernels from Python too (``register_kernel`` in
+``bitsandbytes/_ops.py``: CUDA ones in ``backends/cuda/ops.py`` when a GPU is there, CPU ones
+in ``backends/cpu/ops.py`` when its native library loaded), so nf4kit's registration for the
+same op and dispatch key is an override.  torch 2.11's ``Library.impl`` refuses that by default
+(``allow_override=False``: "This is not allowed since there's already a kernel registered from
+python overriding ..."), torch 2.13's allows it by default, and a torch without the flag always
+refuses: `enable()` asks for the override explicitly (`_impl_override`).  The dispatcher keeps
+the registrations stacked, so destroying nf4kit's fragment makes bitsandbytes' kernels the
+active ones again, and torch's record of Python-registered kernels keeps theirs.
+
 bitsandbytes calls every entry point of the ``bitsandbytes.backends`` group at the end of
 ``import bitsandbytes`` (after its own kernels are registered) and turns any exception into
 an import error; `entry_point` therefore catches everything and only warns.  Set
@@ -26,6 +36,7 @@ few nested absmax codes can differ by one step from stock bitsandbytes on CPU.
 from __future__ import annotations
 
 import collections
+import inspect
 import math
 import os
 import warnings
@@ -304,12 +315,50 @@ def is_enabled() -> bool:
     return _lib is not None
 
 
+def _impl_key(op: str, dispatch_key: str) -> str:
+    """torch.library's name for a Python registration (the entries of ``torch.library._impls``)."""
+    return f"bitsandbytes/{op}/{dispatch_key}"
+
+
+def _python_impls() -> Optional[set]:
+    """torch.library's set of (namespace/op/key) that have a kernel registered from Python:
+    ``Library.impl`` checks it for overrides and ``Library._destroy`` removes its own entries."""
+    impls = getattr(torch.library, "_impls", None)
+    return impls if isinstance(impls, set) else None
+
+
+def _impl_override(lib: torch.library.Library, op: str, fn: Any, dispatch_key: str) -> None:
+    """``lib.impl(op, fn, dispatch_key)`` that overrides a kernel another library registered
+    from Python for the same key (bitsandbytes' own), on every torch nf4kit supports."""
+    impls, key = _python_impls(), _impl_key(op, dispatch_key)
+    had = impls is not None and key in impls
+    if "allow_override" in inspect.signature(lib.impl).parameters:
+        lib.impl(op, fn, dispatch_key, allow_override=True)
+    else:
+        # A torch without the flag refuses any key in torch.library._impls: take the key out
+        # for the call (that check is all the flag skips; impl adds the key again).
+        if had:
+            impls.discard(key)
+        try:
+            lib.impl(op, fn, dispatch_key)
+        except Exception:
+            if had:
+                impls.add(key)
+            raise
+    if had:
+        # The key stays the other library's: when our fragment is destroyed (or collected),
+        # torch drops the fragment's keys from that record, which would forget that
+        # bitsandbytes' kernel is still registered.
+        getattr(lib, "_op_impls", set()).discard(key)
+
+
 def enable(devices: Sequence[str] = ("cpu", "cuda")) -> bool:
     """Register nf4kit's kernels for bitsandbytes' 4-bit / block-wise ops on `devices`.
 
     Idempotent.  Imports bitsandbytes' op definitions (``bitsandbytes._ops``) if needed.
     Returns True when registered.  An explicit call registers even if NF4KIT_BNB_BACKEND=0
-    (the variable only gates the automatic entry point).
+    (the variable only gates the automatic entry point).  Overrides bitsandbytes' own kernels
+    for the same ops and keys; `disable()` brings them back.
     """
     global _lib
     if _lib is not None:
@@ -319,6 +368,9 @@ def enable(devices: Sequence[str] = ("cpu", "cuda")) -> bool:
     importlib.import_module("bitsandbytes._ops")  # defines the bitsandbytes:: schemas
     if _lib is not None:  # importing bitsandbytes ran our entry point already
         return True
+    for dev in devices:
+        if dev not in DEVICE_KEYS:
+            raise ValueError(f"unsupported device {dev!r}; choose from {tuple(DEVICE_KEYS)}")
     lib = torch.library.Library("bitsandbytes", "FRAGMENT")  # noqa: TOR901 (our own fragment)
     try:
         with warnings.catch_warnings():
@@ -326,9 +378,7 @@ def enable(devices: Sequence[str] = ("cpu", "cuda")) -> bool:
             warnings.simplefilter("ignore")
             for op in OPS:
                 for dev in devices:
-                    if dev not in DEVICE_KEYS:
-                        raise ValueError(f"unsupported device {dev!r}; choose from {tuple(DEVICE_KEYS)}")
-                    lib.impl(op, _KERNELS[op], DEVICE_KEYS[dev])
+                    _impl_override(lib, op, _KERNELS[op], DEVICE_KEYS[dev])
     except Exception:
         lib._destroy()
         raise

@@ -2,6 +2,9 @@
 absmax, offset, nested codes, dequantized values, and state dicts crossing both ways."""
 from __future__ import annotations
 
+import ctypes
+import math
+
 import pytest
 import torch
 
@@ -20,26 +23,109 @@ def _rand(shape, dtype, seed):
     return (torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 3).to(dtype)
 
 
-BNB_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+def _has_avx512_dequant_kernel(lib) -> bool:
+    """Whether bitsandbytes' loaded native library runs its AVX-512 4-bit dequantize here.
+
+    bitsandbytes 0.50.2 compiles that kernel only under ``#if defined(__AVX512F__)`` and, in the
+    kernel, takes it only when ``has_avx512f()`` (the CPU's avx512f bit, cached).  The same
+    guard exports ``has_avx512f_cpu()``, returning that same ``has_avx512f()``: present in
+    libbitsandbytes_cpu.so, absent from every libbitsandbytes_cuda*.so, whose
+    ``dequantizeBlockwise4bitCpu`` is the plain scalar loop (read from their disassembly).
+    bitsandbytes loads the CUDA library instead of the CPU one whenever torch sees a GPU
+    (``cextension.get_native_library``) and still routes CPU tensors to it, so on a GPU machine
+    its CPU dequantize is exact whatever the CPU.  No native library (a mock): the pure-torch
+    default kernel, exact as well.
+    """
+    fn = getattr(getattr(lib, "_lib", None), "has_avx512f_cpu", None)  # the ctypes.CDLL
+    if fn is None:
+        return False
+    return bool(ctypes.CFUNCTYPE(ctypes.c_bool)(("has_avx512f_cpu", lib._lib))())
 
 
-def bnb_cpu_dequant_is_exact(shape, blocksize: int) -> bool:
-    """bitsandbytes 0.50.2's AVX-512 C++ CPU dequantize_4bit (used for an even last dim)
-    indexes absmax per row, so it is wrong when blocks span rows (last dim not a multiple of
-    blocksize); its AVX2 kernel and its generic path (odd last dim) are right."""
-    return not BNB_AVX512 or shape[-1] % 2 == 1 or shape[-1] % blocksize == 0
+from bitsandbytes.cextension import lib as _bnb_lib  # noqa: E402
+
+BNB_AVX512_KERNEL = _has_avx512_dequant_kernel(_bnb_lib)
+# bitsandbytes/backends/cpu/ops.py: ``_has_avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"``
+BNB_TORCH_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def bnb_cpu_dequant_is_exact(shape, blocksize: int, avx512_kernel: bool = None) -> bool:
+    """Whether bitsandbytes 0.50.2's CPU dequantize_4bit of a tensor of `shape` gives the
+    format's values, following its dispatch (backends/cpu/ops.py, then the C++ kernel):
+
+    - an odd last dim, or ``blocksize >= 2048`` where torch's CPU capability is AVX512: its
+      pure-torch ``_dequantize_4bit_compute`` (exact);
+    - else ``dequantizeBlockwise4bitCpu(A, absmax, out, blocksize, m = prod(shape[:-1]),
+      n = shape[-1])``: its AVX-512 branch when the library has it and the CPU runs it
+      (`_has_avx512_dequant_kernel`) and ``n % 16 == 0 and blocksize > 15`` (as disassembled);
+      otherwise the scalar loop over flat blocks (exact).
+    The AVX-512 branch takes element (r, c)'s scale from ``absmax[r * (n // blocksize) +
+    c // blocksize]`` instead of ``absmax[(r * n + c) // blocksize]``: wrong wherever the two
+    differ, i.e. where blocks cross rows.
+    """
+    avx512_kernel = BNB_AVX512_KERNEL if avx512_kernel is None else avx512_kernel
+    n = shape[-1]
+    m = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    if n % 2 == 1 or (BNB_TORCH_AVX512 and blocksize >= 2048):
+        return True
+    if not (avx512_kernel and n % 16 == 0 and blocksize > 15):
+        return True
+    r = torch.arange(m).unsqueeze(1)
+    c = torch.arange(n).unsqueeze(0)
+    return torch.equal(r * (n // blocksize) + c // blocksize, (r * n + c) // blocksize)
+
+
+def _bnb_vs_format(shape, blocksize, dtype=torch.float32, quant_type="nf4", seed=2):
+    """(bitsandbytes' CPU dequantize == the format's values, our dequantize == the format's)."""
+    A = _rand((math.prod(shape[:-1]), shape[-1]), dtype, seed=seed).view(shape)
+    qb, sb = F.quantize_4bit(A, blocksize=blocksize, compress_statistics=False, quant_type=quant_type)
+    ref = nf4kit.reference.dequantize_4bit(qb.reshape(-1), sb.absmax, None, None, None, blocksize, quant_type,
+                                           A.numel(), dtype).view(A.shape)
+    ours = nf4kit.dequantize_4bit(qb, nf4kit.QuantState.from_dict(sb.as_dict(packed=True)))
+    return torch.equal(F.dequantize_4bit(qb, sb), ref), torch.equal(ours, ref)
 
 
 def test_bitsandbytes_cpu_dequant_defect_is_real():
     """Documents the defect above: our output follows the format; theirs does exactly where
-    bnb_cpu_dequant_is_exact says so."""
-    A = _rand((40, 96), torch.float32, seed=2)
-    qb, sb = F.quantize_4bit(A, blocksize=64, compress_statistics=False, quant_type="nf4")
-    ours = nf4kit.dequantize_4bit(qb, nf4kit.QuantState.from_dict(sb.as_dict(packed=True)))
-    ref = nf4kit.reference.dequantize_4bit(qb.reshape(-1), sb.absmax, None, None, None, 64, "nf4", A.numel(),
-                                           torch.float32).view(A.shape)
-    assert torch.equal(ours, ref)
-    assert torch.equal(F.dequantize_4bit(qb, sb), ref) == bnb_cpu_dequant_is_exact(A.shape, 64)
+    bnb_cpu_dequant_is_exact says so (on a machine whose bitsandbytes runs its AVX-512 kernel
+    (40, 96) is wrong; with the CUDA library loaded, or without AVX-512, it is right)."""
+    theirs, ours = _bnb_vs_format((40, 96), 64)
+    assert ours
+    assert theirs == bnb_cpu_dequant_is_exact((40, 96), 64)
+
+
+# Each branch of bitsandbytes' CPU dispatch: odd last dim (torch path), last dim not a multiple
+# of 16 (scalar), one row, one block, blocks that do / do not cross rows, blocksize >= 2048.
+DISPATCH_CASES = [((40, 95), 64), ((40, 72), 64), ((1, 96), 64), ((3, 48), 256), ((5, 32), 256),
+                  ((40, 128), 64), ((40, 96), 64), ((3, 48), 32), ((4, 8, 96), 128), ((7, 160), 64),
+                  ((3, 2064), 2048), ((2, 4096), 4096), ((6, 64), 4096)]
+
+
+@pytest.mark.parametrize("shape,blocksize", DISPATCH_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitsandbytes_cpu_dequant_predicate(shape, blocksize, dtype):
+    """bnb_cpu_dequant_is_exact agrees with bitsandbytes on every branch of its dispatch (on
+    an AVX-512 machine, the AVX-512 branch both ways)."""
+    theirs, ours = _bnb_vs_format(shape, blocksize, dtype, seed=blocksize + len(shape))
+    assert ours
+    assert theirs == bnb_cpu_dequant_is_exact(shape, blocksize)
+
+
+def test_bitsandbytes_cpu_dequant_predicate_without_avx512_kernel():
+    """A library without the AVX-512 kernel (a CUDA build of bitsandbytes, or a CPU without
+    AVX-512): exact everywhere; with it, wrong where blocks cross rows and only there."""
+    class NoLib:  # what bitsandbytes' mock library (no native library) looks like
+        pass
+
+    assert not _has_avx512_dequant_kernel(NoLib())
+    for shape, bs in DISPATCH_CASES:
+        assert bnb_cpu_dequant_is_exact(shape, bs, avx512_kernel=False)
+    assert not bnb_cpu_dequant_is_exact((40, 96), 64, avx512_kernel=True)
+    assert not bnb_cpu_dequant_is_exact((3, 48), 32, avx512_kernel=True)
+    assert bnb_cpu_dequant_is_exact((40, 128), 64, avx512_kernel=True)      # blocks within rows
+    assert bnb_cpu_dequant_is_exact((1, 96), 64, avx512_kernel=True)        # one row
+    assert bnb_cpu_dequant_is_exact((5, 32), 256, avx512_kernel=True)       # one block
+    assert bnb_cpu_dequant_is_exact((40, 72), 64, avx512_kernel=True)       # n % 16: scalar loop
 
 
 def _assert_same_codes(ours: torch.Tensor, theirs: torch.Tensor, A: torch.Tensor, blocksize: int) -> None:

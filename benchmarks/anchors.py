@@ -5,12 +5,19 @@ bitsandbytes 0.50 (dequantize_4bit, gemv_4bit through bnb.matmul_4bit at M = 1, 
 PEFT + bitsandbytes LoRA layer forward + backward (GPU).  A missing library gives an anchor
 that is `None` with a reason; callers print "n/a".  Nothing here may raise for a missing
 dependency.
+
+The bitsandbytes anchors are stock bitsandbytes: nf4kit registers itself as a bitsandbytes
+backend through an entry point that `import bitsandbytes` runs (nf4kit.integrations.bitsandbytes),
+which would route these calls into nf4kit's own kernels.  `bitsandbytes()` therefore imports it
+with NF4KIT_BNB_BACKEND=0 and disables any registration made before; `stock_bitsandbytes()`
+says whether that holds (the benchmark records it).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import os
 import warnings
 from typing import Callable, Optional
 
@@ -33,15 +40,42 @@ def bitsandbytes():
                     contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
                 logging.disable(logging.WARNING)
+                saved = os.environ.get("NF4KIT_BNB_BACKEND")
+                os.environ["NF4KIT_BNB_BACKEND"] = "0"  # the entry point registers nothing
                 try:
                     import bitsandbytes as bnb  # type: ignore
                     import bitsandbytes.functional  # noqa: F401
                 finally:
                     logging.disable(logging.NOTSET)
+                    if saved is None:
+                        os.environ.pop("NF4KIT_BNB_BACKEND", None)
+                    else:
+                        os.environ["NF4KIT_BNB_BACKEND"] = saved
             _bnb = bnb
         except Exception as e:  # ImportError, or a broken install (missing CUDA libs)
             _bnb_error = f"bitsandbytes not usable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if _bnb is not None:
+        _disable_nf4kit_backend()  # every time an anchor is built: something may have enabled it since
     return _bnb
+
+
+def _disable_nf4kit_backend() -> None:
+    """Undo nf4kit's registration as a bitsandbytes backend (made by an earlier import of
+    bitsandbytes in this process, or by a caller), so that the anchors run bitsandbytes' kernels."""
+    try:
+        from nf4kit.integrations import bitsandbytes as nf4kit_bnb
+    except ImportError:
+        return
+    nf4kit_bnb.disable()
+
+
+def stock_bitsandbytes() -> bool:
+    """True when bitsandbytes' calls reach its own kernels (nf4kit not registered as its backend)."""
+    if bitsandbytes() is None:
+        return False
+    from nf4kit.integrations import bitsandbytes as nf4kit_bnb
+
+    return not nf4kit_bnb.is_enabled()
 
 
 def bnb_version() -> Optional[str]:

@@ -480,7 +480,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"## nf4kit benchmarks — {meta['device_name']} ({meta['device']})",
         "",
         f"date {meta['date']}, commit {meta.get('git_commit') or 'unknown'}, torch {meta['torch']}, "
-        f"triton {meta.get('triton')}, bitsandbytes {meta.get('bitsandbytes') or 'n/a'}, "
+        f"triton {meta.get('triton')}, bitsandbytes {meta.get('bitsandbytes') or 'n/a'}"
+        f"{' (stock kernels)' if meta.get('bitsandbytes_stock') else ''}, "
         f"activations {meta['act_dtype']}, weight {meta['w_dtype']}, blocksize {BLOCKSIZE}, LoRA r={LORA_R}.",
         f"Ceilings measured in this run: copy {c['copy_bw_Bps'] / 1e9:.1f} GB/s ("
         f"{meta['ceiling_info']['copy_nbytes'] >> 20} MiB, read+write; clone "
@@ -564,6 +565,7 @@ def collect_meta(device: str, ceil: rl.Ceilings, info: dict, args) -> dict:
         "triton": triton_version,
         "bitsandbytes": anc.bnb_version(),
         "bitsandbytes_error": anc.bnb_error(),
+        "bitsandbytes_stock": anc.stock_bitsandbytes(),  # its own kernels, not nf4kit's (anchors.py)
         "python": platform.python_version(),
         "build_info": nf4kit.build_info(),
         "backends": args.backends_resolved,

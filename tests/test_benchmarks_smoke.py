@@ -66,6 +66,28 @@ def test_missing_bitsandbytes_prints_na(tmp_path, monkeypatch):
     assert dense and all(r["time_s"] for r in dense)  # the other anchors still ran
 
 
+def test_bitsandbytes_anchors_run_stock_bitsandbytes():
+    """nf4kit registers itself as a bitsandbytes backend (the entry point, or enable()); the
+    benchmark's bitsandbytes anchors must still time bitsandbytes' own kernels."""
+    pytest.importorskip("bitsandbytes")
+    import nf4kit
+    from nf4kit.integrations import bitsandbytes as nf4kit_bnb
+
+    x, W = torch.randn(1, 256), torch.randn(96, 256)
+    packed, qs = nf4kit.quantize_4bit(W, blocksize=64, compress_statistics=True)
+    nf4kit_bnb.enable()
+    try:
+        assert nf4kit_bnb.is_enabled()
+        fn, name = anchors.bnb_matmul(x, packed, qs)
+        assert fn is not None, name
+        before = sum(nf4kit_bnb.call_counts.values())
+        fn()
+        assert sum(nf4kit_bnb.call_counts.values()) == before, "an anchor ran nf4kit's kernels"
+        assert anchors.stock_bitsandbytes() and not nf4kit_bnb.is_enabled()
+    finally:
+        nf4kit_bnb.disable()
+
+
 def test_plan_covers_the_targets():
     gpu = bench.plan("cuda", quick=False)
     labels = {c.label for c in gpu}

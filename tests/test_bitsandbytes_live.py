@@ -2,6 +2,7 @@
 absmax, offset, nested codes, dequantized values, and state dicts crossing both ways."""
 from __future__ import annotations
 
+import copy
 import ctypes
 import math
 
@@ -128,6 +129,19 @@ def test_bitsandbytes_cpu_dequant_predicate_without_avx512_kernel():
     assert bnb_cpu_dequant_is_exact((40, 72), 64, avx512_kernel=True)       # n % 16: scalar loop
 
 
+def _bnb_dequantize_on(qb: torch.Tensor, sb, device: str) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit of (qb, sb) on `device` (CPU result): our CUDA kernels are
+    compared with bitsandbytes' CUDA kernel, our CPU ones with its CPU path.  (On the H100 machine,
+    2026-11-27, our CUDA dequantize of a (300, 64) fp16 fp4 state with blocksize 32 differed from
+    bitsandbytes' *CPU* dequantize, which there runs its CUDA library's scalar loop; not attributed
+    yet: the same comparison on the CPU backend was not reached in that run.)"""
+    if device == "cpu":
+        return F.dequantize_4bit(qb, sb)
+    sb_dev = copy.deepcopy(sb)
+    sb_dev.to(device)
+    return F.dequantize_4bit(qb.to(device), sb_dev).cpu()
+
+
 def _assert_same_codes(ours: torch.Tensor, theirs: torch.Tensor, A: torch.Tensor, blocksize: int) -> None:
     """Packed bytes equal, except where bitsandbytes' CPU path normalises the tail block by
     division (x / absmax) and the format's reciprocal multiply (x * (1 / absmax), as its CUDA
@@ -162,10 +176,10 @@ def test_plain_state_matches_bitsandbytes(blocksize, quant_type, backend_device)
                                           quant_type=quant_type)
             _assert_same_codes(qn.cpu(), qb, A, blocksize)
             assert torch.equal(sn.absmax.cpu(), sb.absmax), (shape, dtype)
-            if bnb_cpu_dequant_is_exact(shape, blocksize):  # their state through our dequantize
+            if device != "cpu" or bnb_cpu_dequant_is_exact(shape, blocksize):  # their state, our dequantize
                 theirs_here = nf4kit.QuantState.from_dict(sb.as_dict(packed=True), device=device)
                 assert torch.equal(nf4kit.dequantize_4bit(qb.to(device), theirs_here).cpu(),
-                                   F.dequantize_4bit(qb, sb))
+                                   _bnb_dequantize_on(qb, sb, device))
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
@@ -191,7 +205,7 @@ def test_nested_state_matches_bitsandbytes(blocksize, backend_device):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.02
     # with bitsandbytes' own nested codes, our dequantize reproduces theirs exactly
     sb_on_dev = nf4kit.QuantState.from_dict(sb.as_dict(packed=True), device=device)
-    assert torch.equal(nf4kit.dequantize_4bit(qb.to(device), sb_on_dev).cpu(), F.dequantize_4bit(qb, sb))
+    assert torch.equal(nf4kit.dequantize_4bit(qb.to(device), sb_on_dev).cpu(), _bnb_dequantize_on(qb, sb, device))
 
 
 def test_exact_nested_codes_are_nearest():

@@ -1,7 +1,7 @@
 """One M = 1 decode call that benchmarks/gpu_profile.sh puts under Nsight Compute, on the
 4096x14336 NF4 weight (bf16, double quant), made 4 times (ncu skips the first launches:
 compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CALL, CALL one of
-  cuda          the cuda backend's GEMV as committed
+  cuda          the cuda backend's GEMV as committed (M = 1: the stream kernel; cuda-rows: the row kernel)
   cuda-r2d4     its 2-rows-per-warp, 4-deep load ring variant (1 split)
   cuda-r4d4     its 4-rows-per-warp, 4-deep load ring variant (heuristic splits)
   cuda-r1d8     its 1-row-per-warp, 8-deep load ring variant (1 split)
@@ -24,12 +24,14 @@ from nf4kit.backends import cuda as cb
 from . import anchors as anc
 
 # call -> the cuda backend's settings it changes
-VARIANTS = {"cuda-r2d4": dict(GEMV_ROWS=2, GEMV_DEPTH=4, GEMV_SPLITS=1),
-            "cuda-r4d4": dict(GEMV_ROWS=4, GEMV_DEPTH=4),
-            "cuda-r1d8": dict(GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1),
-            "cuda-pairs": dict(GEMV_PAIR_TABLE=True),
-            "cuda-r1d8-pairs": dict(GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1, GEMV_PAIR_TABLE=True),
-            "cuda-r1d8-direct": dict(GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1, GEMV_DIRECT=True),
+_ROWS = dict(GEMV_STREAM=False)  # the row kernel (the stream kernel is the M = 1 default)
+VARIANTS = {"cuda-rows": _ROWS,
+            "cuda-r2d4": dict(_ROWS, GEMV_ROWS=2, GEMV_DEPTH=4, GEMV_SPLITS=1),
+            "cuda-r4d4": dict(_ROWS, GEMV_ROWS=4, GEMV_DEPTH=4),
+            "cuda-r1d8": dict(_ROWS, GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1),
+            "cuda-pairs": dict(_ROWS, GEMV_PAIR_TABLE=True),
+            "cuda-r1d8-pairs": dict(_ROWS, GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1, GEMV_PAIR_TABLE=True),
+            "cuda-r1d8-direct": dict(_ROWS, GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1, GEMV_DIRECT=True),
             "cuda-stream": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4),
             "cuda-stream8": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=8),
             "cuda-stream-pairs": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=True)}

@@ -79,31 +79,43 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
         for shape, (p, q, ref) in ((f"{N}x{K}", (packed, qs, W_ref)), (f"{K}x{N}", (packed_t, qs_t, Wt_ref))):
             x = torch.randn(1, ref.shape[1], device=dev, dtype=torch.bfloat16)
             exp = x.float() @ ref.t()
-            point(f"cuda M=1 {shape} default (rows {default[0]}, depth {default[1]}, heuristic S)", x, p, q, exp, dev)
+            kind = (f"stream, depth {cb.GEMV_STREAM_DEPTH}" if cb._gemv_stream(1, ref.shape[1]) else
+                    f"rows {default[0]}, depth {default[1]}, heuristic S")
+            point(f"cuda M=1 {shape} default ({kind})", x, p, q, exp, dev)
             # The memory-order stream kernel: is the plateau the order in which W is read?
             stream_default = (cb.GEMV_STREAM, cb.GEMV_STREAM_DEPTH)
+            cb.GEMV_STREAM = False
+            point(f"cuda M=1 {shape} row kernel (rows {default[0]}, depth {default[1]}, heuristic S)", x, p, q,
+                  exp, dev)
             cb.GEMV_STREAM = True
             for depth in (4, 8):
                 for pairs in (False, True):
                     cb.GEMV_STREAM_DEPTH, cb.GEMV_PAIR_TABLE = depth, pairs
                     point(f"cuda M=1 {shape} stream depth={depth}{' pair table' if pairs else ''}", x, p, q, exp, dev)
-            (cb.GEMV_STREAM, cb.GEMV_STREAM_DEPTH), cb.GEMV_PAIR_TABLE = stream_default, False
-            if not rows_too:
-                continue
-            # (label suffix, pair table, direct epilogue, (rows, depth) pairs, splits).  The pair table:
-            # is the plateau the MIO lookups?  Direct: what does the finalize launch cost?
-            variants = (("", False, False, [(r, d) for r in (1, 2, 4) for d in (2, 3, 4)] + [(1, 8)], (1, 2, 3, 4)),
-                        (" pair table", True, False, sorted(cb._GEMV_PAIR_RINGS), (1, 2, 3, 4)),
-                        (" direct", False, True, [(4, 2), (1, 2), (1, 4), (1, 8), (2, 4)], (1,)))
-            for suffix, pairs, direct, rings, splits in variants:
-                cb.GEMV_PAIR_TABLE, cb.GEMV_DIRECT = pairs, direct
-                for rows, depth in rings:
-                    for S in splits:
-                        cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, S
-                        point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S}{suffix}", x, p, q, exp, dev)
-            cb.GEMV_PAIR_TABLE = cb.GEMV_DIRECT = False
-            cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = default
+            cb.GEMV_STREAM, cb.GEMV_PAIR_TABLE = False, False
+            cb.GEMV_STREAM_DEPTH = stream_default[1]
+            if rows_too:
+                _row_kernel_variants(shape, x, p, q, exp, dev)
+            cb.GEMV_STREAM = stream_default[0]
 
+
+def _row_kernel_variants(shape, x, p, q, exp, dev) -> None:
+    """The row kernel's rows per warp x ring depth x K-splits, pair table and direct epilogue
+    (the caller has the stream kernel off).  The pair table: is the plateau the MIO lookups?
+    Direct: what does the finalize launch cost?"""
+    default = (cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS)
+    # (label suffix, pair table, direct epilogue, (rows, depth) pairs, splits)
+    variants = (("", False, False, [(r, d) for r in (1, 2, 4) for d in (2, 3, 4)] + [(1, 8)], (1, 2, 3, 4)),
+                (" pair table", True, False, sorted(cb._GEMV_PAIR_RINGS), (1, 2, 3, 4)),
+                (" direct", False, True, [(4, 2), (1, 2), (1, 4), (1, 8), (2, 4)], (1,)))
+    for suffix, pairs, direct, rings, splits in variants:
+        cb.GEMV_PAIR_TABLE, cb.GEMV_DIRECT = pairs, direct
+        for rows, depth in rings:
+            for S in splits:
+                cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, S
+                point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S}{suffix}", x, p, q, exp, dev)
+    cb.GEMV_PAIR_TABLE = cb.GEMV_DIRECT = False
+    cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = default
 
 
 def main() -> None:
@@ -119,6 +131,8 @@ def main() -> None:
         depth_sweep(packed, qs, W_ref, dev, rows_too="depth" in sections)
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "
           f"M=64 {cb._gemm_splits(64, N, K, dev)}, M=256 {cb._gemm_splits(256, N, K, dev)}", flush=True)
+    stream = cb.GEMV_STREAM
+    cb.GEMV_STREAM = False  # the split sweeps below are the row kernel's (M = 1 included)
     with nf4kit.use_backend("cuda"):
         for rows in ((1, 2, 8) if "gemv" in sections else ()):
             cb.GEMV_ROWS = rows
@@ -139,6 +153,7 @@ def main() -> None:
                 setattr(cb, attr, v)
                 point(f"cuda M={M:4d} {attr}={v:3d}", x, packed, qs, exp, dev)
             setattr(cb, attr, None)
+    cb.GEMV_STREAM = stream
     if "triton" not in sections and "triton-stream" not in sections:
         return
     from nf4kit.triton_kernels import matmul as tm

@@ -44,26 +44,29 @@ GEMV_SPLITS: Optional[int] = None
 # better at M = 4..8).  A cp.async shared-memory ring variant (3-4 stages in flight) measured
 # no faster (29-40 us at M = 1 against 26.6 us) and was removed.
 GEMV_ROWS = 4
-# Chunks per row in each lane's load ring of the M = 1 GEMV (depth - 1 loads in flight per row):
-# 2 is the measured double buffer; 3 and 4 (rows <= 4) and 8 (one row) are built for the sweep
-# and not yet timed.
+# Chunks per row in each lane's load ring of the M = 1 row kernel (depth - 1 loads in flight per
+# row): 2, the double buffer.  3 and 4 (rows <= 4) and 8 (one row) are built for the sweep; on the
+# H100 (2026-11-27, results/gpu_h100_2026-11-27/run1) none was faster: 30.6-49 us against 29.2.
 GEMV_DEPTH = 2
 _GEMV_RINGS = {(r, d) for r in (1, 2, 4) for d in (3, 4)} | {(1, 8)}  # (rows, depth > 2) built for M = 1
 # M = 1 with fp16/bf16 x: decode each packed byte with one load from a 256-entry fp16 pair table
 # (half the shared-memory lookups; table values rounded to fp16, relative error <= 2^-11).  Built
-# for the (rows, depth) pairs below; experimental and off until the sweep has timed it.
+# for the (rows, depth) pairs below; off: on the H100 it was no faster (30.6 us at rows 4 / depth 2
+# against 29.2; 42-98 us with one row), so the plateau is not the MIO lookups.
 GEMV_PAIR_TABLE = False
 _GEMV_PAIR_RINGS = {(4, 2), (4, 4), (1, 8)}
 # M = 1 with one K-split: the GEMV kernel writes y itself (bias and LoRA added, same bits as the
-# finalize kernel), saving the second launch.  Experimental and off until the sweep has timed it.
+# finalize kernel), saving the second launch.  Off: on the H100 the best direct point (27.8 us,
+# rows 2 / depth 4) was within the run-to-run spread of the split row kernel (29.2 us).
 GEMV_DIRECT = False
-# M = 1 with K % 1024 == 0: the memory-order stream kernel.  The row kernel above keeps thousands
-# of separate row streams in flight and stalls near 1.1 TB/s on an H100 in every variant, while a
-# copy of the same bytes runs at ~3 TB/s; this one reads W in address order with a persistent grid
-# (one 1024-wide K-tile per warp, K / 1024 partial slices summed by the finalize kernel).  Depth 4
-# or 8: row tiles in each lane's load ring; GEMV_PAIR_TABLE applies.  Experimental until timed;
-# NF4KIT_CUDA_GEMV_STREAM=1 in the environment turns it on for a whole process.
-GEMV_STREAM = os.environ.get("NF4KIT_CUDA_GEMV_STREAM", "0") == "1"
+# M = 1 with K % 1024 == 0: the memory-order stream kernel (the default there).  The row kernel
+# above keeps thousands of separate row streams in flight and stalls near 1.1 TB/s on an H100 in
+# every variant, while a copy of the same bytes runs at ~3 TB/s; this one reads W in address order
+# with a persistent grid (one 1024-wide K-tile per warp, K / 1024 partial slices summed by the
+# finalize kernel).  H100, bf16, device time (results/gpu_h100_2026-11-27): 4096x14336 28.0-28.2 us
+# (row kernel 29.4-30.2), 14336x4096 27.2-27.6 us (32.3-32.4); depth 8 and the pair table were
+# slower (32-35 us).  NF4KIT_CUDA_GEMV_STREAM=0 in the environment keeps the row kernel.
+GEMV_STREAM = os.environ.get("NF4KIT_CUDA_GEMV_STREAM", "1") != "0"
 GEMV_STREAM_DEPTH = 4
 _STREAM_TILE = 1024
 _GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM = 1, 2, 4  # the C API's option bits (csrc/cuda/cuda_kernels.h)

@@ -2,6 +2,8 @@
 API (fresh 117 MB output each call) and into a preallocated buffer, beside fill_/copy_ ceilings.
 Interleaved min/median of 15.  `python benchmarks/cpu_dequant_check.py` (a measurement, not a test).
 """
+import os
+os.environ["NF4KIT_BNB_BACKEND"] = "0"  # stock bitsandbytes (nf4kit's entry point would register itself)
 import torch, time, nf4kit, statistics, sys
 import bitsandbytes.functional as F
 torch.manual_seed(0)

@@ -15,6 +15,7 @@ installed, and for matmuls the ratio to torch's F.linear on the dense weight.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -145,7 +146,12 @@ def main() -> None:
     reps = args.reps
     torch.manual_seed(0)
     try:
+        # stock bitsandbytes: nf4kit's entry point would register nf4kit's kernels as its backend
+        os.environ["NF4KIT_BNB_BACKEND"] = "0"
         import bitsandbytes.functional as bnbf
+
+        from nf4kit.integrations import bitsandbytes as nf4kit_bnb
+        nf4kit_bnb.disable()
     except Exception:  # noqa: BLE001 - optional anchor
         bnbf = None
     from nf4kit.backends import cpu as cpu_backend

@@ -168,7 +168,9 @@ def main() -> None:
                "--steps", str(args.steps), "--new-tokens", str(args.new_tokens)] + \
               (["--model", args.model] if args.model else [])
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True,
+        # NF4KIT_BNB_BACKEND=0: the bitsandbytes variants run stock bitsandbytes (nf4kit's entry
+        # point would otherwise register nf4kit's kernels as bitsandbytes' backend on import).
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, NF4KIT_BNB_BACKEND="0"),
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")), None)
         res = json.loads(line[len("@@RESULT@@"):]) if line else {"variant": v, "error": proc.stderr[-800:]}

@@ -44,7 +44,7 @@ COMMIT=${NF4KIT_GIT_COMMIT:-}
 [ -z "$COMMIT" ] && [ -f .nf4kit_commit ] && COMMIT=$(head -c 80 .nf4kit_commit)
 [ -z "$COMMIT" ] && COMMIT=$(git rev-parse HEAD 2>/dev/null || true)
 [ -z "$COMMIT" ] && COMMIT="unknown (pass NF4KIT_GIT_COMMIT=\$(git rev-parse HEAD) or write .nf4kit_commit)"
-if git diff --quiet HEAD 2>/dev/null; then :; elif git rev-parse HEAD >/dev/null 2>&1; then COMMIT="$COMMIT (+local changes)"; fi
+if git -c core.fileMode=false diff --quiet HEAD 2>/dev/null; then :; elif git rev-parse HEAD >/dev/null 2>&1; then COMMIT="$COMMIT (+local changes)"; fi
 echo "$COMMIT" > "$WORK/commit.txt"
 export NF4KIT_GIT_COMMIT="$COMMIT"
 

@@ -111,6 +111,21 @@ __device__ __forceinline__ float dot32_pairs(const uint4& w, const uint32_t* pai
   return d0 + d1;
 }
 
+// The block's shared decode tables: the 16-entry code table (or the per-lane fp16 pair table) and,
+// for double quant, the 256 nested absmax codes.  The caller syncs.
+template <bool kPairs>
+__device__ __forceinline__ void build_tables(float* table, float* code, uint32_t* pairs, int quant_type,
+                                             const Absmax& am) {
+  if constexpr (kPairs) {
+    for (int i = threadIdx.x; i < 256 * 32; i += kGemvThreads) pairs[i] = pair_entry(quant_type, (uint32_t)i >> 5);
+  } else {
+    init_table(table, quant_type);
+  }
+  if (am.q != nullptr) {
+    for (int i = threadIdx.x; i < 256; i += kGemvThreads) code[i] = __ldg(am.code + i);
+  }
+}
+
 // Raw per-chunk inputs of one row: 16 packed bytes and the block's absmax (plain) or its
 // uint8 code and nested scale (double quant; decoded at use, from the shared code table).
 struct ChunkLoad {
@@ -214,14 +229,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     for (int d = 0; d < kDepth - 1; ++d) fetch(c0 + 32 * d, ring[d]);
   }
 
-  if constexpr (kPairs) {
-    for (int i = threadIdx.x; i < 256 * 32; i += kGemvThreads) pairs[i] = pair_entry(quant_type, (uint32_t)i >> 5);
-  } else {
-    init_table(table, quant_type);
-  }
-  if (nested) {
-    for (int i = threadIdx.x; i < 256; i += kGemvThreads) code[i] = __ldg(am.code + i);
-  }
+  build_tables<kPairs>(table, code, pairs, quant_type, am);
   __syncthreads();
   if (row0 >= N) return;  // whole warps exit together (after the only __syncthreads)
   const float offset = nested ? __ldg(am.offset) : 0.0f;
@@ -322,14 +330,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 #pragma unroll
   for (int d = 0; d < kDepth - 1; ++d) fetch(n0 + d * R, ring[d]);
 
-  if constexpr (kPairs) {
-    for (int i = threadIdx.x; i < 256 * 32; i += kGemvThreads) pairs[i] = pair_entry(quant_type, (uint32_t)i >> 5);
-  } else {
-    init_table(table, quant_type);
-  }
-  if (nested) {
-    for (int i = threadIdx.x; i < 256; i += kGemvThreads) code[i] = __ldg(am.code + i);
-  }
+  build_tables<kPairs>(table, code, pairs, quant_type, am);
   __syncthreads();
   if (!active) return;  // whole warps exit together (after the only __syncthreads)
   const float offset = nested ? __ldg(am.offset) : 0.0f;

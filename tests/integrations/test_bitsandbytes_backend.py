@@ -415,20 +415,26 @@ _EP_SCRIPT = textwrap.dedent("""
     from nf4kit.integrations import bitsandbytes as nb
     lin = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
     lin(torch.randn(2, 64))
-    print("ENABLED", nb.is_enabled(), "GEMM", nb.call_counts[("gemm_4bit", "cpu")])
+    print("ENABLED", nb.is_enabled(), "GEMM", nb.call_counts[("gemm_4bit", "cpu")],
+          "DEVICES", ",".join(nb.registered_devices()) or "-")
 """)
 
 
-def test_entry_point_discovered_by_bitsandbytes(tmp_path, env="1", library_mode="native"):
+@pytest.mark.parametrize("env", ["1", None, "0"], ids=["all", "unset", "off"])
+def test_entry_point_discovered_by_bitsandbytes(tmp_path, env, library_mode="native"):
     """bitsandbytes finds the entry point through importlib.metadata: install a throwaway
-    dist-info that declares it (what pyproject's [project.entry-points] produces)."""
+    dist-info that declares it (what pyproject's [project.entry-points] produces).  Unset
+    NF4KIT_BNB_BACKEND registers the CPU kernels only, "1" CPU and CUDA, "0" nothing."""
     dist = tmp_path / "nf4kit_bnb_backend_test-0.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: nf4kit-bnb-backend-test\nVersion: 0.0\n")
     (dist / "entry_points.txt").write_text(
         "[bitsandbytes.backends]\nnf4kit = nf4kit.integrations.bitsandbytes:entry_point\n")
-    envv = dict(os.environ, NF4KIT_BNB_BACKEND=env,
-                PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO / "python"), os.environ.get("PYTHONPATH", "")]))
+    envv = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO / "python"),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    envv.pop("NF4KIT_BNB_BACKEND", None)
+    if env is not None:
+        envv["NF4KIT_BNB_BACKEND"] = env
     script = _EP_SCRIPT
     if library_mode != "native":                     # torch.library as on the GPU machine, before bitsandbytes
         script = (textwrap.dedent(inspect.getsource(_strict_library_impl)) + "import torch\n"
@@ -437,11 +443,12 @@ def test_entry_point_discovered_by_bitsandbytes(tmp_path, env="1", library_mode=
     out = subprocess.run([sys.executable, "-c", script], env=envv, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("ENABLED")][-1]
-    if env == "1":
-        enabled, gemm = line.split()[1], int(line.split()[3])
-        assert enabled == "True" and gemm == 1, out.stderr[-2000:]
+    words = line.split()
+    if env == "0":
+        assert words[1] == "False" and words[5] == "-"
     else:
-        assert line.split()[1] == "False"
+        assert words[1] == "True" and int(words[3]) == 1, out.stderr[-2000:]
+        assert words[5] == ("cpu,cuda" if env == "1" else "cpu")
 
 
 @pytest.mark.parametrize("mode", ["torch_2_11", "no_flag"])
@@ -451,7 +458,7 @@ def test_entry_point_enables_on_strict_torch(tmp_path, mode):
     (its CPU ones here; CUDA ones there) and only warned.  It registers now."""
     if mode == "torch_2_11" and not _TORCH_HAS_OVERRIDE_FLAG:
         pytest.skip("this torch has no allow_override flag")
-    test_entry_point_discovered_by_bitsandbytes(tmp_path, library_mode=mode)
+    test_entry_point_discovered_by_bitsandbytes(tmp_path, "1", library_mode=mode)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and a CUDA build of bitsandbytes")

@@ -22,8 +22,9 @@ active ones again, and torch's record of Python-registered kernels keeps theirs.
 
 bitsandbytes calls every entry point of the ``bitsandbytes.backends`` group at the end of
 ``import bitsandbytes`` (after its own kernels are registered) and turns any exception into
-an import error; `entry_point` therefore catches everything and only warns.  Set
-``NF4KIT_BNB_BACKEND=0`` to keep the entry point from registering anything.
+an import error; `entry_point` therefore catches everything and only warns.  The entry point
+registers the CPU kernels; ``NF4KIT_BNB_BACKEND=1`` adds CUDA (opt-in: see
+`_entry_point_devices`), ``NF4KIT_BNB_BACKEND=0`` registers nothing.  `enable()` takes devices.
 
 Schemas are honoured as bitsandbytes defines them: the packed weight ``B`` may be stored as
 any dtype (viewed as uint8 bytes), ``shapeB = [N, K]``, ``gemm_4bit`` gets the double-quant
@@ -56,6 +57,7 @@ OPS = (
 # that nf4kit's kernels ran (nf4kit.backends.call_counts says which nf4kit backend ran).
 call_counts: collections.Counter = collections.Counter()
 _lib: Optional[torch.library.Library] = None
+_devices: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- helpers
@@ -339,6 +341,11 @@ def is_enabled() -> bool:
     return _lib is not None
 
 
+def registered_devices() -> tuple[str, ...]:
+    """The device types nf4kit's kernels serve bitsandbytes' ops on (empty when disabled)."""
+    return _devices if _lib is not None else ()
+
+
 def _impl_key(op: str, dispatch_key: str) -> str:
     """torch.library's name for a Python registration (the entries of ``torch.library._impls``)."""
     return f"bitsandbytes/{op}/{dispatch_key}"
@@ -384,7 +391,7 @@ def enable(devices: Sequence[str] = ("cpu", "cuda")) -> bool:
     (the variable only gates the automatic entry point).  Overrides bitsandbytes' own kernels
     for the same ops and keys; `disable()` brings them back.
     """
-    global _lib
+    global _lib, _devices
     if _lib is not None:
         return True
     import importlib
@@ -406,7 +413,7 @@ def enable(devices: Sequence[str] = ("cpu", "cuda")) -> bool:
     except Exception:
         lib._destroy()
         raise
-    _lib = lib
+    _lib, _devices = lib, tuple(devices)
     return True
 
 
@@ -439,8 +446,20 @@ class enabled:
             disable()
 
 
-def _env_allows() -> bool:
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+def _entry_point_devices() -> tuple[str, ...]:
+    """The devices the entry point registers for, from NF4KIT_BNB_BACKEND: unset or "cpu" the CPU
+    only; "1" / "all" / "true" / "on" the CPU and CUDA; "0" / "false" / "off" / "no" none.
+
+    CUDA is opt-in: on an H100 (benchmarks/results/gpu_h100_2026-11-27), bitsandbytes' M = 1 path
+    through nf4kit took 117-315 us of device time against 33-34 us for stock bitsandbytes (and
+    28 us for nf4kit called directly), not explained yet.  On the CPU it runs at stock speed or
+    better since its layout conversion is cached."""
+    v = os.environ.get(ENV_VAR, "cpu").strip().lower()
+    if v in ("0", "false", "off", "no"):
+        return ()
+    if v in ("1", "all", "true", "on"):
+        return ("cpu", "cuda")
+    return ("cpu",)
 
 
 def entry_point() -> None:
@@ -449,9 +468,10 @@ def entry_point() -> None:
     Never raises (bitsandbytes would turn it into an ImportError); problems become a warning.
     """
     try:
-        if not _env_allows():
+        devices = _entry_point_devices()
+        if not devices:
             return
-        enable()
+        enable(devices)
     except Exception as e:  # noqa: BLE001 - must never break `import bitsandbytes`
         try:
             disable()

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from . import quant
 from ._common import (INTERPRET, _gather_f32, _deq_tile, _dot, _word_values_f32, _round_to, _tile_bytes, _tile_scales,
-                      _tile_values, capability, device_constants, k_align, next_pow2)
+                      _tile_values, capability, device_constants, k_align, next_pow2, num_sms)
 
 # Regimes on CUDA, measured on an H100 (Triton 3.6, torch 2.11, bf16, W 4096x14336 = [N, K],
 # blocksize 64, double quant; triton_kernels/_bench.py --quick, after the table/scale gathers
@@ -577,20 +577,17 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     common = dict(BS=blocksize, NESTED=nested, K_ALIGN=ka, HAS_BIAS=bias is not None, HAS_LORA=L is not None,
                   R_PAD=max(16, next_pow2(r)), INTERP=INTERPRET, IEEE=T == torch.float32)
     cap = capability(dev)
-    if M == 1 and GEMV_STREAM and K % STREAM_CONFIG["BLOCK_K"] == 0:
-        if x.data_ptr() % 16:  # x in 16-byte vectors, W as 32-bit words, as the word path
+    stream = M == 1 and GEMV_STREAM and K % STREAM_CONFIG["BLOCK_K"] == 0
+    if stream or (M == 1 and M <= GEMV_MAX_M):
+        # the word and stream paths read x in 16-byte vectors and W as 32-bit words (M = 1: a tiny copy)
+        if x.data_ptr() % 16:
             x = x.clone()
         if st[0].data_ptr() % 4:
             st = (st[0].clone(), *st[1:])
+    if stream:
         return _gemv_stream(x, st, nested, blocksize, N, K, stride_wb, bias_t, L, B_t, r, lora_scale, common, out)
     if M <= GEMV_MAX_M:
         kernel, cfg = _launcher("gemv", cap, M == 1)
-        if M == 1:
-            # the byte path reads x in 16-byte vectors and W as 32-bit words (M = 1: a tiny copy)
-            if x.data_ptr() % 16:
-                x = x.clone()
-            if st[0].data_ptr() % 4:
-                st = (st[0].clone(), *st[1:])
 
         def grid(meta):
             return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -604,12 +601,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
         _launch(kernel, cfg, grid, args, common)
         split = cfg.kwargs["SPLIT_K"] if cfg is not None else kernel.best_config.kwargs["SPLIT_K"]
         if split > 1:
-            bn = 128
-            _splitk_reduce_kernel[(M, triton.cdiv(N, bn))](
-                ws, bias_t if bias_t is not None else dummy, L if L is not None else dummy,
-                B_t if B_t is not None else dummy, out, M, N, out.stride(0), L.stride(0) if L is not None else 0, r,
-                float(lora_scale), SPLIT_K=split, HAS_BIAS=bias is not None, HAS_LORA=L is not None,
-                R_PAD=common["R_PAD"], INTERP=INTERPRET, BLOCK_N=bn, num_warps=4)
+            _splitk_reduce(ws, split, bias_t, L, B_t, r, lora_scale, common["R_PAD"], dummy, out)
         return out
     kernel, cfg = _launcher("fused", cap, M > 256)
 
@@ -624,21 +616,25 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
 
 
 def _stream_programs(N: int, K: int, device: torch.device) -> int:
-    """The stream kernel's persistent grid: programs_per_sm on every SM (2 'SMs' under the
+    """The stream kernel's persistent grid: programs_per_sm on every SM (num_sms: 4 under the
     interpreter, so that the tests see several passes), in whole rows of K-tiles, no more than
     there are tiles."""
     tpr = K // STREAM_CONFIG["BLOCK_K"]
     tiles = triton.cdiv(N, STREAM_CONFIG["BLOCK_N"]) * tpr
-    sms = 2 if device.type != "cuda" else _sm_count(device)
-    progs = min(tiles, sms * STREAM_CONFIG["programs_per_sm"])
+    progs = min(tiles, num_sms(device) * STREAM_CONFIG["programs_per_sm"])
     return max(tpr, progs - progs % tpr)
 
 
-def _sm_count(device: torch.device) -> int:
-    key = ("sms", str(device))
-    if key not in _TUNED:
-        _TUNED[key] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _TUNED[key]
+def _splitk_reduce(ws, split, bias_t, L, B_t, r, lora_scale, r_pad, dummy, out) -> None:
+    """out [M, N] = the `split` fp32 partial slices of ws [split, M, N] summed in order, + s·L·Bᵀ
+    + bias, in out's dtype (_splitk_reduce_kernel); absent operands as None (dummy is passed)."""
+    M, N = out.shape
+    bn = 128
+    _splitk_reduce_kernel[(M, triton.cdiv(N, bn))](
+        ws, bias_t if bias_t is not None else dummy, L if L is not None else dummy, B_t if B_t is not None else dummy,
+        out, M, N, out.stride(0), L.stride(0) if L is not None else 0, r, float(lora_scale), SPLIT_K=split,
+        HAS_BIAS=bias_t is not None, HAS_LORA=L is not None, R_PAD=r_pad, INTERP=INTERPRET, BLOCK_N=bn,
+        num_warps=4)
 
 
 def _gemv_stream(x, st, nested, blocksize, N, K, stride_wb, bias_t, L, B_t, r, lora_scale, common, out):
@@ -651,13 +647,7 @@ def _gemv_stream(x, st, nested, blocksize, N, K, stride_wb, bias_t, L, B_t, r, l
     _gemv_stream_kernel[(progs,)](x, *st[:6], ws, N, K, stride_wb, progs // tpr, BS=blocksize, NESTED=nested,
                                   INTERP=INTERPRET, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                                   num_warps=cfg["warps"], num_stages=1)
-    dummy = st[5]
-    bn = 128
-    _splitk_reduce_kernel[(1, triton.cdiv(N, bn))](
-        ws, bias_t if bias_t is not None else dummy, L if L is not None else dummy, B_t if B_t is not None else dummy,
-        out, 1, N, out.stride(0), L.stride(0) if L is not None else 0, r, float(lora_scale), SPLIT_K=tpr,
-        HAS_BIAS=bias_t is not None, HAS_LORA=L is not None, R_PAD=common["R_PAD"], INTERP=INTERPRET, BLOCK_N=bn,
-        num_warps=4)
+    _splitk_reduce(ws, tpr, bias_t, L, B_t, r, lora_scale, common["R_PAD"], st[5], out)
     return out
 
 

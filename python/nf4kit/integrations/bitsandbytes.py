@@ -113,7 +113,7 @@ def _packed_for(B: torch.Tensor, n: int) -> torch.Tensor:
     return b[:need] if b.numel() > need else b
 
 
-# id(absmax) -> (weakref to absmax, absmax version, B data_ptr, B version, N, K, packed, absmax fp32):
+# id(absmax) -> (weakref to absmax, (absmax version, B data_ptr, B version, N, K), packed, absmax fp32):
 # bitsandbytes keeps its CPU-layout absmax in the layer's QuantState, one tensor per layer for the
 # layer's life, while B arrives as a fresh view (weight.t()) on every call.
 _cpu_layout_cache: dict = {}

@@ -161,7 +161,7 @@ def _cuda_kernel_call(args: tuple):
         return None
     x, packed, pointers, keep = operands
     dev = x.device
-    S = cb._gemv_split_count(1, N, K, dev)
+    S = cb._gemv_split_count(1, N, K, x.dtype, bs, dev)
     partial = torch.empty(S * N, dtype=torch.float32, device=dev)
     y = torch.empty((1, N), dtype=x.dtype, device=dev)
 

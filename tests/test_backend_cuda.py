@@ -224,9 +224,9 @@ def test_gemv_pair_table_variants(monkeypatch, rows, depth, dt, quant_type, nest
     monkeypatch.setattr(cuda_backend, "GEMV_ROWS", rows)
     monkeypatch.setattr(cuda_backend, "GEMV_DEPTH", depth)
     monkeypatch.setattr(cuda_backend, "GEMV_PAIR_TABLE", True)
-    assert cuda_backend._gemv_variant(1, K, dt, 1) == (depth, 1)
-    assert cuda_backend._gemv_variant(3, K, dt, 1)[1] == 0
-    assert cuda_backend._gemv_variant(1, K, torch.float32, 1)[1] == 0
+    assert cuda_backend._gemv_variant(1, N, K, dt, 64, 1) == (depth, 1)
+    assert cuda_backend._gemv_variant(3, N, K, dt, 64, 1)[1] == 0
+    assert cuda_backend._gemv_variant(1, N, K, torch.float32, 64, 1)[1] == 0
     st, W64 = _weight(N, K, 64, quant_type, nested, seed=rows * 10 + depth)
     x = _rand((1, K), dt, 51 + depth)
     bias = _rand((N,), torch.float32, 52)
@@ -257,15 +257,15 @@ def test_gemv_direct_epilogue_matches_the_finalize_kernel(monkeypatch, rows, dep
     out = {}
     for direct in (False, True):
         monkeypatch.setattr(cuda_backend, "GEMV_DIRECT", direct)
-        assert (cuda_backend._gemv_variant(1, K, dt, 1)[1] & 2) == (2 if direct else 0)
+        assert (cuda_backend._gemv_variant(1, N, K, dt, 64, 1)[1] & 2) == (2 if direct else 0)
         with nf4kit.use_backend("cuda"):
             out[direct] = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, bias, A, B, 0.5)
         _ran_cuda("matmul_4bit")
     assert torch.equal(out[True], out[False])
     exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
     assert _relerr(out[True], exp) < _tol(dt)
-    assert (cuda_backend._gemv_variant(1, K, dt, 2)[1] & 2) == 0
-    assert (cuda_backend._gemv_variant(2, K, dt, 1)[1] & 2) == 0
+    assert (cuda_backend._gemv_variant(1, N, K, dt, 64, 2)[1] & 2) == 0
+    assert (cuda_backend._gemv_variant(2, N, K, dt, 64, 1)[1] & 2) == 0
 
 
 @pytest.mark.parametrize("depth", [4, 8])
@@ -277,10 +277,11 @@ def test_gemv_stream_variants(monkeypatch, depth, pairs, dt, N, K, quant_type, n
     """The memory-order stream GEMV (M = 1, K % 1024 == 0): odd row counts, fewer tiles than warps
     (5 x 2), and more tiles than resident warps (several passes, rings crossing the last row), with
     bias and LoRA in the finalize kernel; fp32 x keeps the exact table even with the pair table on."""
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA", False)
     monkeypatch.setattr(cuda_backend, "GEMV_STREAM", True)
     monkeypatch.setattr(cuda_backend, "GEMV_STREAM_DEPTH", depth)
     monkeypatch.setattr(cuda_backend, "GEMV_PAIR_TABLE", pairs)
-    assert cuda_backend._gemv_split_count(1, N, K, torch.device("cuda")) == K // 1024
+    assert cuda_backend._gemv_split_count(1, N, K, dt, 64, torch.device("cuda")) == K // 1024
     st, W64 = _weight(N, K, 64, quant_type, nested, seed=N + depth)
     x = _rand((1, K), dt, 71 + depth)
     bias = _rand((N,), torch.float32, 72)
@@ -300,11 +301,64 @@ def test_gemv_stream_leaves_other_shapes_to_the_row_kernel(monkeypatch):
         N = 45
         st, W64 = _weight(N, K, 64, "nf4", True, seed=M + K)
         x = _rand((M, K), torch.bfloat16, 81)
-        assert cuda_backend._gemv_variant(M, K, x.dtype, 1)[1] & cuda_backend._GEMV_STREAM == 0
+        assert cuda_backend._gemv_variant(M, N, K, x.dtype, 64, 1)[1] & cuda_backend._GEMV_STREAM == 0
         with nf4kit.use_backend("cuda"):
             y = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, None, None, 1.0)
         _ran_cuda("matmul_4bit")
         assert _relerr(y, x.double() @ W64.t()) < 1e-2
+
+
+def _row_errors_within(y, x, W64, exp, bound):
+    """Each row's error against its own scale: |y_n - exp_n| <= bound * (sum_k |x_k W_nk| + |exp_n|),
+    so one missing, duplicated or misscaled row fails even among thousands."""
+    scale = x.double().abs() @ W64.abs().t() + exp.abs()
+    return bool(((y.double() - exp).abs() <= bound * scale).all())
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,bs,quant_type,nested", [
+    (77, 3072, 64, "nf4", True),     # odd N: the last row block runs past N; 12 tiles a row
+    (5, 256, 64, "fp4", False),      # one tile a row, fewer rows than a row block
+    (1000, 4096, 128, "nf4", True),  # blocksize 128: a lane's two quarters share one block
+    (3001, 1280, 256, "nf4", False),  # blocksize 256, several passes of the persistent grid
+    (16, 512, 4096, "fp4", True),    # blocks span rows (blocksize > K)
+    (4099, 2048, 64, "nf4", True)])  # more tiles than resident warps, a row past the last block
+def test_gemv_mma(monkeypatch, dt, N, K, bs, quant_type, nested):
+    """The experimental tensor-core M = 1 kernel (GEMV_MMA): every row against the float64 reference
+    within the bf16/fp16 rounding of the code table, with bias and LoRA in the finalize kernel."""
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
+    assert cuda_backend._gemv_kernel(1, N, K, dt, bs) == "mma"
+    assert cuda_backend._gemv_split_count(1, N, K, dt, bs, torch.device("cuda")) == K // 256
+    st, W64 = _weight(N, K, bs, quant_type, nested, seed=N + K)
+    x = _rand((1, K), dt, 91)
+    bias = _rand((N,), torch.float32, 92)
+    A, B = _rand((8, K), dt, 93, 0.1), _rand((N, 8), dt, 94, 0.1)
+    with nf4kit.use_backend("cuda"):
+        y = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, bias, A, B, 0.5)
+        y0 = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, None, None, None, 1.0)
+    _ran_cuda("matmul_4bit")
+    exp0 = x.double() @ W64.t()
+    exp = exp0 + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    assert y.shape == (1, N) and y.dtype == dt
+    assert _relerr(y, exp) < 1e-2
+    bound = 2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -9
+    assert _row_errors_within(y0, x, W64, exp0, bound)
+
+
+def test_gemv_mma_leaves_other_inputs_to_the_other_kernels(monkeypatch):
+    """With GEMV_MMA on, fp32 x, M > 1, K % 256 != 0 and blocksize 32 take the stream or row kernel,
+    and still agree with the reference."""
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
+    for M, K, bs, dt in ((1, 2048, 64, torch.float32), (2, 2048, 64, torch.bfloat16),
+                         (1, 2048 + 64, 64, torch.bfloat16), (1, 2048, 32, torch.float16)):
+        N = 45
+        assert cuda_backend._gemv_kernel(M, N, K, dt, bs) != "mma"
+        st, W64 = _weight(N, K, bs, "nf4", True, seed=M + K + bs)
+        x = _rand((M, K), dt, 95)
+        with nf4kit.use_backend("cuda"):
+            y = ops.matmul_4bit(x, st[0], *st[1:], bs, "nf4", N, K, None, None, None, 1.0)
+        _ran_cuda("matmul_4bit")
+        assert _relerr(y, x.double() @ W64.t()) < _tol(dt)
 
 
 @pytest.mark.parametrize("route", ["gemv", "fused", "dequant"])

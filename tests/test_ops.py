@@ -176,8 +176,9 @@ def test_cuda_gemv_launch_matches_the_binding_without_a_gpu():
                     reason="nf4kit._C built without its CUDA kernels (NF4KIT_NO_CUDA or no nvcc)")
 def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
     """The memory-order stream option of the GEMV takes M = 1, K % 1024 == 0 and exactly K / 1024
-    partial slices; anything else is refused as a bad argument before any CUDA call (so this runs
-    in CI's GPU-less CUDA build).  The Python side sizes the scratch to match."""
+    partial slices, the tensor-core option M = 1, fp16/bf16 x, K % 256 == 0, K / 256 slices,
+    blocksize >= 64 and N * K < 2^32 - 256; anything else is refused as a bad argument before any
+    CUDA call (so this runs in CI's GPU-less CUDA build).  The Python side sizes the scratch to match."""
     from nf4kit.backends import cuda as cuda_backend
     from nf4kit.backends._native import DTYPE_CODES
 
@@ -194,16 +195,39 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
     assert call(2, 2048, 2, stream) == -1             # M > 1
     assert call(1, 2048 + 32, 2, stream) == -1        # K % 1024 != 0
     assert call(1, 2048, 2, stream | cuda_backend._GEMV_DIRECT) == -1
-    assert call(1, 2048, 2, 8) == -1                  # an unknown option bit
-    old = cuda_backend.GEMV_STREAM
+    assert call(1, 2048, 2, 16) == -1                 # an unknown option bit
+    mma = cuda_backend._GEMV_MMA
+    assert call(1, 2048, 8, mma | stream) == -1       # mma takes no other option
+    assert call(1, 2048, 2, mma) == -1                # S != K / 256
+    assert call(2, 2048, 8, mma) == -1                # M > 1
+    assert call(1, 2048 + 32, 8, mma) == -1           # K % 256 != 0
+    assert C.gemv_4bit(fake, bf16, 1, 64, 2048, fake, fake, 0, 0, 0, 0, 32, 0, 4, 4, mma, 8, fake,
+                       0, 0, 0, 0, fake, 0) == -1     # blocksize 32: a quarter spans two blocks
+    assert C.gemv_4bit(fake, DTYPE_CODES[torch.float32], 1, 64, 2048, fake, fake, 0, 0, 0, 0, 64, 0, 4, 4, mma, 8,
+                       fake, 0, 0, 0, 0, fake, 0) == -1  # fp32 x: no fp32 mma fragments
+    assert C.gemv_4bit(fake, bf16, 1, 1 << 21, 2048, fake, fake, 0, 0, 0, 0, 64, 0, 4, 4, mma, 8, fake,
+                       0, 0, 0, 0, fake, 0) == -1     # N * K = 2^32: past the 32-bit absmax indices
+    old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA
     try:
-        cuda_backend.GEMV_STREAM = True
-        assert cuda_backend._gemv_split_count(1, 64, 3072, torch.device("cpu")) == 3
-        assert cuda_backend._gemv_variant(1, 3072, torch.bfloat16, 3) == (cuda_backend.GEMV_STREAM_DEPTH, stream)
-        assert cuda_backend._gemv_variant(1, 3072 + 32, torch.bfloat16, 3)[1] & stream == 0
-        assert cuda_backend._gemv_variant(2, 3072, torch.bfloat16, 3)[1] & stream == 0
+        cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA = True, False
+        bf = torch.bfloat16
+        assert cuda_backend._gemv_split_count(1, 64, 3072, bf, 64, torch.device("cpu")) == 3
+        assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 3) == (cuda_backend.GEMV_STREAM_DEPTH, stream)
+        assert cuda_backend._gemv_variant(1, 64, 3072 + 32, bf, 64, 3)[1] & stream == 0
+        assert cuda_backend._gemv_variant(2, 64, 3072, bf, 64, 3)[1] & stream == 0
+        # The tensor-core kernel, where on, takes M = 1 half x with K % 256 == 0, blocksize >= 64 and
+        # N * K < 2^32 - 256, with one slice per 256-wide tile; everything else keeps the others.
+        cuda_backend.GEMV_MMA = True
+        assert cuda_backend._gemv_kernel(1, 64, 3072 + 256, bf, 64) == "mma"
+        assert cuda_backend._gemv_split_count(1, 64, 3072 + 256, bf, 64, torch.device("cpu")) == 13
+        assert cuda_backend._gemv_variant(1, 64, 3072 + 256, torch.float16, 128, 13) == (2, mma)
+        assert cuda_backend._gemv_kernel(1, 64, 3072, torch.float32, 64) == "stream"
+        assert cuda_backend._gemv_kernel(1, 64, 3072, bf, 32) == "stream"
+        assert cuda_backend._gemv_kernel(2, 64, 3072, bf, 64) == "rows"
+        assert cuda_backend._gemv_kernel(1, 64, 3072 + 32, bf, 64) == "rows"
+        assert cuda_backend._gemv_kernel(1, 2 ** 20, 4096, bf, 64) == "stream"  # N * K = 2^32
     finally:
-        cuda_backend.GEMV_STREAM = old
+        cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA = old
 
 
 def test_available_backends_and_build_info():

@@ -93,6 +93,19 @@ __device__ __forceinline__ uint32_t pair_entry(int quant_type, uint32_t v) {
   return first | (second << 16);
 }
 
+// pair_entry in the mma kernel's fragment type: fp16 pairs (as above) or bf16 pairs.
+template <typename H>
+__device__ __forceinline__ uint32_t pair_entry_of(int quant_type, uint32_t v) {
+  if constexpr (std::is_same<H, __half>::value) {
+    return pair_entry(quant_type, v);
+  } else {
+    const float* t = kCodeTables[quant_type == core::kNF4 ? 0 : 1];
+    const uint32_t first = __bfloat16_as_ushort(__float2bfloat16_rn(t[v >> 4]));
+    const uint32_t second = __bfloat16_as_ushort(__float2bfloat16_rn(t[v & 15u]));
+    return first | (second << 16);
+  }
+}
+
 // As dot32, one shared load per packed byte: pairs_lane = this lane's copy (pairs + lane).
 __device__ __forceinline__ float dot32_pairs(const uint4& w, const uint32_t* pairs_lane, const float (&xv)[32]) {
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
@@ -355,6 +368,173 @@ __global__ void __launch_bounds__(kGemvThreads)
   }
 }
 
+// Experimental tensor-core variant of the stream kernel (kGemvMma; M = 1, fp16/bf16 x, K % 256 == 0,
+// blocksize >= 64, N * K < 2^32).  The stream kernels spend 4-5 instructions per weight (PRMT + LDS
+// + FFMA per code, then the reduction); on the H100 that issue rate, not HBM, holds M = 1 near
+// 28 us.  Here a packed byte costs two instructions: one PRMT that writes the byte into bits 8-15
+// of this lane's table address (a 64 KB per-lane table of fp16/bf16 pairs on a 64 KB boundary of
+// the shared window, entry v of lane L at table + v * 256 + 4 L: always bank L, no conflicts, and
+// no add) and the LDS that returns an mma A register (two consecutive k of one row).  mma.sync
+// m16n8k16 then multiplies 16 rows x 16 k with fp32 accumulation.
+//
+// Warp g owns the 256-wide K-tile kt = g % (K / 256) and visits 16-row blocks rb0, rb0 + R, ...
+// (the grid sweeps W in memory order, as the stream kernel).  A visit loads, per lane (grp, tid),
+// 16 bytes of rows grp and grp + 8 at bytes 64 j + 16 tid of the row tile (j = 0, 1): those lie in
+// 64-wide quarter Q = 2 j + tid / 2 of the tile, one quantization block at blocksize >= 64.  mma
+// (j, i) takes bytes 2 i (k slot tid) and 2 i + 1 (slot tid + 4) of every lane, and B column c
+// holds x only where the slot's quarter is c (lane (grp = Q, tid) loads x, the rest hold 0): so
+// C[row][Q] is the unscaled dot of that row's quarter Q.  After the 16 mmas of a visit, lanes
+// tid 0 and 1 hold quarters 2 tid and 2 tid + 1 of rows grp and grp + 8; their absmax are read by
+// lanes tid & 1 (row grp) and tid | 2 (row grp + 8) and exchanged with one shuffle, and one more
+// shuffle sums each row's four quarters into partial[kt][row]; splitk_finalize sums the tiles.
+constexpr int kMmaTile = 256;     // K per warp tile: 4 quarters of 64
+constexpr int kMmaThreads = 512;  // 16 warps share one table (one block per SM)
+constexpr int kMmaTableBytes = 256 * 256;
+// The table on the first 64 KB boundary of the block's shared window, then the nested absmax code.
+constexpr int kMmaSmemBytes = 2 * kMmaTableBytes + 256 * (int)sizeof(float);
+
+// 32-bit words at 32-bit shared-window addresses.
+__device__ __forceinline__ uint32_t lds_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ float lds_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
+  return v;
+}
+
+template <typename TX>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    gemv_4bit_mma_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
+                         int log2_bs, int quant_type, int warps_used, float* __restrict__ partial) {
+  static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
+  extern __shared__ __align__(16) unsigned char mma_smem[];
+  const uint32_t smem0 = (uint32_t)__cvta_generic_to_shared(mma_smem);
+  const uint32_t table_at = (smem0 + (kMmaTableBytes - 1)) & ~(uint32_t)(kMmaTableBytes - 1);
+  const uint32_t code_at = table_at + kMmaTableBytes;
+  unsigned char* table = mma_smem + (table_at - smem0);
+  const bool nested = am.q != nullptr;
+  const int lane = threadIdx.x & 31;
+  const int grp = lane >> 2, tid = lane & 3;
+  const uint32_t lane_entry = table_at | ((uint32_t)lane * 4u);  // entry 0 of this lane; bits 8-15 take the byte
+  const int g = blockIdx.x * (kMmaThreads / 32) + (threadIdx.x >> 5);
+  const int tiles_per_row = (int)(K / kMmaTile);
+  const int R = warps_used / tiles_per_row;  // row blocks between one warp's visits
+  const bool active = g < warps_used;        // warp-uniform
+  const int kt = g % tiles_per_row;
+  const int rb0 = g / tiles_per_row;
+  const int row_blocks = (N + 15) >> 4;
+  const int64_t row_bytes = K >> 1;
+
+  // This lane's weight bytes: rows grp (+ 8) of the next row block to fetch, bytes 16 tid + 64 j of the tile.
+  int fetch_row = rb0 * 16 + grp;
+  const uint8_t* wp = packed + (int64_t)fetch_row * row_bytes + (int64_t)kt * (kMmaTile / 2) + 16 * tid;
+  const int64_t wp_step = (int64_t)R * 16 * row_bytes;
+  const int64_t wp_8rows = 8 * row_bytes;
+  auto fetch = [&](uint4 (&w)[2][2]) {
+    if (fetch_row < N) {
+      w[0][0] = __ldcs(reinterpret_cast<const uint4*>(wp));
+      w[0][1] = __ldcs(reinterpret_cast<const uint4*>(wp + 64));
+    }
+    if (fetch_row + 8 < N) {
+      w[1][0] = __ldcs(reinterpret_cast<const uint4*>(wp + wp_8rows));
+      w[1][1] = __ldcs(reinterpret_cast<const uint4*>(wp + wp_8rows + 64));
+    }
+    fetch_row += 16 * R;
+    wp += wp_step;
+  };
+  // Rows past N keep stale bytes: they only reach their own rows of C, which are not written.
+  uint4 buf0[2][2], buf1[2][2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) buf0[h][j] = buf1[h][j] = make_uint4(0u, 0u, 0u, 0u);
+  if (active) fetch(buf0);
+
+  for (int i = threadIdx.x; i < 256 * 32; i += kMmaThreads)
+    *reinterpret_cast<uint32_t*>(table + (i >> 5) * 256 + 4 * (i & 31)) = pair_entry_of<TX>(quant_type, (uint32_t)i >> 5);
+  if (nested) {
+    float* code = reinterpret_cast<float*>(table + kMmaTableBytes);
+    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code[i] = __ldg(am.code + i);
+  }
+  __syncthreads();
+  if (!active) return;  // whole warps exit together (after the only __syncthreads)
+  const float offset = nested ? __ldg(am.offset) : 0.0f;
+
+  // B fragments of mma (j, i): x elements 128 j + 32 tid + 4 i .. + 3 of the tile, in column
+  // grp, kept only where grp is this lane's quarter of load j.
+  uint32_t xb[2][8][2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const bool mine = grp == 2 * j + (tid >> 1);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      uint2 v = make_uint2(0u, 0u);
+      if (mine) v = __ldg(reinterpret_cast<const uint2*>(x + (int64_t)kt * kMmaTile + 128 * j + 32 * tid + 4 * i));
+      xb[j][i][0] = v.x;
+      xb[j][i][1] = v.y;
+    }
+  }
+
+  // The absmax this lane reads: row grp + 8 (tid >> 1), quarters 2 (tid & 1) and + 1, as flat
+  // element indices (N * K < 2^32); both quarters share one nested block (their blocks are 2b, 2b + 1 or one).
+  const int scale_row_off = grp + 8 * (tid >> 1);
+  uint32_t scale_e = (uint32_t)(rb0 * 16 + scale_row_off) * (uint32_t)K + (uint32_t)kt * kMmaTile + 128u * (tid & 1);
+  const uint32_t scale_e_step = (uint32_t)R * 16u * (uint32_t)K;
+  // This lane's output: lane tid 0 row grp, lane tid 1 row grp + 8 (tid 2 and 3 write nothing).
+  const int out_row_off = grp + 8 * (tid & 1);
+  float* out = partial + (int64_t)kt * N;
+
+  auto visit = [&](int rb, const uint4 (&cur)[2][2], uint4 (&nxt)[2][2]) {
+    if (rb + R < row_blocks) fetch(nxt);
+    float sa = 0.0f, sb = 0.0f;
+    if (rb * 16 + scale_row_off < N) {
+      const uint32_t ba = scale_e >> log2_bs, bb = (scale_e + 64u) >> log2_bs;
+      if (nested) {
+        const float na = __ldg(am.nested + (ba >> 8));
+        sa = __fadd_rn(__fmul_rn(lds_f32(code_at + 4u * __ldg(am.q + ba)), na), offset);
+        sb = __fadd_rn(__fmul_rn(lds_f32(code_at + 4u * __ldg(am.q + bb)), na), offset);
+      } else {
+        sa = __ldg(am.absmax + ba);
+        sb = __ldg(am.absmax + bb);
+      }
+    }
+    scale_e += scale_e_step;
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int w = i >> 1;
+        const uint32_t lo = (uint32_t)(2 * (i & 1)), hi = lo + 1u;
+        const uint32_t r0 = w == 0 ? cur[0][j].x : w == 1 ? cur[0][j].y : w == 2 ? cur[0][j].z : cur[0][j].w;
+        const uint32_t r1 = w == 0 ? cur[1][j].x : w == 1 ? cur[1][j].y : w == 2 ? cur[1][j].z : cur[1][j].w;
+        // lane_entry with byte b of the word as its bits 8-15 (selectors 4, 6, 7: lane_entry's bytes)
+        const uint32_t a[4] = {lds_u32(__byte_perm(r0, lane_entry, 0x7604u | (lo << 4))),
+                               lds_u32(__byte_perm(r1, lane_entry, 0x7604u | (lo << 4))),
+                               lds_u32(__byte_perm(r0, lane_entry, 0x7604u | (hi << 4))),
+                               lds_u32(__byte_perm(r1, lane_entry, 0x7604u | (hi << 4)))};
+        mma16816<TX>(c, a, xb[j][i]);
+      }
+    }
+    // Lanes tid 0 / 1: (sa, sb) are row grp's scales, the partner's (tid + 2) row grp + 8's.
+    const float oa = __shfl_xor_sync(0xffffffffu, sa, 2), ob = __shfl_xor_sync(0xffffffffu, sb, 2);
+    float v0 = fmaf(c[0], sa, c[1] * sb), v1 = fmaf(c[2], oa, c[3] * ob);
+    v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
+    v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
+    const int row = rb * 16 + out_row_off;
+    if (tid < 2 && row < N) out[row] = (tid & 1) ? v1 : v0;
+  };
+
+  for (int rb = rb0; rb < row_blocks; rb += 2 * R) {
+    visit(rb, buf0, buf1);
+    if (rb + R >= row_blocks) break;
+    visit(rb + R, buf1, buf0);
+  }
+}
+
 // y[m, n] = T(sum_s partial[s, m, n] + bias[n] + sum_j lora_t[m, j] * lora_b[n, j]).
 template <typename TX>
 __global__ void __launch_bounds__(256)
@@ -455,10 +635,11 @@ int launch_gemv_rows(const void* x, int M, int N, int64_t K, const uint8_t* pack
   return kBadArgument;
 }
 
-// The persistent grid of the stream kernel: as many blocks as fit on the device at once, read
-// once per device and instantiation (the occupancy query costs a few microseconds).
-template <typename TX, int D, bool P>
-int stream_blocks(int* blocks) {
+// A persistent grid for `Kernel` (Threads per block, SmemBytes of dynamic shared memory, opted in
+// above the 48 KB default): as many blocks as fit on the device at once, read once per device and
+// kernel (the occupancy query costs a few microseconds).
+template <auto Kernel, int Threads = kGemvThreads, int SmemBytes = 0>
+int persistent_blocks(int* blocks) {
   constexpr int kMaxDevices = 64;
   static int cached[kMaxDevices] = {0};
   int dev = 0;
@@ -468,28 +649,37 @@ int stream_blocks(int* blocks) {
     *blocks = cached[dev];
     return 0;
   }
+  if (SmemBytes > 48 * 1024) {
+    e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes);
+    if (e != cudaSuccess) return (int)e;
+  }
   int sms = 0, per_sm = 0;
   e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (e != cudaSuccess) return (int)e;
-  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_4bit_stream_kernel<TX, D, P>, kGemvThreads, 0);
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, Threads, SmemBytes);
   if (e != cudaSuccess) return (int)e;
   *blocks = sms * (per_sm > 0 ? per_sm : 1);
   if (dev >= 0 && dev < kMaxDevices) cached[dev] = *blocks;
   return 0;
 }
 
+// Warps of a persistent grid of `blocks` blocks of `warps_per_block` over `tiles` tiles,
+// `tiles_per_row` per row (block): whole rows of tiles per pass, no more warps than tiles; 0 when
+// not even one row of tiles fits.
+inline int64_t persistent_warps(int blocks, int warps_per_block, int64_t tiles, int tiles_per_row) {
+  int64_t warps = (int64_t)blocks * warps_per_block;
+  warps = warps < tiles ? warps : tiles;
+  return warps - warps % tiles_per_row;
+}
+
 template <typename TX, int D, bool P>
 int launch_gemv_stream_instance(const void* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                                 int quant_type, float* partial, cudaStream_t stream) {
   int blocks = 0;
-  const int rc = stream_blocks<TX, D, P>(&blocks);
+  const int rc = persistent_blocks<gemv_4bit_stream_kernel<TX, D, P>>(&blocks);
   if (rc != 0) return rc;
   const int tiles_per_row = (int)(K / kStreamTile);
-  const int64_t tiles = (int64_t)N * tiles_per_row;
-  // Whole rows of tiles per pass, no more warps than tiles.
-  int64_t warps = (int64_t)blocks * (kGemvThreads / 32);
-  warps = warps < tiles ? warps : tiles;
-  warps -= warps % tiles_per_row;
+  const int64_t warps = persistent_warps(blocks, kGemvThreads / 32, (int64_t)N * tiles_per_row, tiles_per_row);
   if (warps < tiles_per_row) return kUnsupported;  // K too long for this device's resident warps
   const int64_t grid = (warps + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
   gemv_4bit_stream_kernel<TX, D, P><<<(unsigned)grid, kGemvThreads, 0, stream>>>(
@@ -518,11 +708,40 @@ int launch_gemv_stream(const void* x, int N, int64_t K, const uint8_t* packed, A
   return kBadArgument;
 }
 
+// The tensor-core variant (M = 1, fp16/bf16 x, K % 256 == 0, blocksize >= 64, S == K / 256).
+template <typename TX>
+int launch_gemv_mma(const void* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
+                    float* partial, cudaStream_t stream) {
+  if constexpr (std::is_same<TX, float>::value) {
+    return kBadArgument;
+  } else {
+    int blocks = 0;
+    const int rc = persistent_blocks<gemv_4bit_mma_kernel<TX>, kMmaThreads, kMmaSmemBytes>(&blocks);
+    if (rc != 0) return rc;
+    const int tiles_per_row = (int)(K / kMmaTile);
+    const int64_t warps =
+        persistent_warps(blocks, kMmaThreads / 32, (int64_t)((N + 15) / 16) * tiles_per_row, tiles_per_row);
+    if (warps < tiles_per_row) return kUnsupported;  // K too long for this device's resident warps
+    const int64_t grid = (warps + kMmaThreads / 32 - 1) / (kMmaThreads / 32);
+    gemv_4bit_mma_kernel<TX><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
+        static_cast<const TX*>(x), N, K, packed, am, log2_bs, quant_type, (int)warps, partial);
+    return (int)cudaGetLastError();
+  }
+}
+
 template <typename TX>
 int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
                 int rows_per_warp, int depth, int options, int S, float* partial, const float* bias,
                 const float* lora_t, const float* lora_b, int r, void* y, cudaStream_t stream) {
   const bool pairs = (options & kGemvPairTable) != 0;
+  if ((options & kGemvMma) != 0) {
+    if (M != 1 || K % kMmaTile != 0 || S != K / kMmaTile || log2_bs < 6 || options != kGemvMma ||
+        (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
+      return kBadArgument;
+    const int rc = launch_gemv_mma<TX>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
+    if (rc != 0) return rc;
+    return launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
+  }
   if ((options & kGemvStream) != 0) {
     if (M != 1 || K % kStreamTile != 0 || S != K / kStreamTile || (options & kGemvDirect) != 0) return kBadArgument;
     const int rc = launch_gemv_stream<TX>(x, N, K, packed, am, log2_bs, quant_type, depth, pairs, partial, stream);
@@ -571,7 +790,7 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
               int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,
               const float* bias, const float* lora_t, const float* lora_b, int r, void* y, void* stream) {
   if (M < 1 || M > kMaxM || N < 1 || K < 32 || (K % 32) != 0) return kUnsupported;
-  if ((options & ~(kGemvPairTable | kGemvDirect | kGemvStream)) != 0) return kBadArgument;
+  if ((options & ~(kGemvPairTable | kGemvDirect | kGemvStream | kGemvMma)) != 0) return kBadArgument;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
     return kBadArgument;
   if (S < 1 || (int64_t)S > K / 32) return kBadArgument;

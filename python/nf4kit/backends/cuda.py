@@ -69,7 +69,16 @@ GEMV_DIRECT = False
 GEMV_STREAM = os.environ.get("NF4KIT_CUDA_GEMV_STREAM", "1") != "0"
 GEMV_STREAM_DEPTH = 4
 _STREAM_TILE = 1024
-_GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM = 1, 2, 4  # the C API's option bits (csrc/cuda/cuda_kernels.h)
+# Experimental, never run on a GPU yet (off; NF4KIT_CUDA_GEMV_MMA=1 turns it on): the stream scheme
+# on tensor cores (kGemvMma) for M = 1 with fp16/bf16 x, K % 256 == 0, blocksize >= 64 and
+# N * K < 2^32 - 256.  One PRMT + one shared load per packed byte give an mma A register from a
+# per-lane table of fp16/bf16 pairs, x is the B fragment, mma.sync accumulates in fp32: ~1.8
+# instructions per weight in its SASS against ~4.5 for the stream kernel, whose issue rate holds
+# M = 1 near 28 us on the H100.  The table rounds the code values to x's precision (bf16: relative
+# error <= 2^-9 per code, as a bf16 dequantize would), so fp32 x keeps the exact kernels.
+GEMV_MMA = os.environ.get("NF4KIT_CUDA_GEMV_MMA", "0") == "1"
+_MMA_TILE = 256
+_GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA = 1, 2, 4, 8  # the C API's option bits (cuda_kernels.h)
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -225,24 +234,36 @@ def _gemm_splits(M: int, N_out: int, K_red: int, device: torch.device) -> int:
     return max(1, min(round(sms * 4 / tiles), -(-K_red // 64) // 4, 64))
 
 
-def _gemv_stream(M: int, K: int) -> bool:
-    """Whether the decode GEMV of M rows over K takes the memory-order stream kernel."""
-    return GEMV_STREAM and M == 1 and K % _STREAM_TILE == 0
+def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int) -> str:
+    """Which decode GEMV takes x [M, K] (dtype) against W [N, K] at `blocksize`: "mma" (the
+    tensor-core stream kernel, GEMV_MMA), "stream" (the memory-order kernel, GEMV_STREAM) or "rows"."""
+    if M == 1 and GEMV_MMA and dtype in _HALF_DTYPES and K % _MMA_TILE == 0 and blocksize >= 64 \
+            and N * K < 2**32 - _MMA_TILE:
+        return "mma"
+    if M == 1 and GEMV_STREAM and K % _STREAM_TILE == 0:
+        return "stream"
+    return "rows"
 
 
-def _gemv_split_count(M: int, N: int, K: int, device: torch.device) -> int:
-    """Partial slices S of the decode GEMV (its fp32 scratch is S * M * N): one per 1024-wide K-tile
-    for the stream kernel, else GEMV_SPLITS or the heuristic."""
-    if _gemv_stream(M, K):
+def _gemv_split_count(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, device: torch.device) -> int:
+    """Partial slices S of the decode GEMV (its fp32 scratch is S * M * N): one per K-tile for the
+    stream kernels (256 wide for mma, 1024 for stream), else GEMV_SPLITS or the heuristic."""
+    kernel = _gemv_kernel(M, N, K, dtype, blocksize)
+    if kernel == "mma":
+        return K // _MMA_TILE
+    if kernel == "stream":
         return K // _STREAM_TILE
     return min(GEMV_SPLITS, K // 32) if GEMV_SPLITS else _gemv_splits(N, K, device)
 
 
-def _gemv_variant(M: int, K: int, dtype: torch.dtype, splits: int) -> tuple[int, int]:
-    """(ring depth, option bits) of the decode GEMV for x [M, K] and `splits` K-splits: the settings
-    above where that variant is built, else the double buffer, the exact fp32 table and the finalize
-    kernel."""
-    if _gemv_stream(M, K):
+def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, splits: int) -> tuple[int, int]:
+    """(ring depth, option bits) of the decode GEMV for x [M, K], W [N, K] and `splits` K-splits:
+    the settings above where that variant is built, else the double buffer, the exact fp32 table and
+    the finalize kernel."""
+    kernel = _gemv_kernel(M, N, K, dtype, blocksize)
+    if kernel == "mma":
+        return 2, _GEMV_MMA
+    if kernel == "stream":
         pairs = GEMV_PAIR_TABLE and dtype in _HALF_DTYPES
         return GEMV_STREAM_DEPTH, _GEMV_STREAM | (_GEMV_PAIR_TABLE if pairs else 0)
     depth = GEMV_DEPTH if M == 1 and (GEMV_ROWS, GEMV_DEPTH) in _GEMV_RINGS else 2
@@ -257,7 +278,7 @@ def _launch_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, blocksize:
     five pointers of _state, partial fp32 [splits*M*N], epilogue (bias, s·x·Aᵀ, B, r) of
     _fp32_epilogue, y [M, N] in x.dtype; the variant from the settings above (_gemv_variant)."""
     M = x.shape[0]
-    depth, options = _gemv_variant(M, K, x.dtype, splits)
+    depth, options = _gemv_variant(M, N, K, x.dtype, blocksize, splits)
     b, lt, lb, r = epilogue
     check(_C().gemv_4bit(ptr(x), DTYPE_CODES[x.dtype], M, N, K, ptr(packed), *state, blocksize, quant_type_code,
                          GEMV_ROWS, depth, options, splits, ptr(partial), ptr(b), ptr(lt), ptr(lb), r, ptr(y), stream),
@@ -317,7 +338,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     dev = x.device
     with torch.cuda.device(dev):
         if fast and M <= GEMV_MAX_M:
-            S = _gemv_split_count(M, N, K, dev)
+            S = _gemv_split_count(M, N, K, dt, blocksize, dev)
             partial = torch.empty(S * M * N, dtype=torch.float32, device=dev)
             b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)
             y = torch.empty((M, N), dtype=dt, device=dev)

@@ -10,6 +10,7 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda-r1d8-direct the 8-deep ring, 1 split, y written by the GEMV kernel (no finalize launch)
   cuda-stream   the memory-order stream GEMV (ring depth 4; cuda-stream8: 8; cuda-stream-pairs:
                 depth 4 with the pair table)
+  cuda-mma      the tensor-core stream GEMV (experimental: pair-table lookups as mma.sync A fragments)
   triton        the triton backend's GEMV (triton-stream: its memory-order stream kernel)
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
 from __future__ import annotations
@@ -24,7 +25,7 @@ from nf4kit.backends import cuda as cb
 from . import anchors as anc
 
 # call -> the cuda backend's settings it changes
-_ROWS = dict(GEMV_STREAM=False)  # the row kernel (the stream kernel is the M = 1 default)
+_ROWS = dict(GEMV_STREAM=False, GEMV_MMA=False)  # the row kernel (the stream kernel is the M = 1 default)
 VARIANTS = {"cuda-rows": _ROWS,
             "cuda-r2d4": dict(_ROWS, GEMV_ROWS=2, GEMV_DEPTH=4, GEMV_SPLITS=1),
             "cuda-r4d4": dict(_ROWS, GEMV_ROWS=4, GEMV_DEPTH=4),
@@ -34,7 +35,8 @@ VARIANTS = {"cuda-rows": _ROWS,
             "cuda-r1d8-direct": dict(_ROWS, GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1, GEMV_DIRECT=True),
             "cuda-stream": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4),
             "cuda-stream8": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=8),
-            "cuda-stream-pairs": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=True)}
+            "cuda-stream-pairs": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=True),
+            "cuda-mma": dict(GEMV_MMA=True)}
 
 
 def main(call: str) -> None:

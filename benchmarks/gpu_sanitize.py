@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from ._settings import settings
+
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
@@ -83,23 +85,20 @@ def main(argv=None) -> int:
                               dy, packed_as_bytes(pk_n), *ops.state_args(qs_n), 64, "nf4", N, K, A, Bm, 2.0), "same"))
         xf = rn(5, K, dtype=torch.float32)
         calls.append(("matmul_4bit fp32 M=5", "matmul_4bit", lambda: nf4kit.matmul_4bit(xf, pk_p, qs_p), "same"))
-        if b == "cuda":  # the experimental memory-order stream GEMV (M = 1, K % 1024 == 0), rings past the last row
+        if b == "cuda":  # the experimental M = 1 stream GEMVs: rings past the last row, the tensor-core table
             from nf4kit.backends import cuda as cb
 
             pk_s, qs_s = q4(rn(37, 2048, scale=0.05), True)
             x_s = rn(1, 2048)
 
-            def stream_gemv(depth, pairs):
-                saved = (cb.GEMV_STREAM, cb.GEMV_STREAM_DEPTH, cb.GEMV_PAIR_TABLE)
-                cb.GEMV_STREAM, cb.GEMV_STREAM_DEPTH, cb.GEMV_PAIR_TABLE = True, depth, pairs
-                try:
+            def stream_gemv(**values):
+                with settings(cb, **values):
                     return nf4kit.matmul_4bit(x_s, pk_s, qs_s, bias=bias[:37])
-                finally:
-                    cb.GEMV_STREAM, cb.GEMV_STREAM_DEPTH, cb.GEMV_PAIR_TABLE = saved
 
-            for depth, pairs in ((4, False), (8, True)):
-                calls.append((f"matmul_4bit stream d{depth}{' pairs' if pairs else ''}", "matmul_4bit",
-                              lambda d=depth, p=pairs: stream_gemv(d, p), "same"))
+            for label, values in (("stream d4", dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=False)),
+                                  ("stream d8 pairs", dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=8, GEMV_PAIR_TABLE=True)),
+                                  ("mma", dict(GEMV_MMA=True))):
+                calls.append((f"matmul_4bit {label}", "matmul_4bit", lambda v=values: stream_gemv(**v), "same"))
 
         for what, op, fn, ref in calls:
             B.last_backend.pop(op, None)

@@ -2,7 +2,8 @@
 small-M fused GEMM (splits), and of the Triton M = 1 configs (including two K-steps in flight),
 on the headline weight (4096x14336 NF4, blocksize 64, double quant, bf16), L2 flushed before
 every call.  Prints one line per setting: the time and the heuristic's choice, so the routing
-constants can be set from measurements.  GPU only:  [SWEEP=flush,depth|stream,gemv,gemm,triton|triton-stream]
+constants can be set from measurements.  GPU only:
+  [SWEEP=flush,depth|stream,gemv,gemm,triton|triton-stream,bnb-backend]
 python -m benchmarks.gpu_sweep
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import nf4kit
 from nf4kit.backends import cuda as cb
 
+from ._settings import settings
 from ._timing import bench
 
 
@@ -60,8 +62,9 @@ def flush_modes(packed, qs, W, dev) -> None:
 
 def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
     """M = 1 GEMV on this weight and on its transpose's shape (N = 14336, K = 4096: the gate/up
-    projections): the committed default, the memory-order stream kernel, and (rows_too) the row
-    kernel's rows per warp x load-ring depth x K-splits, pair table and direct epilogue."""
+    projections): the committed default, the memory-order stream kernel, its tensor-core variant,
+    and (rows_too) the row kernel's rows per warp x load-ring depth x K-splits, pair table and
+    direct epilogue."""
     N, K = W_ref.shape
     Wt = torch.randn(K, N, device=dev, dtype=torch.bfloat16)
     packed_t, qs_t = nf4kit.quantize_4bit(Wt, blocksize=64, compress_statistics=True)
@@ -79,43 +82,79 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
         for shape, (p, q, ref) in ((f"{N}x{K}", (packed, qs, W_ref)), (f"{K}x{N}", (packed_t, qs_t, Wt_ref))):
             x = torch.randn(1, ref.shape[1], device=dev, dtype=torch.bfloat16)
             exp = x.float() @ ref.t()
-            kind = (f"stream, depth {cb.GEMV_STREAM_DEPTH}" if cb._gemv_stream(1, ref.shape[1]) else
-                    f"rows {default[0]}, depth {default[1]}, heuristic S")
+            kernel = cb._gemv_kernel(1, ref.shape[0], ref.shape[1], x.dtype, 64)
+            kind = {"mma": "tensor-core stream", "stream": f"stream, depth {cb.GEMV_STREAM_DEPTH}"}.get(
+                kernel, f"rows {default[0]}, depth {default[1]}, heuristic S")
             point(f"cuda M=1 {shape} default ({kind})", x, p, q, exp, dev)
+            with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
+                point(f"cuda M=1 {shape} row kernel (rows {default[0]}, depth {default[1]}, heuristic S)", x, p, q,
+                      exp, dev)
             # The memory-order stream kernel: is the plateau the order in which W is read?
-            stream_default = (cb.GEMV_STREAM, cb.GEMV_STREAM_DEPTH)
-            cb.GEMV_STREAM = False
-            point(f"cuda M=1 {shape} row kernel (rows {default[0]}, depth {default[1]}, heuristic S)", x, p, q,
-                  exp, dev)
-            cb.GEMV_STREAM = True
             for depth in (4, 8):
                 for pairs in (False, True):
-                    cb.GEMV_STREAM_DEPTH, cb.GEMV_PAIR_TABLE = depth, pairs
-                    point(f"cuda M=1 {shape} stream depth={depth}{' pair table' if pairs else ''}", x, p, q, exp, dev)
-            cb.GEMV_STREAM, cb.GEMV_PAIR_TABLE = False, False
-            cb.GEMV_STREAM_DEPTH = stream_default[1]
+                    with settings(cb, GEMV_STREAM=True, GEMV_MMA=False, GEMV_STREAM_DEPTH=depth,
+                                  GEMV_PAIR_TABLE=pairs):
+                        point(f"cuda M=1 {shape} stream depth={depth}{' pair table' if pairs else ''}", x, p, q,
+                              exp, dev)
+            # The tensor-core stream kernel (experimental): is the plateau the instruction issue?
+            with settings(cb, GEMV_MMA=True):
+                point(f"cuda M=1 {shape} mma (tensor-core stream)", x, p, q, exp, dev)
             if rows_too:
-                _row_kernel_variants(shape, x, p, q, exp, dev)
-            cb.GEMV_STREAM = stream_default[0]
+                with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
+                    _row_kernel_variants(shape, x, p, q, exp, dev)
 
 
 def _row_kernel_variants(shape, x, p, q, exp, dev) -> None:
     """The row kernel's rows per warp x ring depth x K-splits, pair table and direct epilogue
     (the caller has the stream kernel off).  The pair table: is the plateau the MIO lookups?
     Direct: what does the finalize launch cost?"""
-    default = (cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS)
     # (label suffix, pair table, direct epilogue, (rows, depth) pairs, splits)
     variants = (("", False, False, [(r, d) for r in (1, 2, 4) for d in (2, 3, 4)] + [(1, 8)], (1, 2, 3, 4)),
                 (" pair table", True, False, sorted(cb._GEMV_PAIR_RINGS), (1, 2, 3, 4)),
                 (" direct", False, True, [(4, 2), (1, 2), (1, 4), (1, 8), (2, 4)], (1,)))
     for suffix, pairs, direct, rings, splits in variants:
-        cb.GEMV_PAIR_TABLE, cb.GEMV_DIRECT = pairs, direct
         for rows, depth in rings:
             for S in splits:
-                cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = rows, depth, S
-                point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S}{suffix}", x, p, q, exp, dev)
-    cb.GEMV_PAIR_TABLE = cb.GEMV_DIRECT = False
-    cb.GEMV_ROWS, cb.GEMV_DEPTH, cb.GEMV_SPLITS = default
+                with settings(cb, GEMV_PAIR_TABLE=pairs, GEMV_DIRECT=direct, GEMV_ROWS=rows, GEMV_DEPTH=depth,
+                              GEMV_SPLITS=S):
+                    point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S}{suffix}", x, p, q, exp, dev)
+
+
+def bnb_backend(packed, qs, W_ref, dev) -> None:
+    """bitsandbytes' own M = 1 call (bnb.matmul_4bit -> gemv_4bit) on both shapes, stock and with
+    nf4kit registered as its CUDA backend (NF4KIT_BNB_BACKEND=1's route): the CUDA registration
+    stays opt-in until this is no slower than stock (run 2 of 2026-11-27: 117-315 us against 33)."""
+    from nf4kit.integrations import bitsandbytes as nbnb
+
+    from . import anchors as anc
+
+    N, K = W_ref.shape
+    Wt = torch.randn(K, N, device=dev, dtype=torch.bfloat16)
+    packed_t, qs_t = nf4kit.quantize_4bit(Wt, blocksize=64, compress_statistics=True)
+    for shape, (p, q, ref) in ((f"{N}x{K}", (packed, qs, W_ref)),
+                               (f"{K}x{N}", (packed_t, qs_t, nf4kit.dequantize_4bit(packed_t, qs_t).float()))):
+        x = torch.randn(1, ref.shape[1], device=dev, dtype=torch.bfloat16)
+        exp = x.float() @ ref.t()
+        fn, name = anc.bnb_matmul(x, p, q)  # disables any registration: stock kernels
+        if fn is None:
+            print(f"bnb M=1 {shape}: {name}", flush=True)
+            return
+        for label in ("stock", "via nf4kit"):
+            try:
+                if label == "via nf4kit" and not nbnb.enable(("cuda",)):
+                    print(f"bnb M=1 {shape} {label}: enable() failed", flush=True)
+                    continue
+                before = dict(nbnb.call_counts)
+                y = fn()
+                err = ((y.float() - exp).norm() / exp.norm()).item()
+                t = bench(fn, dev)
+                ran = {k: v - before.get(k, 0) for k, v in nbnb.call_counts.items() if v != before.get(k, 0)}
+                print(f"bnb M=1 {shape} {label} ({name}): {t.median_s * 1e6:8.1f} us  host {t.host_s * 1e6:6.1f} us"
+                      f"  rel_err {err:.1e}  nf4kit calls {ran}", flush=True)
+            except Exception as e:
+                print(f"bnb M=1 {shape} {label}: {type(e).__name__}: {e}", flush=True)
+            finally:
+                nbnb.disable()
 
 
 def main() -> None:
@@ -129,11 +168,12 @@ def main() -> None:
         flush_modes(packed, qs, W, dev)
     if "depth" in sections or "stream" in sections:  # stream: the floors, default and stream kernel only
         depth_sweep(packed, qs, W_ref, dev, rows_too="depth" in sections)
+    if "bnb-backend" in sections:
+        bnb_backend(packed, qs, W_ref, dev)
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "
           f"M=64 {cb._gemm_splits(64, N, K, dev)}, M=256 {cb._gemm_splits(256, N, K, dev)}", flush=True)
-    stream = cb.GEMV_STREAM
-    cb.GEMV_STREAM = False  # the split sweeps below are the row kernel's (M = 1 included)
-    with nf4kit.use_backend("cuda"):
+    # The split sweeps below are the row kernel's (M = 1 included).
+    with nf4kit.use_backend("cuda"), settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
         for rows in ((1, 2, 8) if "gemv" in sections else ()):
             cb.GEMV_ROWS = rows
             x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
@@ -153,7 +193,6 @@ def main() -> None:
                 setattr(cb, attr, v)
                 point(f"cuda M={M:4d} {attr}={v:3d}", x, packed, qs, exp, dev)
             setattr(cb, attr, None)
-    cb.GEMV_STREAM = stream
     if "triton" not in sections and "triton-stream" not in sections:
         return
     from nf4kit.triton_kernels import matmul as tm
@@ -169,15 +208,21 @@ def main() -> None:
               for bn, bk, w in ((8, 1024, 4), (4, 2048, 4), (8, 2048, 8), (4, 1024, 4))]
     with nf4kit.use_backend("triton"):
         if "triton-stream" in sections or "triton" in sections:
-            # The memory-order stream kernel; programs per SM = what the static view says fits.
-            saved = (tm.GEMV_STREAM, tm.STREAM_CONFIG)
-            point(f"triton M=1 {N}x{K} default (autotuned word path)", x, packed, qs, exp, dev)
-            tm.GEMV_STREAM = True
-            for bn, bk, w, per_sm in ((4, 1024, 4, 8), (8, 1024, 4, 5), (1, 1024, 1, 32), (16, 1024, 8, 2),
-                                      (8, 2048, 8, 2), (4, 1024, 4, 4)):
-                tm.STREAM_CONFIG = dict(BLOCK_N=bn, BLOCK_K=bk, warps=w, programs_per_sm=per_sm)
-                point(f"triton M=1 {N}x{K} stream {tm.STREAM_CONFIG}", x, packed, qs, exp, dev)
-            tm.GEMV_STREAM, tm.STREAM_CONFIG = saved
+            # The memory-order stream kernel on both shapes; programs per SM = what the static view
+            # says fits.  The committed STREAM_CONFIG first, so one sample is never the only one.
+            Wt = torch.randn(K, N, device=dev, dtype=torch.bfloat16)
+            packed_t, qs_t = nf4kit.quantize_4bit(Wt, blocksize=64, compress_statistics=True)
+            xt = torch.randn(1, N, device=dev, dtype=torch.bfloat16)
+            exp_t = xt.float() @ nf4kit.dequantize_4bit(packed_t, qs_t).float().t()
+            configs = [dict(tm.STREAM_CONFIG)] + [
+                dict(BLOCK_N=bn, BLOCK_K=bk, warps=w, programs_per_sm=per_sm)
+                for bn, bk, w, per_sm in ((4, 1024, 4, 8), (8, 1024, 4, 5), (16, 1024, 8, 2), (8, 2048, 8, 2),
+                                          (4, 1024, 4, 4), (1, 2048, 1, 32), (2, 1024, 1, 32))]
+            for shape, (xs, p, q, e) in ((f"{N}x{K}", (x, packed, qs, exp)), (f"{K}x{N}", (xt, packed_t, qs_t, exp_t))):
+                point(f"triton M=1 {shape} default (autotuned word path)", xs, p, q, e, dev)
+                for cfg in configs:
+                    with settings(tm, GEMV_STREAM=True, STREAM_CONFIG=cfg):
+                        point(f"triton M=1 {shape} stream {cfg}", xs, p, q, e, dev)
         if "triton" not in sections:
             return
         for cfg in tm.gemv_configs(torch.cuda.get_device_capability(dev), True) + extra:

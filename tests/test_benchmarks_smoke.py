@@ -159,3 +159,25 @@ def test_gpu_check_script_is_valid_bash():
     r = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_settings_are_restored_even_when_the_step_raises():
+    """benchmarks._settings.settings: the sweeps and the sanitizer run each variant under it; a
+    variant that raises must not leave its routing in place for the next one, and a misspelt
+    setting must fail instead of silently changing nothing."""
+    import types
+
+    from benchmarks._settings import settings
+
+    mod = types.SimpleNamespace(GEMV_MMA=False, GEMV_STREAM=True)
+    with settings(mod, GEMV_MMA=True, GEMV_STREAM=False):
+        assert mod.GEMV_MMA is True and mod.GEMV_STREAM is False
+    assert mod.GEMV_MMA is False and mod.GEMV_STREAM is True
+    with pytest.raises(RuntimeError):
+        with settings(mod, GEMV_MMA=True):
+            raise RuntimeError("a variant failed")
+    assert mod.GEMV_MMA is False
+    with pytest.raises(AttributeError):
+        with settings(mod, GEMV_MAA=True):
+            pass
+    assert not hasattr(mod, "GEMV_MAA")

@@ -196,6 +196,41 @@ def test_cpu_layout_converted_once_per_layer(monkeypatch):
     assert key not in nbnb._cpu_layout_cache
 
 
+def test_code_table_identified_once_per_tensor(monkeypatch):
+    """gemv_4bit identifies bitsandbytes' quant_map once per tensor, not per call: reading it back
+    to the host on every call was a device sync per decode step on CUDA.  The second call must not
+    read the tensor at all; an in-place change identifies it again; the entry goes with the tensor."""
+    import gc
+
+    from nf4kit import format as fmt
+
+    code = fmt.code_table("nf4")
+    assert nbnb._table_type(code) == "nf4"
+    real_cpu = torch.Tensor.cpu
+
+    def no_host_copy(self, *a, **k):
+        raise AssertionError("the quant_map was read back again")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", no_host_copy)
+    assert nbnb._table_type(code) == "nf4"
+    monkeypatch.setattr(torch.Tensor, "cpu", real_cpu)
+    code[3] += 1.0                                                         # no longer the NF4 table
+    assert nbnb._table_type(code) is None
+    code.copy_(fmt.code_table("fp4"))
+    assert nbnb._table_type(code) == "fp4"
+    assert nbnb._table_type(fmt.code_table("fp4")[:8]) is None            # not 16 entries
+    key = id(code)
+    assert key in nbnb._table_type_cache
+    del code
+    gc.collect()
+    assert key not in nbnb._table_type_cache
+    # The nf4kit state's code table is copied to a device once, not per call.
+    absmax = torch.rand(4)
+    s1 = nbnb._nf4kit_state((4, 64), absmax, 64, "nf4", torch.float32)
+    s2 = nbnb._nf4kit_state((4, 64), absmax, 64, "nf4", torch.float32)
+    assert s1.code is s2.code and torch.equal(s1.code, fmt.code_table("nf4"))
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_linear4bit_train_and_eval_paths(quant_type):
     """bitsandbytes.nn.Linear4bit: the training path (gemm_4bit with the nested state) and the

@@ -84,7 +84,7 @@ def plan(device: str, quick: bool, shapes: Optional[list[tuple[int, int]]] = Non
     elif device == "cuda":
         big = shapes or list(rl.LLAMA_SHAPES)
         small = big
-        m_all = ms or [1, 16, 256, 4096]
+        m_all = ms or [1, 16, 64, 256, 4096]  # 16 and 64: the ends of issue 4's "M = 16...64" target
         m_big = m_all
     else:
         big = shapes or [(4096, 4096), (4096, 14336)]
@@ -128,7 +128,7 @@ def is_headline(c: Case) -> bool:
     """Cases the GPU targets of issues 3/4 name (4096×14336 weight, either orientation)."""
     big = c.N * c.K == 4096 * 14336
     return big and ((c.kind == "dequantize_4bit" and c.nested)
-                    or (c.kind == "matmul_4bit" and c.M in (1, 16))
+                    or (c.kind == "matmul_4bit" and c.M in (1, 16, 64))
                     or (c.kind in ("matmul_4bit_lora", "backward_input", "lora_layer_fwd_bwd") and c.M == 4096))
 
 

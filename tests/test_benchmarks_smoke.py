@@ -93,6 +93,8 @@ def test_plan_covers_the_targets():
     labels = {c.label for c in gpu}
     assert "dequantize_4bit(dq) 4096x14336" in labels
     assert "matmul_4bit 4096x14336 M=1" in labels and "matmul_4bit 4096x14336 M=4096" in labels
+    assert "matmul_4bit 4096x14336 M=16" in labels and "matmul_4bit 4096x14336 M=64" in labels
+    assert bench.is_headline(next(c for c in gpu if c.label == "matmul_4bit 4096x14336 M=64"))
     assert "matmul_4bit_lora 4096x14336 M=4096" in labels and "backward_input 4096x14336 M=4096" in labels
     assert bench.is_headline(gpu[0])  # the targets run first under a time budget
     cpu = {c.label for c in bench.plan("cpu", quick=False)}

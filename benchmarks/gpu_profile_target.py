@@ -10,7 +10,8 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda-r1d8-direct the 8-deep ring, 1 split, y written by the GEMV kernel (no finalize launch)
   cuda-stream   the memory-order stream GEMV (ring depth 4; cuda-stream8: 8; cuda-stream-pairs:
                 depth 4 with the pair table)
-  cuda-mma      the tensor-core stream GEMV (experimental: pair-table lookups as mma.sync A fragments)
+  cuda-mma      the tensor-core stream GEMV (experimental: pair-table lookups as mma.sync A fragments;
+                cuda-mma3: its 3-visit load ring)
   triton        the triton backend's GEMV (triton-stream: its memory-order stream kernel)
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
 from __future__ import annotations
@@ -36,7 +37,8 @@ VARIANTS = {"cuda-rows": _ROWS,
             "cuda-stream": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4),
             "cuda-stream8": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=8),
             "cuda-stream-pairs": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=True),
-            "cuda-mma": dict(GEMV_MMA=True)}
+            "cuda-mma": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2),
+            "cuda-mma3": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=3)}
 
 
 def main(call: str) -> None:

@@ -95,9 +95,11 @@ def main(argv=None) -> int:
                 with settings(cb, **values):
                     return nf4kit.matmul_4bit(x_s, pk_s, qs_s, bias=bias[:37])
 
-            for label, values in (("stream d4", dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=False)),
-                                  ("stream d8 pairs", dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=8, GEMV_PAIR_TABLE=True)),
-                                  ("mma", dict(GEMV_MMA=True))):
+            stream = dict(GEMV_MMA=False, GEMV_STREAM=True)
+            for label, values in (("stream d4", dict(stream, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=False)),
+                                  ("stream d8 pairs", dict(stream, GEMV_STREAM_DEPTH=8, GEMV_PAIR_TABLE=True)),
+                                  ("mma d2", dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2)),
+                                  ("mma d3", dict(GEMV_MMA=True, GEMV_MMA_DEPTH=3))):
                 calls.append((f"matmul_4bit {label}", "matmul_4bit", lambda v=values: stream_gemv(**v), "same"))
 
         for what, op, fn, ref in calls:

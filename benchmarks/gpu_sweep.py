@@ -97,8 +97,9 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                         point(f"cuda M=1 {shape} stream depth={depth}{' pair table' if pairs else ''}", x, p, q,
                               exp, dev)
             # The tensor-core stream kernel (experimental): is the plateau the instruction issue?
-            with settings(cb, GEMV_MMA=True):
-                point(f"cuda M=1 {shape} mma (tensor-core stream)", x, p, q, exp, dev)
+            for depth in (2, 3):
+                with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth):
+                    point(f"cuda M=1 {shape} mma depth={depth} (tensor-core stream)", x, p, q, exp, dev)
             if rows_too:
                 with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
                     _row_kernel_variants(shape, x, p, q, exp, dev)

@@ -315,6 +315,7 @@ def _row_errors_within(y, x, W64, exp, bound):
     return bool(((y.double() - exp).abs() <= bound * scale).all())
 
 
+@pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,bs,quant_type,nested", [
     (77, 3072, 64, "nf4", True),     # odd N: the last row block runs past N; 12 tiles a row
@@ -323,10 +324,12 @@ def _row_errors_within(y, x, W64, exp, bound):
     (3001, 1280, 256, "nf4", False),  # blocksize 256, several passes of the persistent grid
     (16, 512, 4096, "fp4", True),    # blocks span rows (blocksize > K)
     (4099, 2048, 64, "nf4", True)])  # more tiles than resident warps, a row past the last block
-def test_gemv_mma(monkeypatch, dt, N, K, bs, quant_type, nested):
-    """The experimental tensor-core M = 1 kernel (GEMV_MMA): every row against the float64 reference
-    within the bf16/fp16 rounding of the code table, with bias and LoRA in the finalize kernel."""
+def test_gemv_mma(monkeypatch, depth, dt, N, K, bs, quant_type, nested):
+    """The experimental tensor-core M = 1 kernel (GEMV_MMA), both load rings: every row against the
+    float64 reference within the bf16/fp16 rounding of the code table, with bias and LoRA in the
+    finalize kernel."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", depth)
     assert cuda_backend._gemv_kernel(1, N, K, dt, bs) == "mma"
     assert cuda_backend._gemv_split_count(1, N, K, dt, bs, torch.device("cuda")) == K // 256
     st, W64 = _weight(N, K, bs, quant_type, nested, seed=N + K)

@@ -186,8 +186,8 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
     fake = 1 << 12  # 16-byte aligned, never dereferenced: every case is refused first
     bf16 = DTYPE_CODES[torch.bfloat16]
 
-    def call(M, K, S, options):
-        return C.gemv_4bit(fake, bf16, M, 64, K, fake, fake, 0, 0, 0, 0, 64, 0, 4, 4, options, S, fake,
+    def call(M, K, S, options, depth=4, N=64, blocksize=64, dtype=bf16):
+        return C.gemv_4bit(fake, dtype, M, N, K, fake, fake, 0, 0, 0, 0, blocksize, 0, 4, depth, options, S, fake,
                            0, 0, 0, 0, fake, 0)
 
     stream = cuda_backend._GEMV_STREAM
@@ -196,17 +196,18 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
     assert call(1, 2048 + 32, 2, stream) == -1        # K % 1024 != 0
     assert call(1, 2048, 2, stream | cuda_backend._GEMV_DIRECT) == -1
     assert call(1, 2048, 2, 16) == -1                 # an unknown option bit
-    mma = cuda_backend._GEMV_MMA
-    assert call(1, 2048, 8, mma | stream) == -1       # mma takes no other option
-    assert call(1, 2048, 2, mma) == -1                # S != K / 256
-    assert call(2, 2048, 8, mma) == -1                # M > 1
-    assert call(1, 2048 + 32, 8, mma) == -1           # K % 256 != 0
-    assert C.gemv_4bit(fake, bf16, 1, 64, 2048, fake, fake, 0, 0, 0, 0, 32, 0, 4, 4, mma, 8, fake,
-                       0, 0, 0, 0, fake, 0) == -1     # blocksize 32: a quarter spans two blocks
-    assert C.gemv_4bit(fake, DTYPE_CODES[torch.float32], 1, 64, 2048, fake, fake, 0, 0, 0, 0, 64, 0, 4, 4, mma, 8,
-                       fake, 0, 0, 0, 0, fake, 0) == -1  # fp32 x: no fp32 mma fragments
-    assert C.gemv_4bit(fake, bf16, 1, 1 << 21, 2048, fake, fake, 0, 0, 0, 0, 64, 0, 4, 4, mma, 8, fake,
-                       0, 0, 0, 0, fake, 0) == -1     # N * K = 2^32: past the 32-bit absmax indices
+    mma = cuda_backend._GEMV_MMA                      # (each case below breaks one rule, depth 2 is valid)
+    assert call(1, 2048, 8, mma | stream, 2) == -1    # mma takes no other option
+    assert call(1, 2048, 2, mma, 2) == -1             # S != K / 256
+    assert call(2, 2048, 8, mma, 2) == -1             # M > 1
+    assert call(1, 2048 + 32, 8, mma, 2) == -1        # K % 256 != 0
+    assert call(1, 2048, 8, mma, 2, blocksize=32) == -1  # blocksize 32: a quarter spans two blocks
+    assert call(1, 2048, 8, mma, 2, dtype=DTYPE_CODES[torch.float32]) == -1  # no fp32 mma fragments
+    assert call(1, 2048, 8, mma, 2, N=1 << 21) == -1  # N * K = 2^32: past the 32-bit absmax indices
+    assert call(1, 2048, 8, mma, 4) == -1             # depth 2 or 3 only
+    if not torch.cuda.is_available():  # a valid call gets past the checks to the CUDA runtime, which has no GPU
+        for depth in (2, 3):
+            assert call(1, 2048, 8, mma, depth) not in (0, -1)
     old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA
     try:
         cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA = True, False
@@ -220,7 +221,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
         cuda_backend.GEMV_MMA = True
         assert cuda_backend._gemv_kernel(1, 64, 3072 + 256, bf, 64) == "mma"
         assert cuda_backend._gemv_split_count(1, 64, 3072 + 256, bf, 64, torch.device("cpu")) == 13
-        assert cuda_backend._gemv_variant(1, 64, 3072 + 256, torch.float16, 128, 13) == (2, mma)
+        assert cuda_backend._gemv_variant(1, 64, 3072 + 256, torch.float16, 128, 13) == (cuda_backend.GEMV_MMA_DEPTH, mma)
         assert cuda_backend._gemv_kernel(1, 64, 3072, torch.float32, 64) == "stream"
         assert cuda_backend._gemv_kernel(1, 64, 3072, bf, 32) == "stream"
         assert cuda_backend._gemv_kernel(2, 64, 3072, bf, 64) == "rows"

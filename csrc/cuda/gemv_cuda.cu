@@ -405,7 +405,7 @@ __device__ __forceinline__ float lds_f32(uint32_t addr) {
   return v;
 }
 
-template <typename TX>
+template <typename TX, int D>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     gemv_4bit_mma_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
                          int log2_bs, int quant_type, int warps_used, float* __restrict__ partial) {
@@ -445,13 +445,20 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     fetch_row += 16 * R;
     wp += wp_step;
   };
-  // Rows past N keep stale bytes: they only reach their own rows of C, which are not written.
-  uint4 buf0[2][2], buf1[2][2];
+  // A ring of D visits' weights, D - 1 fetched ahead.  Rows past N keep stale bytes: they only
+  // reach their own rows of C, which are not written.
+  uint4 ring[D][2][2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h)
+  for (int u = 0; u < D; ++u)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) buf0[h][j] = buf1[h][j] = make_uint4(0u, 0u, 0u, 0u);
-  if (active) fetch(buf0);
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) ring[u][h][j] = make_uint4(0u, 0u, 0u, 0u);
+  if (active) {
+#pragma unroll
+    for (int u = 0; u + 1 < D; ++u)
+      if (rb0 + u * R < row_blocks) fetch(ring[u]);
+  }
 
   for (int i = threadIdx.x; i < 256 * 32; i += kMmaThreads)
     *reinterpret_cast<uint32_t*>(table + (i >> 5) * 256 + 4 * (i & 31)) = pair_entry_of<TX>(quant_type, (uint32_t)i >> 5);
@@ -488,7 +495,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   float* out = partial + (int64_t)kt * N;
 
   auto visit = [&](int rb, const uint4 (&cur)[2][2], uint4 (&nxt)[2][2]) {
-    if (rb + R < row_blocks) fetch(nxt);
+    if (rb + (D - 1) * R < row_blocks) fetch(nxt);
     float sa = 0.0f, sb = 0.0f;
     if (rb * 16 + scale_row_off < N) {
       const uint32_t ba = scale_e >> log2_bs, bb = (scale_e + 64u) >> log2_bs;
@@ -528,10 +535,12 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     if (tid < 2 && row < N) out[row] = (tid & 1) ? v1 : v0;
   };
 
-  for (int rb = rb0; rb < row_blocks; rb += 2 * R) {
-    visit(rb, buf0, buf1);
-    if (rb + R >= row_blocks) break;
-    visit(rb + R, buf1, buf0);
+  for (int rb = rb0; rb < row_blocks; rb += D * R) {
+#pragma unroll
+    for (int u = 0; u < D; ++u) {
+      if (rb + u * R >= row_blocks) break;
+      visit(rb + u * R, ring[u], ring[(u + D - 1) % D]);
+    }
   }
 }
 
@@ -708,24 +717,35 @@ int launch_gemv_stream(const void* x, int N, int64_t K, const uint8_t* packed, A
   return kBadArgument;
 }
 
-// The tensor-core variant (M = 1, fp16/bf16 x, K % 256 == 0, blocksize >= 64, S == K / 256).
+// The tensor-core variant (M = 1, fp16/bf16 x, K % 256 == 0, blocksize >= 64, S == K / 256), D
+// visits in its load ring.
+template <typename TX, int D>
+int launch_gemv_mma_instance(const void* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                             int quant_type, float* partial, cudaStream_t stream) {
+  int blocks = 0;
+  const int rc = persistent_blocks<gemv_4bit_mma_kernel<TX, D>, kMmaThreads, kMmaSmemBytes>(&blocks);
+  if (rc != 0) return rc;
+  const int tiles_per_row = (int)(K / kMmaTile);
+  const int64_t warps =
+      persistent_warps(blocks, kMmaThreads / 32, (int64_t)((N + 15) / 16) * tiles_per_row, tiles_per_row);
+  if (warps < tiles_per_row) return kUnsupported;  // K too long for this device's resident warps
+  const int64_t grid = (warps + kMmaThreads / 32 - 1) / (kMmaThreads / 32);
+  gemv_4bit_mma_kernel<TX, D><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
+      static_cast<const TX*>(x), N, K, packed, am, log2_bs, quant_type, (int)warps, partial);
+  return (int)cudaGetLastError();
+}
+
 template <typename TX>
 int launch_gemv_mma(const void* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
-                    float* partial, cudaStream_t stream) {
+                    int depth, float* partial, cudaStream_t stream) {
   if constexpr (std::is_same<TX, float>::value) {
-    return kBadArgument;
+    return kBadArgument;  // no fp32 mma fragments
   } else {
-    int blocks = 0;
-    const int rc = persistent_blocks<gemv_4bit_mma_kernel<TX>, kMmaThreads, kMmaSmemBytes>(&blocks);
-    if (rc != 0) return rc;
-    const int tiles_per_row = (int)(K / kMmaTile);
-    const int64_t warps =
-        persistent_warps(blocks, kMmaThreads / 32, (int64_t)((N + 15) / 16) * tiles_per_row, tiles_per_row);
-    if (warps < tiles_per_row) return kUnsupported;  // K too long for this device's resident warps
-    const int64_t grid = (warps + kMmaThreads / 32 - 1) / (kMmaThreads / 32);
-    gemv_4bit_mma_kernel<TX><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
-        static_cast<const TX*>(x), N, K, packed, am, log2_bs, quant_type, (int)warps, partial);
-    return (int)cudaGetLastError();
+    if (depth == 2)
+      return launch_gemv_mma_instance<TX, 2>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
+    if (depth == 3)
+      return launch_gemv_mma_instance<TX, 3>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
+    return kBadArgument;
   }
 }
 
@@ -738,7 +758,7 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
     if (M != 1 || K % kMmaTile != 0 || S != K / kMmaTile || log2_bs < 6 || options != kGemvMma ||
         (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
       return kBadArgument;
-    const int rc = launch_gemv_mma<TX>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
+    const int rc = launch_gemv_mma<TX>(x, N, K, packed, am, log2_bs, quant_type, depth, partial, stream);
     if (rc != 0) return rc;
     return launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
   }

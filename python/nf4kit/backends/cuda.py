@@ -77,6 +77,7 @@ _STREAM_TILE = 1024
 # M = 1 near 28 us on the H100.  The table rounds the code values to x's precision (bf16: relative
 # error <= 2^-9 per code, as a bf16 dequantize would), so fp32 x keeps the exact kernels.
 GEMV_MMA = os.environ.get("NF4KIT_CUDA_GEMV_MMA", "0") == "1"
+GEMV_MMA_DEPTH = 2  # visits in its load ring (2 or 3; 3 holds 122 registers, no spills)
 _MMA_TILE = 256
 _GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA = 1, 2, 4, 8  # the C API's option bits (cuda_kernels.h)
 GEMM_SPLITS: Optional[int] = None
@@ -262,7 +263,7 @@ def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, sp
     the finalize kernel."""
     kernel = _gemv_kernel(M, N, K, dtype, blocksize)
     if kernel == "mma":
-        return 2, _GEMV_MMA
+        return GEMV_MMA_DEPTH, _GEMV_MMA
     if kernel == "stream":
         pairs = GEMV_PAIR_TABLE and dtype in _HALF_DTYPES
         return GEMV_STREAM_DEPTH, _GEMV_STREAM | (_GEMV_PAIR_TABLE if pairs else 0)

@@ -113,6 +113,44 @@ def parse_sass(text: str) -> dict[str, collections.Counter]:
     return out
 
 
+_INSTR_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)([^;]*);")
+_BRA_RE = re.compile(r"^BRA(?:\.[A-Z.]+)?$")
+
+
+def sass_instructions(text: str) -> dict[str, list[tuple[int, str, str]]]:
+    """`cuobjdump -sass` output -> {function: [(address, full opcode, operands)]} in address order."""
+    out: dict[str, list[tuple[int, str, str]]] = {}
+    cur: Optional[list] = None
+    for line in text.splitlines():
+        m = _FUNC_RE.match(line)
+        if m:
+            cur = out.setdefault(m.group(1), [])
+            continue
+        m = _INSTR_RE.search(line) if cur is not None else None
+        if m:
+            cur.append((int(m.group(1), 16), m.group(2), m.group(3).strip()))
+    return out
+
+
+def main_loop_ops(instrs: list[tuple[int, str, str]]) -> collections.Counter:
+    """Opcode counts (base opcode, modifiers dropped) of a function's widest loop: the address
+    range from the target of its longest backward branch to that branch.  Static counts: both
+    sides of a branch inside the loop are counted once each.  Empty if the function has no loop."""
+    best: Optional[tuple[int, int]] = None
+    for addr, op, operands in instrs:
+        if _BRA_RE.match(op):
+            t = re.search(r"0x([0-9a-f]+)", operands)
+            target = int(t.group(1), 16) if t else None
+            if target is not None and target < addr and (best is None or addr - target > best[1] - best[0]):
+                best = (target, addr)
+    ops: collections.Counter = collections.Counter()
+    if best is not None:
+        for addr, op, _ in instrs:
+            if best[0] <= addr <= best[1]:
+                ops[op.split(".")[0]] += 1
+    return ops
+
+
 def parse_res_usage(text: str) -> dict[str, dict[str, int]]:
     """`cuobjdump -res-usage` output -> {function: {regs, stack, static_smem, local}}."""
     out: dict[str, dict[str, int]] = {}
@@ -269,6 +307,14 @@ class KernelStat:
     floor_case: str = ""
     expect_violation: Optional[str] = None
     error: Optional[str] = None
+    # M = 1 decode kernels (M1_LOOP_KERNELS): static SASS of the main loop, and the weights one lane
+    # multiplies per iteration (8 per HMMA m16n8k16, 256 weights / 32 lanes; without HMMA one per FFMA)
+    loop_instr: Optional[int] = None
+    loop_weights: Optional[int] = None
+
+    @property
+    def loop_per_weight(self) -> Optional[float]:
+        return self.loop_instr / self.loop_weights if self.loop_instr and self.loop_weights else None
 
     @property
     def smem(self) -> int:
@@ -290,8 +336,24 @@ def fill_from_cubin(st: KernelStat, sass_ops: collections.Counter, res: Optional
     st.floor_s, st.floor_case = headline_floor(st.role)
 
 
-def analyse_cubin(path: str, cuobjdump: str) -> tuple[dict[str, collections.Counter], dict[str, dict]]:
-    return parse_sass(_run([cuobjdump, "-sass", path])), parse_res_usage(_run([cuobjdump, "-res-usage", path]))
+def analyse_cubin(path: str, cuobjdump: str) -> tuple[dict[str, collections.Counter], dict[str, dict],
+                                                      dict[str, collections.Counter]]:
+    """(opcode counts, resource usage, main-loop opcode counts) per function of a cubin."""
+    text = _run([cuobjdump, "-sass", path])
+    loops = {fn: main_loop_ops(ins) for fn, ins in sass_instructions(text).items()}
+    return parse_sass(text), parse_res_usage(_run([cuobjdump, "-res-usage", path])), loops
+
+
+# The M = 1 decode kernels whose main loop is summarised (instructions per weight and lane).
+M1_LOOP_KERNELS = ("gemv_4bit_stream_kernel", "gemv_4bit_mma_kernel", "gemv_stream_m1")
+
+
+def fill_loop(st: KernelStat, loop: Optional[collections.Counter]) -> None:
+    """Main-loop size of an M = 1 decode kernel, and its weights per lane: 8 per HMMA, or without
+    tensor cores one per FFMA (a slight overcount: the scale's few FFMA are counted too)."""
+    if loop and any(k in st.name for k in M1_LOOP_KERNELS):
+        st.loop_instr = sum(loop.values())
+        st.loop_weights = 8 * loop["HMMA"] if loop["HMMA"] else loop["FFMA"]
 
 
 # ---------------------------------------------------------------- Triton
@@ -399,11 +461,12 @@ def compile_triton_spec(spec: Any, arch: int, cfg: dict, cuobjdump: str, workdir
         path = os.path.join(workdir, f"{name}_{arch}_{abs(hash(st.config))}.cubin")
         with open(path, "wb") as f:
             f.write(ck.asm["cubin"])
-        sass, res = analyse_cubin(path, cuobjdump)
+        sass, res, loops = analyse_cubin(path, cuobjdump)
         kname = getattr(md, "name", None) or jit.__name__
         fkey = kname if kname in sass else (next(iter(sass)) if sass else None)
         fill_from_cubin(st, sass.get(fkey, collections.Counter()), res.get(fkey) or (next(iter(res.values()))
                                                                                       if res else None))
+        fill_loop(st, loops.get(fkey))
     except Exception as e:  # one broken kernel must not hide the others
         st.error = f"{type(e).__name__}: {_error_line(str(e))}"
     return st
@@ -651,7 +714,7 @@ def cuda_stats(so: Optional[str] = None, default_threads: int = 256) -> tuple[li
                 continue
             arch = int(m.group(1))
             cubin = os.path.join(td, f)
-            sass, res = analyse_cubin(cubin, cuobjdump)
+            sass, res, loops = analyse_cubin(cubin, cuobjdump)
             threads = _threads_from_elf(cuobjdump, cubin)
             dem = _demangle(list(sass))
             for fn, ops in sass.items():
@@ -666,6 +729,7 @@ def cuda_stats(so: Optional[str] = None, default_threads: int = 256) -> tuple[li
                 ptx = ptx_by_entry.get((arch, fn)) or next((b for (a, e), b in ptx_by_entry.items() if e == fn), None)
                 st.ptx_fma = ptx_fma_count(ptx) if ptx is not None else None
                 fill_from_cubin(st, ops, res.get(fn))
+                fill_loop(st, loops.get(fn))
                 stats.append(st)
     return stats, f"{os.path.relpath(path, ROOT) if path.startswith(ROOT) else path}"
 
@@ -759,6 +823,18 @@ def markdown(stats: list[KernelStat], notes: list[str], violations: list[Violati
                 f"{s.hgmma} | {s.ldg128}/{s.ldg} | {s.ldgsts128} / {s.tma_load} | {s.stg128}/{s.stg} | "
                 f"{'' if s.ptx_fma is None else s.ptx_fma} | {occ} | "
                 f"{rl.format_time(s.floor_s) + ' (' + s.floor_case + ')' if s.floor_s else ''} |")
+        lines.append("")
+    loop_rows = [s for s in stats if s.loop_per_weight is not None]
+    if loop_rows:
+        lines += ["## M = 1 decode: main-loop instructions per weight (static SASS)", "",
+                  "The widest loop of each M = 1 decode kernel: its instructions (both sides of any branch "
+                  "inside it counted once) over the weights one lane multiplies per iteration (8 per HMMA "
+                  "m16n8k16; without tensor cores one per FFMA, which slightly overcounts weights).  The H100 issues at most 4 warp-instructions per SM per "
+                  "cycle; the M = 1 stream kernels measured 22-28 us at 4-6 of these per weight.", "",
+                  "| kernel | sm | config | loop instructions | weights per lane | per weight |", "|---|---|---|---|---|---|"]
+        for s in loop_rows:
+            lines.append(f"| {s.name} | {s.arch} | {s.config} | {s.loop_instr} | {s.loop_weights} | "
+                         f"{s.loop_per_weight:.2f} |")
         lines.append("")
     lines += ["## Invariants", ""]
     if violations:

@@ -64,6 +64,44 @@ def test_parse_sass_counts_instruction_classes():
     assert kr.sass_features(ops["other"])["hmma"] == 1
 
 
+LOOP_SASS = """
+		Function : looped
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                  /* 0x0 */
+        /*0010*/                   MOV R2, RZ ;                            /* 0x0 */
+        /*0020*/                   PRMT R3, R4, 0x7604, R5 ;               /* 0x0 */
+        /*0030*/                   LDS R6, [R3] ;                          /* 0x0 */
+        /*0040*/               @P0 BRA 0x60 ;                              /* 0x0 */
+        /*0050*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;    /* 0x0 */
+        /*0060*/                   FFMA R2, R3, R6, R2 ;                   /* 0x0 */
+        /*0070*/              @!P1 BRA 0x40 ;                              /* 0x0 */
+        /*0080*/               @P2 BRA 0x20 ;                              /* 0x0 */
+        /*0090*/                   EXIT ;                                  /* 0x0 */
+        /*00a0*/                   BRA 0xa0;                               /* 0x0 */
+		Function : straight
+        /*0000*/                   EXIT ;                                  /* 0x0 */
+"""
+
+
+def test_main_loop_is_the_widest_backward_branch():
+    """The loop summarised for the M = 1 kernels: from the target of the longest backward branch to
+    that branch (an inner loop and forward branches inside it do not cut it short; the self-branch
+    after EXIT is no loop); a function without a loop has none."""
+    fns = kr.sass_instructions(LOOP_SASS)
+    assert [a for a, _, _ in fns["looped"]] == list(range(0, 0xb0, 0x10))
+    ops = kr.main_loop_ops(fns["looped"])
+    assert ops == collections.Counter({"PRMT": 1, "LDS": 1, "BRA": 3, "HMMA": 1, "FFMA": 1})
+    assert kr.main_loop_ops(fns["straight"]) == collections.Counter()
+    st = kr.KernelStat("cuda", "gemv_4bit_mma_kernel<__nv_bfloat16, 2>", 90)
+    kr.fill_loop(st, ops)
+    assert (st.loop_instr, st.loop_weights) == (7, 8)  # 8 per HMMA (the FFMA is not a weight then)
+    st2 = kr.KernelStat("triton", "gemv_stream_m1", 90)
+    kr.fill_loop(st2, ops - collections.Counter({"HMMA": 1}))
+    assert (st2.loop_instr, st2.loop_weights) == (6, 1)  # no tensor cores: one per FFMA
+    other = kr.KernelStat("cuda", "dequantize_4bit_kernel", 90)
+    kr.fill_loop(other, ops)
+    assert other.loop_per_weight is None
+
+
 def test_parse_res_usage():
     res = kr.parse_res_usage(RES)
     assert res["my_kernel"] == dict(regs=40, stack=16, static_smem=1024, local=8)
@@ -199,3 +237,22 @@ def test_cuda_kernels_keep_the_invariants():
         pytest.skip(f"no CUDA kernels to inspect: {note}")
     violations = kr.check_invariants(stats)
     assert not violations, "\n".join(map(str, violations))
+
+
+@needs_cuobjdump
+def test_tensor_core_gemv_keeps_its_instruction_budget():
+    """The M = 1 tensor-core GEMV exists for its instruction count (the stream kernels are issue-
+    bound at 4-6 per weight): per visit (16 rows x 256 k, 128 weights a lane) 64 PRMT + 64 table
+    LDS + 16 HMMA and little else.  A change that costs an add per table lookup, or spills the
+    ring, fails here before any GPU time is spent."""
+    stats, note = kr.cuda_stats()
+    mma = [s for s in stats if "gemv_4bit_mma_kernel" in s.name]
+    if not mma:
+        pytest.skip(f"no tensor-core GEMV to inspect: {note}")
+    assert {s.arch for s in mma} >= {80, 90}
+    for s in mma:
+        assert s.loop_instr and s.loop_weights, s.name
+        visits = s.loop_weights // 128
+        assert s.loop_weights == 128 * visits and visits in (2, 3), (s.name, s.loop_weights)
+        assert s.loop_per_weight <= 2.0, f"{s.name} sm_{s.arch}: {s.loop_per_weight:.2f} instructions per weight"
+        assert not s.spills

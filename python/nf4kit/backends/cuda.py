@@ -72,9 +72,9 @@ _STREAM_TILE = 1024
 # Experimental, never run on a GPU yet (off; NF4KIT_CUDA_GEMV_MMA=1 turns it on): the stream scheme
 # on tensor cores (kGemvMma) for M = 1 with fp16/bf16 x, K % 256 == 0, blocksize >= 64 and
 # N * K < 2^32 - 256.  One PRMT + one shared load per packed byte give an mma A register from a
-# per-lane table of fp16/bf16 pairs, x is the B fragment, mma.sync accumulates in fp32: ~1.8
-# instructions per weight in its SASS against ~4.5 for the stream kernel, whose issue rate holds
-# M = 1 near 28 us on the H100.  The table rounds the code values to x's precision (bf16: relative
+# per-lane table of fp16/bf16 pairs, x is the B fragment, mma.sync accumulates in fp32: 1.9
+# instructions per weight in its main loop (static sm_90 SASS, benchmarks.kernel_report) against 6.1
+# for the stream kernel, whose issue rate holds M = 1 near 28 us on the H100.  The table rounds the code values to x's precision (bf16: relative
 # error <= 2^-9 per code, as a bf16 dequantize would), so fp32 x keeps the exact kernels.
 GEMV_MMA = os.environ.get("NF4KIT_CUDA_GEMV_MMA", "0") == "1"
 GEMV_MMA_DEPTH = 2  # visits in its load ring (2 or 3; 3 holds 122 registers, no spills)

@@ -26,6 +26,10 @@
 // R = warps / tiles_per_row; at any moment the grid's loads cover one contiguous window of
 // ~warps x 512 bytes, as a copy's do.  Each (row, K-tile) dot is warp-reduced into partial[kt][n],
 // and splitk_finalize sums the tiles in order (deterministic).
+//
+// Experimental tensor-core stream (M = 1, fp16/bf16 x; kGemvMma): the same memory order with a
+// 256-wide K-tile per warp, the code pairs looked up straight into mma.sync A fragments (see
+// gemv_4bit_mma_kernel): about 1.9 instructions per weight against the stream kernel's 6.
 #include <type_traits>
 
 #include "cuda/common.cuh"
@@ -369,9 +373,9 @@ __global__ void __launch_bounds__(kGemvThreads)
 }
 
 // Experimental tensor-core variant of the stream kernel (kGemvMma; M = 1, fp16/bf16 x, K % 256 == 0,
-// blocksize >= 64, N * K < 2^32).  The stream kernels spend 4-5 instructions per weight (PRMT + LDS
-// + FFMA per code, then the reduction); on the H100 that issue rate, not HBM, holds M = 1 near
-// 28 us.  Here a packed byte costs two instructions: one PRMT that writes the byte into bits 8-15
+// blocksize >= 64, N * K < 2^32 - 256).  The stream kernel's main loop spends 6 instructions per
+// weight (PRMT + LDS + FFMA per code, the scale, the reduction; static sm_90 SASS); on the H100
+// that issue rate, not HBM, holds M = 1 near 28 us.  Here a packed byte costs two instructions: one PRMT that writes the byte into bits 8-15
 // of this lane's table address (a 64 KB per-lane table of fp16/bf16 pairs on a 64 KB boundary of
 // the shared window, entry v of lane L at table + v * 256 + 4 L: always bank L, no conflicts, and
 // no add) and the LDS that returns an mma A register (two consecutive k of one row).  mma.sync

@@ -480,8 +480,9 @@ def _entry_point_devices() -> tuple[str, ...]:
 
     CUDA is opt-in: on an H100 (benchmarks/results/gpu_h100_2026-11-27), bitsandbytes' M = 1 path
     through nf4kit took 117-315 us of device time against 33-34 us for stock bitsandbytes (and
-    28 us for nf4kit called directly), not explained yet.  On the CPU it runs at stock speed or
-    better since its layout conversion is cached."""
+    28 us for nf4kit called directly).  The likely cause, a device sync per call that read the code
+    table back to the host (_table_type), is fixed but not yet timed on a GPU.  On the CPU it runs
+    at stock speed or better since its layout conversion is cached."""
     v = os.environ.get(ENV_VAR, "cpu").strip().lower()
     if v in ("0", "false", "off", "no"):
         return ()

@@ -101,6 +101,13 @@ def main(argv=None) -> int:
                                   ("mma d2", dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2)),
                                   ("mma d3", dict(GEMV_MMA=True, GEMV_MMA_DEPTH=3))):
                 calls.append((f"matmul_4bit {label}", "matmul_4bit", lambda v=values: stream_gemv(**v), "same"))
+            x_b = rn(3, 2048)  # the tensor-core batch kernel (M <= 8)
+
+            def batch_gemv():
+                with settings(cb, GEMV_MMA=True):
+                    return nf4kit.matmul_4bit(x_b, pk_s, qs_s, bias=bias[:37])
+
+            calls.append(("matmul_4bit mma batch M=3", "matmul_4bit", batch_gemv, "same"))
 
         for what, op, fn, ref in calls:
             B.last_backend.pop(op, None)

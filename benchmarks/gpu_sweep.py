@@ -100,6 +100,14 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
             for depth in (2, 3):
                 with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth):
                     point(f"cuda M=1 {shape} mma depth={depth} (tensor-core stream)", x, p, q, exp, dev)
+            # M = 4 and 8: the row kernel against the tensor-core batch kernel (one decode per batch row).
+            for M in (4, 8):
+                xm = torch.randn(M, ref.shape[1], device=dev, dtype=torch.bfloat16)
+                em = xm.float() @ ref.t()
+                with settings(cb, GEMV_MMA=False):
+                    point(f"cuda M={M} {shape} row kernel", xm, p, q, em, dev)
+                with settings(cb, GEMV_MMA=True):
+                    point(f"cuda M={M} {shape} mma batch (tensor cores)", xm, p, q, em, dev)
             if rows_too:
                 with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
                     _row_kernel_variants(shape, x, p, q, exp, dev)

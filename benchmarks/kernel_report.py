@@ -344,12 +344,13 @@ def analyse_cubin(path: str, cuobjdump: str) -> tuple[dict[str, collections.Coun
     return parse_sass(text), parse_res_usage(_run([cuobjdump, "-res-usage", path])), loops
 
 
-# The M = 1 decode kernels whose main loop is summarised (instructions per weight and lane).
-M1_LOOP_KERNELS = ("gemv_4bit_stream_kernel", "gemv_4bit_mma_kernel", "gemv_stream_m1")
+# The decode kernels whose main loop is summarised (instructions per weight and lane): the M = 1
+# stream kernels and the tensor-core batch kernel (M <= 8: its HMMA carry every batch row at once).
+M1_LOOP_KERNELS = ("gemv_4bit_stream_kernel", "gemv_4bit_mma_kernel", "gemv_stream_m1", "gemv_4bit_mma_batch_kernel")
 
 
 def fill_loop(st: KernelStat, loop: Optional[collections.Counter]) -> None:
-    """Main-loop size of an M = 1 decode kernel, and its weights per lane: 8 per HMMA, or without
+    """Main-loop size of a decode kernel (M1_LOOP_KERNELS), and its weights per lane: 8 per HMMA, or without
     tensor cores one per FFMA (a slight overcount: the scale's few FFMA are counted too)."""
     if loop and any(k in st.name for k in M1_LOOP_KERNELS):
         st.loop_instr = sum(loop.values())
@@ -756,7 +757,10 @@ def check_invariants(stats: Iterable[KernelStat]) -> list[Violation]:
                     stream the packed weight with evict-first word loads (LDG.E.EF) feeding
                     128-bit stores: the CUDA one reads 4 bytes per lane so that each warp store
                     covers 512 contiguous bytes (H100: 94% of copy, against 47% with 16-byte
-                    loads and 64-byte-strided stores)
+                    loads and 64-byte-strided stores); a tensor-core GEMV (HMMA) may stream it with
+                    evict-first 8-byte loads: the M <= 8 batch kernel's warp loads cover 8 rows x 32
+                    contiguous bytes (whole sectors), because 16 bytes a lane would put two 64-wide
+                    quarters' k slots into one mma, and each mma must stay in one quarter's scale
       stg128        dequantize kernels store 16 bytes at a time (STG.128 or TMA)
       fma           bit-exact kernels hold no fp32 FMA in their PTX (the nested-absmax decode is a
                     multiply then an add; enable_fp_fusion=False / __fmul_rn + __fadd_rn)
@@ -775,9 +779,11 @@ def check_invariants(stats: Iterable[KernelStat]) -> list[Violation]:
                 v("tensor_cores", "no HGMMA/HMMA on sm_90")
             elif s.arch < 90 and s.hmma == 0:
                 v("tensor_cores", "no HMMA on sm_80")
-        streamed = s.role == "dequantize" and s.ldg_stream > 0 and s.stg128 + s.tma_store > 0
+        streamed = (s.role == "dequantize" and s.ldg_stream > 0 and s.stg128 + s.tma_store > 0) or \
+            (s.role == "gemv" and s.ldg_stream > 0 and s.hmma > 0)
         if s.role in ("dequantize", "gemv") and s.ldg128 + s.ldgsts128 + s.tma_load == 0 and not streamed:
-            v("ldg128", f"{s.ldg} global loads, none 128-bit (nor evict-first words feeding 128-bit stores)")
+            v("ldg128", f"{s.ldg} global loads, none 128-bit (nor evict-first words feeding 128-bit stores "
+                        "or tensor cores)")
         if s.role == "dequantize" and s.stg128 + s.tma_store == 0:
             v("stg128", f"{s.stg} global stores, none 128-bit")
         if s.bit_exact and s.ptx_fma:
@@ -826,8 +832,8 @@ def markdown(stats: list[KernelStat], notes: list[str], violations: list[Violati
         lines.append("")
     loop_rows = [s for s in stats if s.loop_per_weight is not None]
     if loop_rows:
-        lines += ["## M = 1 decode: main-loop instructions per weight (static SASS)", "",
-                  "The widest loop of each M = 1 decode kernel: its instructions (both sides of any branch "
+        lines += ["## Decode GEMVs: main-loop instructions per weight (static SASS)", "",
+                  "The widest loop of each M = 1 decode kernel (and of the tensor-core batch kernel, M <= 8): its instructions (both sides of any branch "
                   "inside it counted once) over the weights one lane multiplies per iteration (8 per HMMA "
                   "m16n8k16; without tensor cores one per FFMA, which slightly overcounts weights).  The H100 issues at most 4 warp-instructions per SM per "
                   "cycle; the M = 1 stream kernels measured 22-28 us at 4-6 of these per weight.", "",

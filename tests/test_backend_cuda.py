@@ -315,7 +315,7 @@ def _row_errors_within(y, x, W64, exp, bound):
     return bool(((y.double() - exp).abs() <= bound * scale).all())
 
 
-@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("M,depth", [(1, 2), (1, 3), (3, 2), (8, 3)])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,bs,quant_type,nested", [
     (77, 3072, 64, "nf4", True),     # odd N: the last row block runs past N; 12 tiles a row
@@ -324,16 +324,16 @@ def _row_errors_within(y, x, W64, exp, bound):
     (3001, 1280, 256, "nf4", False),  # blocksize 256, several passes of the persistent grid
     (16, 512, 4096, "fp4", True),    # blocks span rows (blocksize > K)
     (4099, 2048, 64, "nf4", True)])  # more tiles than resident warps, a row past the last block
-def test_gemv_mma(monkeypatch, depth, dt, N, K, bs, quant_type, nested):
-    """The experimental tensor-core M = 1 kernel (GEMV_MMA), both load rings: every row against the
-    float64 reference within the bf16/fp16 rounding of the code table, with bias and LoRA in the
-    finalize kernel."""
+def test_gemv_mma(monkeypatch, M, depth, dt, N, K, bs, quant_type, nested):
+    """The experimental tensor-core GEMVs (GEMV_MMA; M = 1 and the batch kernel for M <= 8), both
+    load rings: every output against the float64 reference within the bf16/fp16 rounding of the
+    code table, with bias and LoRA in the finalize kernel."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", depth)
-    assert cuda_backend._gemv_kernel(1, N, K, dt, bs) == "mma"
-    assert cuda_backend._gemv_split_count(1, N, K, dt, bs, torch.device("cuda")) == K // 256
+    assert cuda_backend._gemv_kernel(M, N, K, dt, bs) == "mma"
+    assert cuda_backend._gemv_split_count(M, N, K, dt, bs, torch.device("cuda")) == K // 256
     st, W64 = _weight(N, K, bs, quant_type, nested, seed=N + K)
-    x = _rand((1, K), dt, 91)
+    x = _rand((M, K), dt, 91 + M)
     bias = _rand((N,), torch.float32, 92)
     A, B = _rand((8, K), dt, 93, 0.1), _rand((N, 8), dt, 94, 0.1)
     with nf4kit.use_backend("cuda"):
@@ -342,17 +342,17 @@ def test_gemv_mma(monkeypatch, depth, dt, N, K, bs, quant_type, nested):
     _ran_cuda("matmul_4bit")
     exp0 = x.double() @ W64.t()
     exp = exp0 + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
-    assert y.shape == (1, N) and y.dtype == dt
+    assert y.shape == (M, N) and y.dtype == dt
     assert _relerr(y, exp) < 1e-2
     bound = 2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -9
     assert _row_errors_within(y0, x, W64, exp0, bound)
 
 
 def test_gemv_mma_leaves_other_inputs_to_the_other_kernels(monkeypatch):
-    """With GEMV_MMA on, fp32 x, M > 1, K % 256 != 0 and blocksize 32 take the stream or row kernel,
-    and still agree with the reference."""
+    """With GEMV_MMA on, fp32 x, M > 8, K % 256 != 0 and blocksize 32 take the other kernels, and
+    still agree with the reference."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
-    for M, K, bs, dt in ((1, 2048, 64, torch.float32), (2, 2048, 64, torch.bfloat16),
+    for M, K, bs, dt in ((1, 2048, 64, torch.float32), (9, 2048, 64, torch.bfloat16),
                          (1, 2048 + 64, 64, torch.bfloat16), (1, 2048, 32, torch.float16)):
         N = 45
         assert cuda_backend._gemv_kernel(M, N, K, dt, bs) != "mma"

@@ -172,6 +172,12 @@ def test_check_invariants_rules_on_synthetic_stats():
                      ("v", "ldg128"), ("s", "spills"), ("q", "fma"), ("e", "compile")]
     streamed = kr.KernelStat("cuda", "d4", 90, role="dequantize", ldg=6, ldg_stream=4, stg128=4)
     assert kr.check_invariants([streamed]) == []
+    # a tensor-core GEMV may stream W with evict-first narrow loads (whole sectors per warp load);
+    # without tensor cores, or with plain narrow loads, it may not
+    tc = kr.KernelStat("cuda", "t", 90, role="gemv", ldg=8, ldg_stream=8, hmma=16)
+    assert kr.check_invariants([tc]) == []
+    assert [v.rule for v in kr.check_invariants([kr.KernelStat("cuda", "t2", 90, role="gemv", ldg=8, hmma=16)])] \
+        == ["ldg128"]
 
 
 # ---------------------------------------------------------------- compiled kernels
@@ -241,18 +247,20 @@ def test_cuda_kernels_keep_the_invariants():
 
 @needs_cuobjdump
 def test_tensor_core_gemv_keeps_its_instruction_budget():
-    """The M = 1 tensor-core GEMV exists for its instruction count (the stream kernels are issue-
-    bound at 4-6 per weight): per visit (16 rows x 256 k, 128 weights a lane) 64 PRMT + 64 table
-    LDS + 16 HMMA and little else.  A change that costs an add per table lookup, or spills the
+    """The tensor-core GEMVs exist for their instruction count (the stream kernels are issue-bound
+    at 4-6 per weight): per visit (16 rows x 256 k, 128 weights a lane) 64 PRMT + 64 table LDS +
+    16 HMMA and little else, at M = 1 and (the batch kernel) for every M <= 8.  A change that costs an add per table lookup, or spills the
     ring, fails here before any GPU time is spent."""
     stats, note = kr.cuda_stats()
-    mma = [s for s in stats if "gemv_4bit_mma_kernel" in s.name]
+    mma = [s for s in stats if "gemv_4bit_mma" in s.name]
     if not mma:
         pytest.skip(f"no tensor-core GEMV to inspect: {note}")
     assert {s.arch for s in mma} >= {80, 90}
+    assert {"batch" in s.name for s in mma} == {False, True}
     for s in mma:
         assert s.loop_instr and s.loop_weights, s.name
         visits = s.loop_weights // 128
         assert s.loop_weights == 128 * visits and visits in (2, 3), (s.name, s.loop_weights)
-        assert s.loop_per_weight <= 2.0, f"{s.name} sm_{s.arch}: {s.loop_per_weight:.2f} instructions per weight"
+        budget = 2.5 if "batch" in s.name else 2.0  # the batch kernel scales each quarter separately
+        assert s.loop_per_weight <= budget, f"{s.name} sm_{s.arch}: {s.loop_per_weight:.2f} instructions per weight"
         assert not s.spills

@@ -50,7 +50,7 @@ int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* cod
 constexpr int kGemvPairTable = 1;
 constexpr int kGemvDirect = 2;
 constexpr int kGemvStream = 4;
-constexpr int kGemvMma = 8;  // experimental: the stream scheme on mma.sync (M = 1, fp16/bf16 x, K % 256 == 0,
+constexpr int kGemvMma = 8;  // experimental: the stream scheme on mma.sync (M <= 8, fp16/bf16 x, K % 256 == 0,
                              // blocksize >= 64, S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit)
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,

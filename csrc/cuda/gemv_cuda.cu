@@ -409,20 +409,32 @@ __device__ __forceinline__ float lds_f32(uint32_t addr) {
   return v;
 }
 
+// The per-lane pair table on the first 64 KB boundary of the dynamic shared memory (entry v of lane
+// L at table + v * 256 + 4 L) and, after it, the nested absmax code; returns the table's
+// shared-window address.  The caller synchronises before the first lookup.
+template <typename TX>
+__device__ __forceinline__ uint32_t mma_build_table(unsigned char* smem, int quant_type, const Absmax& am) {
+  const uint32_t smem0 = (uint32_t)__cvta_generic_to_shared(smem);
+  const uint32_t table_at = (smem0 + (kMmaTableBytes - 1)) & ~(uint32_t)(kMmaTableBytes - 1);
+  unsigned char* table = smem + (table_at - smem0);
+  for (int i = threadIdx.x; i < 256 * 32; i += kMmaThreads)
+    *reinterpret_cast<uint32_t*>(table + (i >> 5) * 256 + 4 * (i & 31)) = pair_entry_of<TX>(quant_type, (uint32_t)i >> 5);
+  if (am.q != nullptr) {
+    float* code = reinterpret_cast<float*>(table + kMmaTableBytes);
+    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code[i] = __ldg(am.code + i);
+  }
+  return table_at;
+}
+
 template <typename TX, int D>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     gemv_4bit_mma_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
                          int log2_bs, int quant_type, int warps_used, float* __restrict__ partial) {
   static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
   extern __shared__ __align__(16) unsigned char mma_smem[];
-  const uint32_t smem0 = (uint32_t)__cvta_generic_to_shared(mma_smem);
-  const uint32_t table_at = (smem0 + (kMmaTableBytes - 1)) & ~(uint32_t)(kMmaTableBytes - 1);
-  const uint32_t code_at = table_at + kMmaTableBytes;
-  unsigned char* table = mma_smem + (table_at - smem0);
   const bool nested = am.q != nullptr;
   const int lane = threadIdx.x & 31;
   const int grp = lane >> 2, tid = lane & 3;
-  const uint32_t lane_entry = table_at | ((uint32_t)lane * 4u);  // entry 0 of this lane; bits 8-15 take the byte
   const int g = blockIdx.x * (kMmaThreads / 32) + (threadIdx.x >> 5);
   const int tiles_per_row = (int)(K / kMmaTile);
   const int R = warps_used / tiles_per_row;  // row blocks between one warp's visits
@@ -464,12 +476,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       if (rb0 + u * R < row_blocks) fetch(ring[u]);
   }
 
-  for (int i = threadIdx.x; i < 256 * 32; i += kMmaThreads)
-    *reinterpret_cast<uint32_t*>(table + (i >> 5) * 256 + 4 * (i & 31)) = pair_entry_of<TX>(quant_type, (uint32_t)i >> 5);
-  if (nested) {
-    float* code = reinterpret_cast<float*>(table + kMmaTableBytes);
-    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code[i] = __ldg(am.code + i);
-  }
+  const uint32_t table_at = mma_build_table<TX>(mma_smem, quant_type, am);
+  const uint32_t code_at = table_at + kMmaTableBytes;
+  const uint32_t lane_entry = table_at | ((uint32_t)lane * 4u);  // entry 0 of this lane; bits 8-15 take the byte
   __syncthreads();
   if (!active) return;  // whole warps exit together (after the only __syncthreads)
   const float offset = nested ? __ldg(am.offset) : 0.0f;
@@ -537,6 +546,139 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
     const int row = rb * 16 + out_row_off;
     if (tid < 2 && row < N) out[row] = (tid & 1) ? v1 : v0;
+  };
+
+  for (int rb = rb0; rb < row_blocks; rb += D * R) {
+#pragma unroll
+    for (int u = 0; u < D; ++u) {
+      if (rb + u * R >= row_blocks) break;
+      visit(rb + u * R, ring[u], ring[(u + D - 1) % D]);
+    }
+  }
+}
+
+// M = 2..8 on the same scheme (kGemvMma with M > 1): the batch rows are B's columns, so each
+// quarter keeps its own accumulators.  A visit loads, per lane (grp, tid), 8 bytes of rows grp and
+// grp + 8 per quarter q at byte 32 q + 8 tid of the row tile (pairs 8 tid .. 8 tid + 7 of the
+// quarter): all four lanes of an mma's k slots then lie in one quarter.  mma (q, i) takes bytes
+// 2 i (slot tid) and 2 i + 1 (slot tid + 4); B column m holds batch row m's x (lane grp = m, zero
+// for m >= M).  Lane tid reads quarter tid's absmax of rows grp and grp + 8, and one shuffle per
+// row and quarter hands it to the group; the scaled quarters add up in fp32 accumulators, written
+// as partial[kt][m][row] for the batch rows 2 tid and 2 tid + 1 this lane holds.
+template <typename TX, int D>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    gemv_4bit_mma_batch_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed,
+                               Absmax am, int log2_bs, int quant_type, int warps_used, float* __restrict__ partial) {
+  static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
+  extern __shared__ __align__(16) unsigned char mma_smem[];
+  const bool nested = am.q != nullptr;
+  const int lane = threadIdx.x & 31;
+  const int grp = lane >> 2, tid = lane & 3;
+  const int g = blockIdx.x * (kMmaThreads / 32) + (threadIdx.x >> 5);
+  const int tiles_per_row = (int)(K / kMmaTile);
+  const int R = warps_used / tiles_per_row;
+  const bool active = g < warps_used;  // warp-uniform
+  const int kt = g % tiles_per_row;
+  const int rb0 = g / tiles_per_row;
+  const int row_blocks = (N + 15) >> 4;
+  const int64_t row_bytes = K >> 1;
+
+  int fetch_row = rb0 * 16 + grp;
+  const uint8_t* wp = packed + (int64_t)fetch_row * row_bytes + (int64_t)kt * (kMmaTile / 2) + 8 * tid;
+  const int64_t wp_step = (int64_t)R * 16 * row_bytes;
+  const int64_t wp_8rows = 8 * row_bytes;
+  auto fetch = [&](uint2 (&w)[2][4]) {
+    if (fetch_row < N) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) w[0][q] = __ldcs(reinterpret_cast<const uint2*>(wp + 32 * q));
+    }
+    if (fetch_row + 8 < N) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) w[1][q] = __ldcs(reinterpret_cast<const uint2*>(wp + wp_8rows + 32 * q));
+    }
+    fetch_row += 16 * R;
+    wp += wp_step;
+  };
+  uint2 ring[D][2][4];  // as in gemv_4bit_mma_kernel: D visits, stale bytes past N stay in their rows
+#pragma unroll
+  for (int u = 0; u < D; ++u)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) ring[u][h][q] = make_uint2(0u, 0u);
+  if (active) {
+#pragma unroll
+    for (int u = 0; u + 1 < D; ++u)
+      if (rb0 + u * R < row_blocks) fetch(ring[u]);
+  }
+
+  const uint32_t table_at = mma_build_table<TX>(mma_smem, quant_type, am);
+  const uint32_t code_at = table_at + kMmaTableBytes;
+  const uint32_t lane_entry = table_at | ((uint32_t)lane * 4u);
+  __syncthreads();
+  if (!active) return;  // whole warps exit together (after the only __syncthreads)
+  const float offset = nested ? __ldg(am.offset) : 0.0f;
+
+  // B fragments of mma (q, i): batch row grp's x elements 64 q + 16 tid + 4 i .. + 3 of the tile.
+  uint32_t xb[4][4][2];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint2 v = make_uint2(0u, 0u);
+      if (grp < M)
+        v = __ldg(reinterpret_cast<const uint2*>(x + (int64_t)grp * K + (int64_t)kt * kMmaTile + 64 * q + 16 * tid +
+                                                 4 * i));
+      xb[q][i][0] = v.x;
+      xb[q][i][1] = v.y;
+    }
+  }
+
+  // Quarter tid's absmax of row grp (flat element index; N * K < 2^32) and of row grp + 8.
+  uint32_t scale_e = (uint32_t)(rb0 * 16 + grp) * (uint32_t)K + (uint32_t)kt * kMmaTile + 64u * tid;
+  const uint32_t scale_e_step = (uint32_t)R * 16u * (uint32_t)K, scale_e_8rows = 8u * (uint32_t)K;
+  auto scale = [&](uint32_t e) -> float {
+    const uint32_t b = e >> log2_bs;
+    return nested ? __fadd_rn(__fmul_rn(lds_f32(code_at + 4u * __ldg(am.q + b)), __ldg(am.nested + (b >> 8))), offset)
+                  : __ldg(am.absmax + b);
+  };
+  float* out = partial + (int64_t)kt * M * N;
+
+  auto visit = [&](int rb, const uint2 (&cur)[2][4], uint2 (&nxt)[2][4]) {
+    if (rb + (D - 1) * R < row_blocks) fetch(nxt);
+    const int row0 = rb * 16 + grp;
+    const float s0 = row0 < N ? scale(scale_e) : 0.0f;
+    const float s8 = row0 + 8 < N ? scale(scale_e + scale_e_8rows) : 0.0f;
+    scale_e += scale_e_step;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // rows grp, grp + 8 x batch rows 2 tid, 2 tid + 1
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t r0 = i < 2 ? cur[0][q].x : cur[0][q].y, r1 = i < 2 ? cur[1][q].x : cur[1][q].y;
+        const uint32_t lo = (uint32_t)(2 * (i & 1)), hi = lo + 1u;
+        const uint32_t a[4] = {lds_u32(__byte_perm(r0, lane_entry, 0x7604u | (lo << 4))),
+                               lds_u32(__byte_perm(r1, lane_entry, 0x7604u | (lo << 4))),
+                               lds_u32(__byte_perm(r0, lane_entry, 0x7604u | (hi << 4))),
+                               lds_u32(__byte_perm(r1, lane_entry, 0x7604u | (hi << 4)))};
+        mma16816<TX>(c, a, xb[q][i]);
+      }
+      const float q0 = __shfl_sync(0xffffffffu, s0, (lane & ~3) | q);
+      const float q8 = __shfl_sync(0xffffffffu, s8, (lane & ~3) | q);
+      acc[0] = fmaf(c[0], q0, acc[0]);
+      acc[1] = fmaf(c[1], q0, acc[1]);
+      acc[2] = fmaf(c[2], q8, acc[2]);
+      acc[3] = fmaf(c[3], q8, acc[3]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int m = 2 * tid + u, row = row0 + 8 * h;
+        if (m < M && row < N) out[(int64_t)m * N + row] = acc[2 * h + u];
+      }
+    }
   };
 
   for (int rb = rb0; rb < row_blocks; rb += D * R) {
@@ -721,34 +863,39 @@ int launch_gemv_stream(const void* x, int N, int64_t K, const uint8_t* packed, A
   return kBadArgument;
 }
 
-// The tensor-core variant (M = 1, fp16/bf16 x, K % 256 == 0, blocksize >= 64, S == K / 256), D
+// The tensor-core variants (M <= 8, fp16/bf16 x, K % 256 == 0, blocksize >= 64, S == K / 256), D
 // visits in its load ring.
 template <typename TX, int D>
-int launch_gemv_mma_instance(const void* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+int launch_gemv_mma_instance(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                              int quant_type, float* partial, cudaStream_t stream) {
   int blocks = 0;
-  const int rc = persistent_blocks<gemv_4bit_mma_kernel<TX, D>, kMmaThreads, kMmaSmemBytes>(&blocks);
+  const int rc = M == 1 ? persistent_blocks<gemv_4bit_mma_kernel<TX, D>, kMmaThreads, kMmaSmemBytes>(&blocks)
+                        : persistent_blocks<gemv_4bit_mma_batch_kernel<TX, D>, kMmaThreads, kMmaSmemBytes>(&blocks);
   if (rc != 0) return rc;
   const int tiles_per_row = (int)(K / kMmaTile);
   const int64_t warps =
       persistent_warps(blocks, kMmaThreads / 32, (int64_t)((N + 15) / 16) * tiles_per_row, tiles_per_row);
   if (warps < tiles_per_row) return kUnsupported;  // K too long for this device's resident warps
   const int64_t grid = (warps + kMmaThreads / 32 - 1) / (kMmaThreads / 32);
-  gemv_4bit_mma_kernel<TX, D><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
-      static_cast<const TX*>(x), N, K, packed, am, log2_bs, quant_type, (int)warps, partial);
+  if (M == 1)
+    gemv_4bit_mma_kernel<TX, D><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
+        static_cast<const TX*>(x), N, K, packed, am, log2_bs, quant_type, (int)warps, partial);
+  else
+    gemv_4bit_mma_batch_kernel<TX, D><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
+        static_cast<const TX*>(x), M, N, K, packed, am, log2_bs, quant_type, (int)warps, partial);
   return (int)cudaGetLastError();
 }
 
 template <typename TX>
-int launch_gemv_mma(const void* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
-                    int depth, float* partial, cudaStream_t stream) {
+int launch_gemv_mma(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                    int quant_type, int depth, float* partial, cudaStream_t stream) {
   if constexpr (std::is_same<TX, float>::value) {
     return kBadArgument;  // no fp32 mma fragments
   } else {
     if (depth == 2)
-      return launch_gemv_mma_instance<TX, 2>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
+      return launch_gemv_mma_instance<TX, 2>(x, M, N, K, packed, am, log2_bs, quant_type, partial, stream);
     if (depth == 3)
-      return launch_gemv_mma_instance<TX, 3>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
+      return launch_gemv_mma_instance<TX, 3>(x, M, N, K, packed, am, log2_bs, quant_type, partial, stream);
     return kBadArgument;
   }
 }
@@ -759,10 +906,10 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
                 const float* lora_t, const float* lora_b, int r, void* y, cudaStream_t stream) {
   const bool pairs = (options & kGemvPairTable) != 0;
   if ((options & kGemvMma) != 0) {
-    if (M != 1 || K % kMmaTile != 0 || S != K / kMmaTile || log2_bs < 6 || options != kGemvMma ||
+    if (K % kMmaTile != 0 || S != K / kMmaTile || log2_bs < 6 || options != kGemvMma ||
         (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
       return kBadArgument;
-    const int rc = launch_gemv_mma<TX>(x, N, K, packed, am, log2_bs, quant_type, depth, partial, stream);
+    const int rc = launch_gemv_mma<TX>(x, M, N, K, packed, am, log2_bs, quant_type, depth, partial, stream);
     if (rc != 0) return rc;
     return launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
   }

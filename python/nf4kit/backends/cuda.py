@@ -70,8 +70,8 @@ GEMV_STREAM = os.environ.get("NF4KIT_CUDA_GEMV_STREAM", "1") != "0"
 GEMV_STREAM_DEPTH = 4
 _STREAM_TILE = 1024
 # Experimental, never run on a GPU yet (off; NF4KIT_CUDA_GEMV_MMA=1 turns it on): the stream scheme
-# on tensor cores (kGemvMma) for M = 1 with fp16/bf16 x, K % 256 == 0, blocksize >= 64 and
-# N * K < 2^32 - 256.  One PRMT + one shared load per packed byte give an mma A register from a
+# on tensor cores (kGemvMma) for M <= 8 with fp16/bf16 x, K % 256 == 0, blocksize >= 64 and
+# N * K < 2^32 - 256 (M > 1: the batch rows are mma columns, 2.3 instructions per weight whatever M).  One PRMT + one shared load per packed byte give an mma A register from a
 # per-lane table of fp16/bf16 pairs, x is the B fragment, mma.sync accumulates in fp32: 1.9
 # instructions per weight in its main loop (static sm_90 SASS, benchmarks.kernel_report) against 6.1
 # for the stream kernel, whose issue rate holds M = 1 near 28 us on the H100.  The table rounds the code values to x's precision (bf16: relative
@@ -238,7 +238,7 @@ def _gemm_splits(M: int, N_out: int, K_red: int, device: torch.device) -> int:
 def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int) -> str:
     """Which decode GEMV takes x [M, K] (dtype) against W [N, K] at `blocksize`: "mma" (the
     tensor-core stream kernel, GEMV_MMA), "stream" (the memory-order kernel, GEMV_STREAM) or "rows"."""
-    if M == 1 and GEMV_MMA and dtype in _HALF_DTYPES and K % _MMA_TILE == 0 and blocksize >= 64 \
+    if M <= GEMV_MAX_M and GEMV_MMA and dtype in _HALF_DTYPES and K % _MMA_TILE == 0 and blocksize >= 64 \
             and N * K < 2**32 - _MMA_TILE:
         return "mma"
     if M == 1 and GEMV_STREAM and K % _STREAM_TILE == 0:

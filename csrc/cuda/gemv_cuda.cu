@@ -426,6 +426,82 @@ __device__ __forceinline__ uint32_t mma_build_table(unsigned char* smem, int qua
   return table_at;
 }
 
+// Where a warp of the tensor-core GEMVs works (persistent grid, memory order): the 256-wide K-tile
+// kt, its first 16-row block rb0 and the R row blocks between its visits; inactive warps only help
+// build the table.
+struct MmaWarp {
+  int kt, rb0, R, row_blocks;
+  bool active;  // warp-uniform
+};
+__device__ __forceinline__ MmaWarp mma_warp(int N, int64_t K, int warps_used) {
+  const int g = blockIdx.x * (kMmaThreads / 32) + (threadIdx.x >> 5);
+  const int tiles_per_row = (int)(K / kMmaTile);
+  return MmaWarp{g % tiles_per_row, g / tiles_per_row, warps_used / tiles_per_row, (N + 15) >> 4, g < warps_used};
+}
+
+// A ring of D visits' weight registers (Slot: one visit's bytes), zeroed, its first D - 1 fetched.
+// Rows past N keep stale bytes later: they only reach their own rows of C, which are not written.
+template <int D, typename Slot, typename Fetch>
+__device__ __forceinline__ void mma_prefetch(const MmaWarp& w, Slot (&ring)[D], Fetch&& fetch) {
+#pragma unroll
+  for (int u = 0; u < D; ++u) ring[u] = Slot{};
+  if (w.active) {
+#pragma unroll
+    for (int u = 0; u + 1 < D; ++u)
+      if (w.rb0 + u * w.R < w.row_blocks) fetch(ring[u]);
+  }
+}
+
+// The warp's visits rb0, rb0 + R, ..., each reading ring slot u while the slot D - 1 visits ahead
+// fills (visit(rb, cur, next) fetches into next).
+template <int D, typename Slot, typename Visit>
+__device__ __forceinline__ void mma_sweep(const MmaWarp& w, Slot (&ring)[D], Visit&& visit) {
+  for (int rb = w.rb0; rb < w.row_blocks; rb += D * w.R) {
+#pragma unroll
+    for (int u = 0; u < D; ++u) {
+      if (rb + u * w.R >= w.row_blocks) break;
+      visit(rb + u * w.R, ring[u], ring[(u + D - 1) % D]);
+    }
+  }
+}
+
+// An mma A fragment from the table: bytes lo and lo + 1 of word r0 (row grp) and of word r1 (row
+// grp + 8) as k slots tid and tid + 4.  Each byte written into bits 8-15 of lane_entry (selectors
+// 4, 6, 7 keep lane_entry's other bytes) is the shared address of its code pair: PRMT + LDS.
+__device__ __forceinline__ void mma_a_from_table(uint32_t (&a)[4], uint32_t r0, uint32_t r1, uint32_t lo,
+                                                 uint32_t lane_entry) {
+  const uint32_t sel_lo = 0x7604u | (lo << 4), sel_hi = 0x7604u | ((lo + 1u) << 4);
+  a[0] = lds_u32(__byte_perm(r0, lane_entry, sel_lo));
+  a[1] = lds_u32(__byte_perm(r1, lane_entry, sel_lo));
+  a[2] = lds_u32(__byte_perm(r0, lane_entry, sel_hi));
+  a[3] = lds_u32(__byte_perm(r1, lane_entry, sel_hi));
+}
+
+// This lane's read position in W: rows `row` and `row + 8` of the warp's next visit, at byte
+// `lane_byte` of its K-tile; next() moves on by the warp's R row blocks.
+struct MmaCursor {
+  const uint8_t* p;
+  int row;
+  int64_t step, rows8;
+  int rows_step;
+  __device__ __forceinline__ MmaCursor(const uint8_t* packed, const MmaWarp& w, int64_t K, int grp, int lane_byte)
+      : p(packed + (int64_t)(w.rb0 * 16 + grp) * (K >> 1) + (int64_t)w.kt * (kMmaTile / 2) + lane_byte),
+        row(w.rb0 * 16 + grp), step((int64_t)w.R * 16 * (K >> 1)), rows8(8 * (K >> 1)), rows_step(16 * w.R) {}
+  __device__ __forceinline__ void next() {
+    row += rows_step;
+    p += step;
+  }
+};
+
+// One visit's weight bytes of the M = 1 kernel (rows grp, grp + 8 x 16 bytes at 64 j + 16 tid)
+// and of the batch kernel (rows grp, grp + 8 x 8 bytes per quarter q at 32 q + 8 tid).
+struct MmaBytes16 {
+  uint4 w[2][2];
+};
+struct MmaBytes8 {
+  uint2 w[2][4];
+};
+
 template <typename TX, int D>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     gemv_4bit_mma_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
@@ -435,52 +511,30 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   const bool nested = am.q != nullptr;
   const int lane = threadIdx.x & 31;
   const int grp = lane >> 2, tid = lane & 3;
-  const int g = blockIdx.x * (kMmaThreads / 32) + (threadIdx.x >> 5);
-  const int tiles_per_row = (int)(K / kMmaTile);
-  const int R = warps_used / tiles_per_row;  // row blocks between one warp's visits
-  const bool active = g < warps_used;        // warp-uniform
-  const int kt = g % tiles_per_row;
-  const int rb0 = g / tiles_per_row;
-  const int row_blocks = (N + 15) >> 4;
-  const int64_t row_bytes = K >> 1;
+  const MmaWarp wa = mma_warp(N, K, warps_used);
+  const int kt = wa.kt, R = wa.R, row_blocks = wa.row_blocks;
 
   // This lane's weight bytes: rows grp (+ 8) of the next row block to fetch, bytes 16 tid + 64 j of the tile.
-  int fetch_row = rb0 * 16 + grp;
-  const uint8_t* wp = packed + (int64_t)fetch_row * row_bytes + (int64_t)kt * (kMmaTile / 2) + 16 * tid;
-  const int64_t wp_step = (int64_t)R * 16 * row_bytes;
-  const int64_t wp_8rows = 8 * row_bytes;
-  auto fetch = [&](uint4 (&w)[2][2]) {
-    if (fetch_row < N) {
-      w[0][0] = __ldcs(reinterpret_cast<const uint4*>(wp));
-      w[0][1] = __ldcs(reinterpret_cast<const uint4*>(wp + 64));
+  MmaCursor wc(packed, wa, K, grp, 16 * tid);
+  auto fetch = [&](MmaBytes16& b) {
+    if (wc.row < N) {
+      b.w[0][0] = __ldcs(reinterpret_cast<const uint4*>(wc.p));
+      b.w[0][1] = __ldcs(reinterpret_cast<const uint4*>(wc.p + 64));
     }
-    if (fetch_row + 8 < N) {
-      w[1][0] = __ldcs(reinterpret_cast<const uint4*>(wp + wp_8rows));
-      w[1][1] = __ldcs(reinterpret_cast<const uint4*>(wp + wp_8rows + 64));
+    if (wc.row + 8 < N) {
+      b.w[1][0] = __ldcs(reinterpret_cast<const uint4*>(wc.p + wc.rows8));
+      b.w[1][1] = __ldcs(reinterpret_cast<const uint4*>(wc.p + wc.rows8 + 64));
     }
-    fetch_row += 16 * R;
-    wp += wp_step;
+    wc.next();
   };
-  // A ring of D visits' weights, D - 1 fetched ahead.  Rows past N keep stale bytes: they only
-  // reach their own rows of C, which are not written.
-  uint4 ring[D][2][2];
-#pragma unroll
-  for (int u = 0; u < D; ++u)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) ring[u][h][j] = make_uint4(0u, 0u, 0u, 0u);
-  if (active) {
-#pragma unroll
-    for (int u = 0; u + 1 < D; ++u)
-      if (rb0 + u * R < row_blocks) fetch(ring[u]);
-  }
+  MmaBytes16 ring[D];
+  mma_prefetch(wa, ring, fetch);
 
   const uint32_t table_at = mma_build_table<TX>(mma_smem, quant_type, am);
   const uint32_t code_at = table_at + kMmaTableBytes;
   const uint32_t lane_entry = table_at | ((uint32_t)lane * 4u);  // entry 0 of this lane; bits 8-15 take the byte
   __syncthreads();
-  if (!active) return;  // whole warps exit together (after the only __syncthreads)
+  if (!wa.active) return;  // whole warps exit together (after the only __syncthreads)
   const float offset = nested ? __ldg(am.offset) : 0.0f;
 
   // B fragments of mma (j, i): x elements 128 j + 32 tid + 4 i .. + 3 of the tile, in column
@@ -501,13 +555,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   // The absmax this lane reads: row grp + 8 (tid >> 1), quarters 2 (tid & 1) and + 1, as flat
   // element indices (N * K < 2^32); both quarters share one nested block (their blocks are 2b, 2b + 1 or one).
   const int scale_row_off = grp + 8 * (tid >> 1);
-  uint32_t scale_e = (uint32_t)(rb0 * 16 + scale_row_off) * (uint32_t)K + (uint32_t)kt * kMmaTile + 128u * (tid & 1);
+  uint32_t scale_e = (uint32_t)(wa.rb0 * 16 + scale_row_off) * (uint32_t)K + (uint32_t)kt * kMmaTile + 128u * (tid & 1);
   const uint32_t scale_e_step = (uint32_t)R * 16u * (uint32_t)K;
   // This lane's output: lane tid 0 row grp, lane tid 1 row grp + 8 (tid 2 and 3 write nothing).
   const int out_row_off = grp + 8 * (tid & 1);
   float* out = partial + (int64_t)kt * N;
 
-  auto visit = [&](int rb, const uint4 (&cur)[2][2], uint4 (&nxt)[2][2]) {
+  auto visit = [&](int rb, const MmaBytes16& cur, MmaBytes16& nxt) {
     if (rb + (D - 1) * R < row_blocks) fetch(nxt);
     float sa = 0.0f, sb = 0.0f;
     if (rb * 16 + scale_row_off < N) {
@@ -528,14 +582,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int w = i >> 1;
-        const uint32_t lo = (uint32_t)(2 * (i & 1)), hi = lo + 1u;
-        const uint32_t r0 = w == 0 ? cur[0][j].x : w == 1 ? cur[0][j].y : w == 2 ? cur[0][j].z : cur[0][j].w;
-        const uint32_t r1 = w == 0 ? cur[1][j].x : w == 1 ? cur[1][j].y : w == 2 ? cur[1][j].z : cur[1][j].w;
-        // lane_entry with byte b of the word as its bits 8-15 (selectors 4, 6, 7: lane_entry's bytes)
-        const uint32_t a[4] = {lds_u32(__byte_perm(r0, lane_entry, 0x7604u | (lo << 4))),
-                               lds_u32(__byte_perm(r1, lane_entry, 0x7604u | (lo << 4))),
-                               lds_u32(__byte_perm(r0, lane_entry, 0x7604u | (hi << 4))),
-                               lds_u32(__byte_perm(r1, lane_entry, 0x7604u | (hi << 4)))};
+        const uint4& c0 = cur.w[0][j];
+        const uint4& c1 = cur.w[1][j];
+        uint32_t a[4];
+        mma_a_from_table(a, w == 0 ? c0.x : w == 1 ? c0.y : w == 2 ? c0.z : c0.w,
+                         w == 0 ? c1.x : w == 1 ? c1.y : w == 2 ? c1.z : c1.w, (uint32_t)(2 * (i & 1)), lane_entry);
         mma16816<TX>(c, a, xb[j][i]);
       }
     }
@@ -548,13 +599,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     if (tid < 2 && row < N) out[row] = (tid & 1) ? v1 : v0;
   };
 
-  for (int rb = rb0; rb < row_blocks; rb += D * R) {
-#pragma unroll
-    for (int u = 0; u < D; ++u) {
-      if (rb + u * R >= row_blocks) break;
-      visit(rb + u * R, ring[u], ring[(u + D - 1) % D]);
-    }
-  }
+  mma_sweep(wa, ring, visit);
 }
 
 // M = 2..8 on the same scheme (kGemvMma with M > 1): the batch rows are B's columns, so each
@@ -574,49 +619,29 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   const bool nested = am.q != nullptr;
   const int lane = threadIdx.x & 31;
   const int grp = lane >> 2, tid = lane & 3;
-  const int g = blockIdx.x * (kMmaThreads / 32) + (threadIdx.x >> 5);
-  const int tiles_per_row = (int)(K / kMmaTile);
-  const int R = warps_used / tiles_per_row;
-  const bool active = g < warps_used;  // warp-uniform
-  const int kt = g % tiles_per_row;
-  const int rb0 = g / tiles_per_row;
-  const int row_blocks = (N + 15) >> 4;
-  const int64_t row_bytes = K >> 1;
+  const MmaWarp wa = mma_warp(N, K, warps_used);
+  const int kt = wa.kt, R = wa.R, row_blocks = wa.row_blocks;
 
-  int fetch_row = rb0 * 16 + grp;
-  const uint8_t* wp = packed + (int64_t)fetch_row * row_bytes + (int64_t)kt * (kMmaTile / 2) + 8 * tid;
-  const int64_t wp_step = (int64_t)R * 16 * row_bytes;
-  const int64_t wp_8rows = 8 * row_bytes;
-  auto fetch = [&](uint2 (&w)[2][4]) {
-    if (fetch_row < N) {
+  MmaCursor wc(packed, wa, K, grp, 8 * tid);  // rows grp (+ 8), bytes 32 q + 8 tid of the tile
+  auto fetch = [&](MmaBytes8& b) {
+    if (wc.row < N) {
 #pragma unroll
-      for (int q = 0; q < 4; ++q) w[0][q] = __ldcs(reinterpret_cast<const uint2*>(wp + 32 * q));
+      for (int q = 0; q < 4; ++q) b.w[0][q] = __ldcs(reinterpret_cast<const uint2*>(wc.p + 32 * q));
     }
-    if (fetch_row + 8 < N) {
+    if (wc.row + 8 < N) {
 #pragma unroll
-      for (int q = 0; q < 4; ++q) w[1][q] = __ldcs(reinterpret_cast<const uint2*>(wp + wp_8rows + 32 * q));
+      for (int q = 0; q < 4; ++q) b.w[1][q] = __ldcs(reinterpret_cast<const uint2*>(wc.p + wc.rows8 + 32 * q));
     }
-    fetch_row += 16 * R;
-    wp += wp_step;
+    wc.next();
   };
-  uint2 ring[D][2][4];  // as in gemv_4bit_mma_kernel: D visits, stale bytes past N stay in their rows
-#pragma unroll
-  for (int u = 0; u < D; ++u)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) ring[u][h][q] = make_uint2(0u, 0u);
-  if (active) {
-#pragma unroll
-    for (int u = 0; u + 1 < D; ++u)
-      if (rb0 + u * R < row_blocks) fetch(ring[u]);
-  }
+  MmaBytes8 ring[D];
+  mma_prefetch(wa, ring, fetch);
 
   const uint32_t table_at = mma_build_table<TX>(mma_smem, quant_type, am);
   const uint32_t code_at = table_at + kMmaTableBytes;
   const uint32_t lane_entry = table_at | ((uint32_t)lane * 4u);
   __syncthreads();
-  if (!active) return;  // whole warps exit together (after the only __syncthreads)
+  if (!wa.active) return;  // whole warps exit together (after the only __syncthreads)
   const float offset = nested ? __ldg(am.offset) : 0.0f;
 
   // B fragments of mma (q, i): batch row grp's x elements 64 q + 16 tid + 4 i .. + 3 of the tile.
@@ -635,7 +660,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   }
 
   // Quarter tid's absmax of row grp (flat element index; N * K < 2^32) and of row grp + 8.
-  uint32_t scale_e = (uint32_t)(rb0 * 16 + grp) * (uint32_t)K + (uint32_t)kt * kMmaTile + 64u * tid;
+  uint32_t scale_e = (uint32_t)(wa.rb0 * 16 + grp) * (uint32_t)K + (uint32_t)kt * kMmaTile + 64u * tid;
   const uint32_t scale_e_step = (uint32_t)R * 16u * (uint32_t)K, scale_e_8rows = 8u * (uint32_t)K;
   auto scale = [&](uint32_t e) -> float {
     const uint32_t b = e >> log2_bs;
@@ -644,7 +669,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   };
   float* out = partial + (int64_t)kt * M * N;
 
-  auto visit = [&](int rb, const uint2 (&cur)[2][4], uint2 (&nxt)[2][4]) {
+  auto visit = [&](int rb, const MmaBytes8& cur, MmaBytes8& nxt) {
     if (rb + (D - 1) * R < row_blocks) fetch(nxt);
     const int row0 = rb * 16 + grp;
     const float s0 = row0 < N ? scale(scale_e) : 0.0f;
@@ -656,12 +681,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const uint32_t r0 = i < 2 ? cur[0][q].x : cur[0][q].y, r1 = i < 2 ? cur[1][q].x : cur[1][q].y;
-        const uint32_t lo = (uint32_t)(2 * (i & 1)), hi = lo + 1u;
-        const uint32_t a[4] = {lds_u32(__byte_perm(r0, lane_entry, 0x7604u | (lo << 4))),
-                               lds_u32(__byte_perm(r1, lane_entry, 0x7604u | (lo << 4))),
-                               lds_u32(__byte_perm(r0, lane_entry, 0x7604u | (hi << 4))),
-                               lds_u32(__byte_perm(r1, lane_entry, 0x7604u | (hi << 4)))};
+        uint32_t a[4];
+        mma_a_from_table(a, i < 2 ? cur.w[0][q].x : cur.w[0][q].y, i < 2 ? cur.w[1][q].x : cur.w[1][q].y,
+                         (uint32_t)(2 * (i & 1)), lane_entry);
         mma16816<TX>(c, a, xb[q][i]);
       }
       const float q0 = __shfl_sync(0xffffffffu, s0, (lane & ~3) | q);
@@ -681,13 +703,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     }
   };
 
-  for (int rb = rb0; rb < row_blocks; rb += D * R) {
-#pragma unroll
-    for (int u = 0; u < D; ++u) {
-      if (rb + u * R >= row_blocks) break;
-      visit(rb + u * R, ring[u], ring[(u + D - 1) % D]);
-    }
-  }
+  mma_sweep(wa, ring, visit);
 }
 
 // y[m, n] = T(sum_s partial[s, m, n] + bias[n] + sum_j lora_t[m, j] * lora_b[n, j]).

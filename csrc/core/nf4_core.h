@@ -157,10 +157,13 @@ NF4_HD uint8_t dynamic_encode(float x, const float* map) {
   return (uint8_t)lo;
 }
 
-// Reconstructed block absmax of a double-quantized state:
+// Reconstructed block absmax of a double-quantized state from its code's value map[q]:
 // fp32(map[q] * nested_absmax[block / 256]) then + offset, as two roundings.
+NF4_HD float nested_absmax_from_code(float code_value, float nested_absmax, float offset) {
+  return add_rn(mul_rn(code_value, nested_absmax), offset);
+}
 NF4_HD float nested_absmax_decode(uint8_t q, const float* map, float nested_absmax, float offset) {
-  return add_rn(mul_rn(map[q], nested_absmax), offset);
+  return nested_absmax_from_code(map[q], nested_absmax, offset);
 }
 
 // Per-block absmax of a plain (absmax != nullptr) or double-quantized state.

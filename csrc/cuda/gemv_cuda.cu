@@ -567,9 +567,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     if (rb * 16 + scale_row_off < N) {
       const uint32_t ba = scale_e >> log2_bs, bb = (scale_e + 64u) >> log2_bs;
       if (nested) {
-        const float na = __ldg(am.nested + (ba >> 8));
-        sa = __fadd_rn(__fmul_rn(lds_f32(code_at + 4u * __ldg(am.q + ba)), na), offset);
-        sb = __fadd_rn(__fmul_rn(lds_f32(code_at + 4u * __ldg(am.q + bb)), na), offset);
+        const float na = __ldg(am.nested + (ba / core::kNestedBlocksize));
+        sa = core::nested_absmax_from_code(lds_f32(code_at + 4u * __ldg(am.q + ba)), na, offset);
+        sb = core::nested_absmax_from_code(lds_f32(code_at + 4u * __ldg(am.q + bb)), na, offset);
       } else {
         sa = __ldg(am.absmax + ba);
         sb = __ldg(am.absmax + bb);
@@ -664,7 +664,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   const uint32_t scale_e_step = (uint32_t)R * 16u * (uint32_t)K, scale_e_8rows = 8u * (uint32_t)K;
   auto scale = [&](uint32_t e) -> float {
     const uint32_t b = e >> log2_bs;
-    return nested ? __fadd_rn(__fmul_rn(lds_f32(code_at + 4u * __ldg(am.q + b)), __ldg(am.nested + (b >> 8))), offset)
+    return nested ? core::nested_absmax_from_code(lds_f32(code_at + 4u * __ldg(am.q + b)),
+                                                  __ldg(am.nested + (b / core::kNestedBlocksize)), offset)
                   : __ldg(am.absmax + b);
   };
   float* out = partial + (int64_t)kt * M * N;

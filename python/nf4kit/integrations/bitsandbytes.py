@@ -42,7 +42,7 @@ import math
 import os
 import warnings
 import weakref
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -71,10 +71,24 @@ def _count(op: str, device: torch.device) -> None:
     call_counts[(op, device.type)] += 1
 
 
-# id(code) -> (weakref to code, (code version, data_ptr, device), 'nf4' / 'fp4' / None).  bitsandbytes
-# passes each layer's own quant_map tensor on every gemv_4bit call; reading it back to the host to
-# identify it cost a device sync per call on CUDA (the M = 1 decode measured 117-315 us through
-# nf4kit against 33 us stock on an H100), so it is identified once per tensor and version.
+def _cached_for(cache: dict, owner: torch.Tensor, key: tuple, compute: Callable[[], Any]) -> Any:
+    """compute(), kept in `cache` under id(owner) for as long as `key` (what it depends on: version
+    counters, data pointers) holds, and dropped when `owner` is freed."""
+    hit = cache.get(id(owner))
+    if hit is not None and hit[0]() is owner and hit[1] == key:
+        return hit[2]
+    value = compute()
+    if hit is None or hit[0]() is not owner:
+        weakref.finalize(owner, cache.pop, id(owner), None)
+    cache[id(owner)] = (weakref.ref(owner), key, value)
+    return value
+
+
+# id(code) -> (weakref to code, (code version, data_ptr, device), 'nf4' / 'fp4' / None), by
+# _cached_for.  bitsandbytes passes each layer's own quant_map tensor on every gemv_4bit call;
+# reading it back to the host to identify it cost a device sync per call on CUDA (the M = 1 decode
+# measured 117-315 us through nf4kit against 33 us stock on an H100), so it is identified once per
+# tensor and version.
 _table_type_cache: dict = {}
 
 
@@ -85,16 +99,12 @@ def _table_type(code: torch.Tensor) -> Optional[str]:
 
     if code.numel() != 16:
         return None
-    key = (code._version, code.data_ptr(), code.device)
-    hit = _table_type_cache.get(id(code))
-    if hit is not None and hit[0]() is code and hit[1] == key:
-        return hit[2]
-    c = code.detach().reshape(-1).float().cpu()
-    found = next((qt for qt in fmt.QUANT_TYPES if torch.equal(c, fmt.code_table(qt))), None)
-    if hit is None or hit[0]() is not code:
-        weakref.finalize(code, _table_type_cache.pop, id(code), None)
-    _table_type_cache[id(code)] = (weakref.ref(code), key, found)
-    return found
+
+    def identify() -> Optional[str]:
+        c = code.detach().reshape(-1).float().cpu()
+        return next((qt for qt in fmt.QUANT_TYPES if torch.equal(c, fmt.code_table(qt))), None)
+
+    return _cached_for(_table_type_cache, code, (code._version, code.data_ptr(), code.device), identify)
 
 
 _device_tables: dict = {}
@@ -141,7 +151,8 @@ def _packed_for(B: torch.Tensor, n: int) -> torch.Tensor:
     return b[:need] if b.numel() > need else b
 
 
-# id(absmax) -> (weakref to absmax, (absmax version, B data_ptr, B version, N, K), packed, absmax fp32):
+# id(absmax) -> (weakref to absmax, (absmax version, B data_ptr, B version, N, K), (packed, absmax fp32)),
+# by _cached_for:
 # bitsandbytes keeps its CPU-layout absmax in the layer's QuantState, one tensor per layer for the
 # layer's life, while B arrives as a fresh view (weight.t()) on every call.
 _cpu_layout_cache: dict = {}
@@ -153,15 +164,8 @@ def _unpack_cpu_layout_cached(B: torch.Tensor, absmax: torch.Tensor, N: int,
     weight) cost 5x the kernel itself, per call, in a decode (SmolLM2-135M: 3.2 vs 17.5 tok/s for
     stock bitsandbytes).  The entry is dropped with the layer's absmax and is not used if either
     tensor changed since (their version counters) or B moved.  It holds the converted copy."""
-    key = (absmax._version, B.data_ptr(), B._version, N, K)
-    hit = _cpu_layout_cache.get(id(absmax))
-    if hit is not None and hit[0]() is absmax and hit[1] == key:
-        return hit[2], hit[3]
-    packed, am = _unpack_cpu_layout(B, absmax, N, K)
-    if hit is None or hit[0]() is not absmax:
-        weakref.finalize(absmax, _cpu_layout_cache.pop, id(absmax), None)
-    _cpu_layout_cache[id(absmax)] = (weakref.ref(absmax), key, packed, am)
-    return packed, am
+    return _cached_for(_cpu_layout_cache, absmax, (absmax._version, B.data_ptr(), B._version, N, K),
+                       lambda: _unpack_cpu_layout(B, absmax, N, K))
 
 
 def _unpack_cpu_layout(B: torch.Tensor, absmax: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:

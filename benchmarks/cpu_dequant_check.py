@@ -2,10 +2,11 @@
 API (fresh 117 MB output each call) and into a preallocated buffer, beside fill_/copy_ ceilings.
 Interleaved min/median of 15.  `python benchmarks/cpu_dequant_check.py` (a measurement, not a test).
 """
-import os
-os.environ["NF4KIT_BNB_BACKEND"] = "0"  # stock bitsandbytes (nf4kit's entry point would register itself)
-import torch, time, nf4kit, statistics, sys
-import bitsandbytes.functional as F
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import torch, time, nf4kit, statistics
+from benchmarks import anchors
+F = anchors.bitsandbytes().functional  # stock bitsandbytes, as every benchmark anchor
 torch.manual_seed(0)
 Wb = torch.randn(4096, 14336).bfloat16()
 pb, qb = nf4kit.quantize_4bit(Wb, compress_statistics=True)

@@ -17,12 +17,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
 
 import nf4kit
 from nf4kit import backends, ops
+
+# Run as a script (python benchmarks/cpu_kernels_quick.py): the repository root holds `benchmarks`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import anchors  # noqa: E402
 
 
 def bench(fn, reps: int) -> float:
@@ -145,15 +150,8 @@ def main() -> None:
     only = set(args.only.split(","))
     reps = args.reps
     torch.manual_seed(0)
-    try:
-        # stock bitsandbytes: nf4kit's entry point would register nf4kit's kernels as its backend
-        os.environ["NF4KIT_BNB_BACKEND"] = "0"
-        import bitsandbytes.functional as bnbf
-
-        from nf4kit.integrations import bitsandbytes as nf4kit_bnb
-        nf4kit_bnb.disable()
-    except Exception:  # noqa: BLE001 - optional anchor
-        bnbf = None
+    bnb = anchors.bitsandbytes()  # stock bitsandbytes (None when it is missing), as every anchor
+    bnbf = bnb.functional if bnb is not None else None
     from nf4kit.backends import cpu as cpu_backend
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, nf4kit cpu isa {cpu_backend.isa()}")

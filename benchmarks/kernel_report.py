@@ -345,16 +345,23 @@ def analyse_cubin(path: str, cuobjdump: str) -> tuple[dict[str, collections.Coun
 
 
 # The decode kernels whose main loop is summarised (instructions per weight and lane): the M = 1
-# stream kernels and the tensor-core batch kernel (M <= 8: its HMMA carry every batch row at once).
+# stream kernels and the tensor-core batch kernel (M <= 16: its HMMA carry 8 batch rows at once).
 M1_LOOP_KERNELS = ("gemv_4bit_stream_kernel", "gemv_4bit_mma_kernel", "gemv_stream_m1", "gemv_4bit_mma_batch_kernel")
 
 
+def mma_n_tiles(name: str) -> int:
+    """The n-tiles (8 batch rows each) of a tensor-core batch GEMV, its last template argument; 1 otherwise."""
+    m = re.search(r"gemv_4bit_mma_batch_kernel<[^<>]*,\s*(\d+)>", name)
+    return int(m.group(1)) if m else 1
+
+
 def fill_loop(st: KernelStat, loop: Optional[collections.Counter]) -> None:
-    """Main-loop size of a decode kernel (M1_LOOP_KERNELS), and its weights per lane: 8 per HMMA, or without
-    tensor cores one per FFMA (a slight overcount: the scale's few FFMA are counted too)."""
+    """Main-loop size of a decode kernel (M1_LOOP_KERNELS), and its weights per lane: 8 per A fragment
+    (HMMA / n-tiles: the batch kernel's n-tiles share one), or without tensor cores one per FFMA (a
+    slight overcount: the scale's few FFMA are counted too)."""
     if loop and any(k in st.name for k in M1_LOOP_KERNELS):
         st.loop_instr = sum(loop.values())
-        st.loop_weights = 8 * loop["HMMA"] if loop["HMMA"] else loop["FFMA"]
+        st.loop_weights = 8 * loop["HMMA"] // mma_n_tiles(st.name) if loop["HMMA"] else loop["FFMA"]
 
 
 # ---------------------------------------------------------------- Triton

@@ -31,7 +31,7 @@ int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, c
 int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n, int blocksize,
                          void* out, int out_dtype, void* stream);
 
-// Decode GEMV (M <= 8): partial[s][m][n] = sum over K-split s of x[m, k] * deq(W)[n, k], then
+// Decode GEMV (M <= 8; M <= 16 with kGemvMma): partial[s][m][n] = sum over K-split s of x[m, k] * deq(W)[n, k], then
 // splitk_finalize.  W [N, K] packed row-major, K % 32 == 0; x [M, K] (x_dtype), 16-byte
 // aligned.  rows_per_warp: 1, 2, 4 or 8 rows share each x chunk.  depth: chunks per row in each
 // lane's load ring (depth - 1 in flight): 2; for M = 1 also 3 or 4 with rows_per_warp <= 4,
@@ -50,8 +50,8 @@ int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* cod
 constexpr int kGemvPairTable = 1;
 constexpr int kGemvDirect = 2;
 constexpr int kGemvStream = 4;
-constexpr int kGemvMma = 8;  // experimental: the stream scheme on mma.sync (M <= 8, fp16/bf16 x, K % 256 == 0,
-                             // blocksize >= 64, S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit)
+constexpr int kGemvMma = 8;  // the stream scheme on mma.sync (M <= 16, fp16/bf16 x, K % 256 == 0, blocksize >= 64,
+                             // S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit)
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
               int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,

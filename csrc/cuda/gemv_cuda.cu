@@ -1,4 +1,4 @@
-// Decode GEMV for M <= 8: y[M, N] = x[M, K] . deq(W)^T (+ bias, + LoRA), W packed 4-bit.
+// Decode GEMV for M <= 8 (M <= 16 on tensor cores): y[M, N] = x[M, K] . deq(W)^T (+ bias, + LoRA), W packed 4-bit.
 //
 // Bandwidth-bound: every packed byte of W is read once (16-byte streaming loads).  A warp owns
 // kRowsPerWarp (1, 2, 4 or 8) rows and one K-split; lane L walks the split's 32-element chunks L, L+32, ...
@@ -27,9 +27,10 @@
 // ~warps x 512 bytes, as a copy's do.  Each (row, K-tile) dot is warp-reduced into partial[kt][n],
 // and splitk_finalize sums the tiles in order (deterministic).
 //
-// Experimental tensor-core stream (M = 1, fp16/bf16 x; kGemvMma): the same memory order with a
-// 256-wide K-tile per warp, the code pairs looked up straight into mma.sync A fragments (see
-// gemv_4bit_mma_kernel): about 1.9 instructions per weight against the stream kernel's 6.
+// Tensor-core stream (M <= 16, fp16/bf16 x; kGemvMma): the same memory order with a 256-wide
+// K-tile per warp, the code pairs looked up straight into mma.sync A fragments (see
+// gemv_4bit_mma_kernel and, for M > 1, gemv_4bit_mma_batch_kernel): about 1.9 instructions per
+// weight at M = 1 against the stream kernel's 6.
 #include <type_traits>
 
 #include "cuda/common.cuh"
@@ -42,6 +43,7 @@ using namespace detail;
 
 constexpr int kGemvThreads = 128;  // 4 warps
 constexpr int kMaxM = 8;
+constexpr int kMmaMaxM = 16;  // the tensor-core GEMVs: two n-tiles of 8 batch rows
 
 // 32 consecutive activations (16-byte aligned) as fp32.
 __device__ __forceinline__ void load_x32(const float* p, float (&v)[32]) {
@@ -417,11 +419,11 @@ __device__ __forceinline__ uint32_t mma_build_table(unsigned char* smem, int qua
   const uint32_t smem0 = (uint32_t)__cvta_generic_to_shared(smem);
   const uint32_t table_at = (smem0 + (kMmaTableBytes - 1)) & ~(uint32_t)(kMmaTableBytes - 1);
   unsigned char* table = smem + (table_at - smem0);
-  for (int i = threadIdx.x; i < 256 * 32; i += kMmaThreads)
+  for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x)
     *reinterpret_cast<uint32_t*>(table + (i >> 5) * 256 + 4 * (i & 31)) = pair_entry_of<TX>(quant_type, (uint32_t)i >> 5);
   if (am.q != nullptr) {
     float* code = reinterpret_cast<float*>(table + kMmaTableBytes);
-    for (int i = threadIdx.x; i < 256; i += kMmaThreads) code[i] = __ldg(am.code + i);
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = __ldg(am.code + i);
   }
   return table_at;
 }
@@ -434,7 +436,7 @@ struct MmaWarp {
   bool active;  // warp-uniform
 };
 __device__ __forceinline__ MmaWarp mma_warp(int N, int64_t K, int warps_used) {
-  const int g = blockIdx.x * (kMmaThreads / 32) + (threadIdx.x >> 5);
+  const int g = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int tiles_per_row = (int)(K / kMmaTile);
   return MmaWarp{g % tiles_per_row, g / tiles_per_row, warps_used / tiles_per_row, (N + 15) >> 4, g < warps_used};
 }
@@ -495,12 +497,41 @@ struct MmaCursor {
 
 // One visit's weight bytes of the M = 1 kernel (rows grp, grp + 8 x 16 bytes at 64 j + 16 tid)
 // and of the batch kernel (rows grp, grp + 8 x 8 bytes per quarter q at 32 q + 8 tid).
+// Each slot also carries the visit's raw absmax inputs, fetched with its bytes, so that no visit
+// waits on a dependent global load (absmax code, then nested scale) before its scales: two
+// absmax codes packed as q0 | q1 << 16 and the nested scale(s) (double quant), or the plain absmax.
 struct MmaBytes16 {
   uint4 w[2][2];
+  uint32_t q;  // double quant: this lane's two absmax codes
+  float s[2];  // double quant: the nested absmax (in s[0]); plain: the two absmax
 };
 struct MmaBytes8 {
   uint2 w[2][4];
+  uint32_t q;  // double quant: the absmax codes of rows grp and grp + 8
+  float s[2];  // double quant: their nested absmax; plain: their absmax
 };
+
+// Raw scale inputs of absmax blocks b0, b1 (flat block indices) into a slot; double quant keeps
+// one nested scale when both blocks share a nested block (same_nested).
+template <bool kSameNested, typename Slot>
+__device__ __forceinline__ void mma_fetch_scales(Slot& slot, const Absmax& am, uint32_t b0, uint32_t b1) {
+  if (am.q != nullptr) {
+    slot.q = (uint32_t)__ldg(am.q + b0) | ((uint32_t)__ldg(am.q + b1) << 16);
+    slot.s[0] = __ldg(am.nested + b0 / core::kNestedBlocksize);
+    if constexpr (!kSameNested) slot.s[1] = __ldg(am.nested + b1 / core::kNestedBlocksize);
+  } else {
+    slot.s[0] = __ldg(am.absmax + b0);
+    slot.s[1] = __ldg(am.absmax + b1);
+  }
+}
+
+// Absmax h (0 or 1) of a slot fetched by mma_fetch_scales, decoded (nested: through the shared code table).
+template <bool kSameNested, typename Slot>
+__device__ __forceinline__ float mma_scale(const Slot& slot, int h, bool nested, uint32_t code_at, float offset) {
+  if (!nested) return slot.s[h];
+  const uint32_t code = (slot.q >> (16 * h)) & 0xffu;
+  return core::nested_absmax_from_code(lds_f32(code_at + 4u * code), kSameNested ? slot.s[0] : slot.s[h], offset);
+}
 
 template <typename TX, int D>
 __global__ void __launch_bounds__(kMmaThreads, 1)
@@ -516,6 +547,12 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 
   // This lane's weight bytes: rows grp (+ 8) of the next row block to fetch, bytes 16 tid + 64 j of the tile.
   MmaCursor wc(packed, wa, K, grp, 16 * tid);
+  // The absmax this lane reads: row grp + 8 (tid >> 1), quarters 2 (tid & 1) and + 1, as flat
+  // element indices (N * K < 2^32); both quarters share one nested block (their blocks are 2b, 2b + 1 or one).
+  const int scale_row_off = 8 * (tid >> 1);  // from row grp
+  uint32_t scale_e = (uint32_t)(wa.rb0 * 16 + grp + scale_row_off) * (uint32_t)K + (uint32_t)kt * kMmaTile +
+                     128u * (tid & 1);
+  const uint32_t scale_e_step = (uint32_t)R * 16u * (uint32_t)K;
   auto fetch = [&](MmaBytes16& b) {
     if (wc.row < N) {
       b.w[0][0] = __ldcs(reinterpret_cast<const uint4*>(wc.p));
@@ -525,6 +562,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       b.w[1][0] = __ldcs(reinterpret_cast<const uint4*>(wc.p + wc.rows8));
       b.w[1][1] = __ldcs(reinterpret_cast<const uint4*>(wc.p + wc.rows8 + 64));
     }
+    if (wc.row + scale_row_off < N)
+      mma_fetch_scales<true>(b, am, scale_e >> log2_bs, (scale_e + 64u) >> log2_bs);
+    scale_e += scale_e_step;
     wc.next();
   };
   MmaBytes16 ring[D];
@@ -552,30 +592,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     }
   }
 
-  // The absmax this lane reads: row grp + 8 (tid >> 1), quarters 2 (tid & 1) and + 1, as flat
-  // element indices (N * K < 2^32); both quarters share one nested block (their blocks are 2b, 2b + 1 or one).
-  const int scale_row_off = grp + 8 * (tid >> 1);
-  uint32_t scale_e = (uint32_t)(wa.rb0 * 16 + scale_row_off) * (uint32_t)K + (uint32_t)kt * kMmaTile + 128u * (tid & 1);
-  const uint32_t scale_e_step = (uint32_t)R * 16u * (uint32_t)K;
   // This lane's output: lane tid 0 row grp, lane tid 1 row grp + 8 (tid 2 and 3 write nothing).
   const int out_row_off = grp + 8 * (tid & 1);
   float* out = partial + (int64_t)kt * N;
 
   auto visit = [&](int rb, const MmaBytes16& cur, MmaBytes16& nxt) {
+    // Rows past N decode the slot's zeroed or stale scale inputs: they reach only their own rows.
+    const float sa = mma_scale<true>(cur, 0, nested, code_at, offset);
+    const float sb = mma_scale<true>(cur, 1, nested, code_at, offset);
     if (rb + (D - 1) * R < row_blocks) fetch(nxt);
-    float sa = 0.0f, sb = 0.0f;
-    if (rb * 16 + scale_row_off < N) {
-      const uint32_t ba = scale_e >> log2_bs, bb = (scale_e + 64u) >> log2_bs;
-      if (nested) {
-        const float na = __ldg(am.nested + (ba / core::kNestedBlocksize));
-        sa = core::nested_absmax_from_code(lds_f32(code_at + 4u * __ldg(am.q + ba)), na, offset);
-        sb = core::nested_absmax_from_code(lds_f32(code_at + 4u * __ldg(am.q + bb)), na, offset);
-      } else {
-        sa = __ldg(am.absmax + ba);
-        sb = __ldg(am.absmax + bb);
-      }
-    }
-    scale_e += scale_e_step;
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -602,16 +627,17 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   mma_sweep(wa, ring, visit);
 }
 
-// M = 2..8 on the same scheme (kGemvMma with M > 1): the batch rows are B's columns, so each
+// M = 2..16 on the same scheme (kGemvMma with M > 1): the batch rows are B's columns (NT n-tiles
+// of 8: NT = 2 for M > 8, on 256-thread blocks for the registers of its second x), so each
 // quarter keeps its own accumulators.  A visit loads, per lane (grp, tid), 8 bytes of rows grp and
 // grp + 8 per quarter q at byte 32 q + 8 tid of the row tile (pairs 8 tid .. 8 tid + 7 of the
 // quarter): all four lanes of an mma's k slots then lie in one quarter.  mma (q, i) takes bytes
-// 2 i (slot tid) and 2 i + 1 (slot tid + 4); B column m holds batch row m's x (lane grp = m, zero
-// for m >= M).  Lane tid reads quarter tid's absmax of rows grp and grp + 8, and one shuffle per
+// 2 i (slot tid) and 2 i + 1 (slot tid + 4); B column m of n-tile t holds batch row 8 t + m's x
+// (lane grp = m, zero past M); one A fragment serves the NT mmas.  Lane tid reads quarter tid's absmax of rows grp and grp + 8, and one shuffle per
 // row and quarter hands it to the group; the scaled quarters add up in fp32 accumulators, written
-// as partial[kt][m][row] for the batch rows 2 tid and 2 tid + 1 this lane holds.
-template <typename TX, int D>
-__global__ void __launch_bounds__(kMmaThreads, 1)
+// as partial[kt][m][row] for the batch rows 8 t + 2 tid and 8 t + 2 tid + 1 this lane holds.
+template <typename TX, int D, int NT>
+__global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
     gemv_4bit_mma_batch_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed,
                                Absmax am, int log2_bs, int quant_type, int warps_used, float* __restrict__ partial) {
   static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
@@ -623,6 +649,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   const int kt = wa.kt, R = wa.R, row_blocks = wa.row_blocks;
 
   MmaCursor wc(packed, wa, K, grp, 8 * tid);  // rows grp (+ 8), bytes 32 q + 8 tid of the tile
+  // Quarter tid's absmax of row grp (flat element index; N * K < 2^32) and of row grp + 8.
+  uint32_t scale_e = (uint32_t)(wa.rb0 * 16 + grp) * (uint32_t)K + (uint32_t)kt * kMmaTile + 64u * tid;
+  const uint32_t scale_e_step = (uint32_t)R * 16u * (uint32_t)K, scale_e_8rows = 8u * (uint32_t)K;
   auto fetch = [&](MmaBytes8& b) {
     if (wc.row < N) {
 #pragma unroll
@@ -632,6 +661,12 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 #pragma unroll
       for (int q = 0; q < 4; ++q) b.w[1][q] = __ldcs(reinterpret_cast<const uint2*>(wc.p + wc.rows8 + 32 * q));
     }
+    // Quarter tid's absmax of rows grp and grp + 8 (row grp + 8 < N implies row grp < N).
+    if (wc.row + 8 < N)
+      mma_fetch_scales<false>(b, am, scale_e >> log2_bs, (scale_e + scale_e_8rows) >> log2_bs);
+    else if (wc.row < N)
+      mma_fetch_scales<false>(b, am, scale_e >> log2_bs, scale_e >> log2_bs);
+    scale_e += scale_e_step;
     wc.next();
   };
   MmaBytes8 ring[D];
@@ -644,62 +679,69 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   if (!wa.active) return;  // whole warps exit together (after the only __syncthreads)
   const float offset = nested ? __ldg(am.offset) : 0.0f;
 
-  // B fragments of mma (q, i): batch row grp's x elements 64 q + 16 tid + 4 i .. + 3 of the tile.
-  uint32_t xb[4][4][2];
+  // B fragments of mma (t, q, i): batch row 8 t + grp's x elements 64 q + 16 tid + 4 i .. + 3 of the tile.
+  uint32_t xb[NT][4][4][2];
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
+  for (int t = 0; t < NT; ++t) {
+    const int m = 8 * t + grp;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      uint2 v = make_uint2(0u, 0u);
-      if (grp < M)
-        v = __ldg(reinterpret_cast<const uint2*>(x + (int64_t)grp * K + (int64_t)kt * kMmaTile + 64 * q + 16 * tid +
-                                                 4 * i));
-      xb[q][i][0] = v.x;
-      xb[q][i][1] = v.y;
+    for (int q = 0; q < 4; ++q) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        uint2 v = make_uint2(0u, 0u);
+        if (m < M)
+          v = __ldg(reinterpret_cast<const uint2*>(x + (int64_t)m * K + (int64_t)kt * kMmaTile + 64 * q + 16 * tid +
+                                                   4 * i));
+        xb[t][q][i][0] = v.x;
+        xb[t][q][i][1] = v.y;
+      }
     }
   }
 
-  // Quarter tid's absmax of row grp (flat element index; N * K < 2^32) and of row grp + 8.
-  uint32_t scale_e = (uint32_t)(wa.rb0 * 16 + grp) * (uint32_t)K + (uint32_t)kt * kMmaTile + 64u * tid;
-  const uint32_t scale_e_step = (uint32_t)R * 16u * (uint32_t)K, scale_e_8rows = 8u * (uint32_t)K;
-  auto scale = [&](uint32_t e) -> float {
-    const uint32_t b = e >> log2_bs;
-    return nested ? core::nested_absmax_from_code(lds_f32(code_at + 4u * __ldg(am.q + b)),
-                                                  __ldg(am.nested + (b / core::kNestedBlocksize)), offset)
-                  : __ldg(am.absmax + b);
-  };
   float* out = partial + (int64_t)kt * M * N;
 
   auto visit = [&](int rb, const MmaBytes8& cur, MmaBytes8& nxt) {
+    // Rows past N decode the slot's zeroed or stale scale inputs: they reach only their own rows.
+    const float s0 = mma_scale<false>(cur, 0, nested, code_at, offset);
+    const float s8 = mma_scale<false>(cur, 1, nested, code_at, offset);
     if (rb + (D - 1) * R < row_blocks) fetch(nxt);
     const int row0 = rb * 16 + grp;
-    const float s0 = row0 < N ? scale(scale_e) : 0.0f;
-    const float s8 = row0 + 8 < N ? scale(scale_e + scale_e_8rows) : 0.0f;
-    scale_e += scale_e_step;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // rows grp, grp + 8 x batch rows 2 tid, 2 tid + 1
+    // n-tile t: rows grp, grp + 8 x batch rows 8 t + 2 tid, 8 t + 2 tid + 1
+    float acc[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float c[NT][4];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) c[t][0] = c[t][1] = c[t][2] = c[t][3] = 0.0f;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         uint32_t a[4];
         mma_a_from_table(a, i < 2 ? cur.w[0][q].x : cur.w[0][q].y, i < 2 ? cur.w[1][q].x : cur.w[1][q].y,
                          (uint32_t)(2 * (i & 1)), lane_entry);
-        mma16816<TX>(c, a, xb[q][i]);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) mma16816<TX>(c[t], a, xb[t][q][i]);
       }
       const float q0 = __shfl_sync(0xffffffffu, s0, (lane & ~3) | q);
       const float q8 = __shfl_sync(0xffffffffu, s8, (lane & ~3) | q);
-      acc[0] = fmaf(c[0], q0, acc[0]);
-      acc[1] = fmaf(c[1], q0, acc[1]);
-      acc[2] = fmaf(c[2], q8, acc[2]);
-      acc[3] = fmaf(c[3], q8, acc[3]);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        acc[t][0] = fmaf(c[t][0], q0, acc[t][0]);
+        acc[t][1] = fmaf(c[t][1], q0, acc[t][1]);
+        acc[t][2] = fmaf(c[t][2], q8, acc[t][2]);
+        acc[t][3] = fmaf(c[t][3], q8, acc[t][3]);
+      }
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int t = 0; t < NT; ++t) {
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int m = 2 * tid + u, row = row0 + 8 * h;
-        if (m < M && row < N) out[(int64_t)m * N + row] = acc[2 * h + u];
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int m = 8 * t + 2 * tid + u, row = row0 + 8 * h;
+          if (m < M && row < N) out[(int64_t)m * N + row] = acc[t][2 * h + u];
+        }
       }
     }
   };
@@ -717,7 +759,19 @@ __global__ void __launch_bounds__(256)
   if (idx >= (int64_t)M * N) return;
   const int m = (int)(idx / N), n = (int)(idx % N);
   float v = 0.0f;
-  for (int s = 0; s < S; ++s) v += partial[((int64_t)s * M + m) * N + n];
+  // The tiles in order (the bits do not depend on the split), eight loads in flight at a time: with
+  // the tensor-core GEMV's S = K / 256 (56 at K = 14336) one load at a time was ~S L2 round trips.
+  const float* p = partial + (int64_t)m * N + n;
+  const int64_t stride = (int64_t)M * N;
+  int s = 0;
+  for (; s + 8 <= S; s += 8) {
+    float t[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) t[u] = p[(s + u) * stride];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v += t[u];
+  }
+  for (; s < S; ++s) v += p[s * stride];
   if (bias != nullptr) v += bias[n];
   if (lora_t != nullptr) {
     float l = 0.0f;
@@ -880,26 +934,46 @@ int launch_gemv_stream(const void* x, int N, int64_t K, const uint8_t* packed, A
   return kBadArgument;
 }
 
-// The tensor-core variants (M <= 8, fp16/bf16 x, K % 256 == 0, blocksize >= 64, S == K / 256), D
-// visits in its load ring.
+// The persistent grid of a tensor-core GEMV of Threads-thread blocks (one per SM: the table), and
+// its active warps: whole rows of K-tiles, no more warps than tiles.
+template <auto Kernel, int Threads>
+int mma_grid(int N, int64_t K, int64_t* grid, int* warps) {
+  int blocks = 0;
+  const int rc = persistent_blocks<Kernel, Threads, kMmaSmemBytes>(&blocks);
+  if (rc != 0) return rc;
+  const int tiles_per_row = (int)(K / kMmaTile);
+  const int64_t w = persistent_warps(blocks, Threads / 32, (int64_t)((N + 15) / 16) * tiles_per_row, tiles_per_row);
+  if (w < tiles_per_row) return kUnsupported;  // K too long for this device's resident warps
+  *grid = (w + Threads / 32 - 1) / (Threads / 32);
+  *warps = (int)w;
+  return 0;
+}
+
+// The tensor-core variants (M <= 16, fp16/bf16 x, K % 256 == 0, blocksize >= 64, S == K / 256), D
+// visits in its load ring: M = 1, the batch kernel with one n-tile (M <= 8), or two (M <= 16, on
+// half-size blocks: their second x takes 32 more registers).
 template <typename TX, int D>
 int launch_gemv_mma_instance(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                              int quant_type, float* partial, cudaStream_t stream) {
-  int blocks = 0;
-  const int rc = M == 1 ? persistent_blocks<gemv_4bit_mma_kernel<TX, D>, kMmaThreads, kMmaSmemBytes>(&blocks)
-                        : persistent_blocks<gemv_4bit_mma_batch_kernel<TX, D>, kMmaThreads, kMmaSmemBytes>(&blocks);
-  if (rc != 0) return rc;
-  const int tiles_per_row = (int)(K / kMmaTile);
-  const int64_t warps =
-      persistent_warps(blocks, kMmaThreads / 32, (int64_t)((N + 15) / 16) * tiles_per_row, tiles_per_row);
-  if (warps < tiles_per_row) return kUnsupported;  // K too long for this device's resident warps
-  const int64_t grid = (warps + kMmaThreads / 32 - 1) / (kMmaThreads / 32);
-  if (M == 1)
+  const TX* xt = static_cast<const TX*>(x);
+  int64_t grid = 0;
+  int warps = 0, rc = 0;
+  if (M == 1) {
+    rc = mma_grid<gemv_4bit_mma_kernel<TX, D>, kMmaThreads>(N, K, &grid, &warps);
+    if (rc != 0) return rc;
     gemv_4bit_mma_kernel<TX, D><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
-        static_cast<const TX*>(x), N, K, packed, am, log2_bs, quant_type, (int)warps, partial);
-  else
-    gemv_4bit_mma_batch_kernel<TX, D><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
-        static_cast<const TX*>(x), M, N, K, packed, am, log2_bs, quant_type, (int)warps, partial);
+        xt, N, K, packed, am, log2_bs, quant_type, warps, partial);
+  } else if (M <= 8) {
+    rc = mma_grid<gemv_4bit_mma_batch_kernel<TX, D, 1>, kMmaThreads>(N, K, &grid, &warps);
+    if (rc != 0) return rc;
+    gemv_4bit_mma_batch_kernel<TX, D, 1><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
+        xt, M, N, K, packed, am, log2_bs, quant_type, warps, partial);
+  } else {
+    rc = mma_grid<gemv_4bit_mma_batch_kernel<TX, D, 2>, kMmaThreads / 2>(N, K, &grid, &warps);
+    if (rc != 0) return rc;
+    gemv_4bit_mma_batch_kernel<TX, D, 2><<<(unsigned)grid, kMmaThreads / 2, kMmaSmemBytes, stream>>>(
+        xt, M, N, K, packed, am, log2_bs, quant_type, warps, partial);
+  }
   return (int)cudaGetLastError();
 }
 
@@ -977,7 +1051,8 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
               int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,
               const float* bias, const float* lora_t, const float* lora_b, int r, void* y, void* stream) {
-  if (M < 1 || M > kMaxM || N < 1 || K < 32 || (K % 32) != 0) return kUnsupported;
+  if (M < 1 || M > ((options & kGemvMma) != 0 ? kMmaMaxM : kMaxM) || N < 1 || K < 32 || (K % 32) != 0)
+    return kUnsupported;
   if ((options & ~(kGemvPairTable | kGemvDirect | kGemvStream | kGemvMma)) != 0) return kBadArgument;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
     return kBadArgument;

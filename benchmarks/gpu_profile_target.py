@@ -1,7 +1,8 @@
 """One M = 1 decode call that benchmarks/gpu_profile.sh puts under Nsight Compute, on the
 4096x14336 NF4 weight (bf16, double quant), made 4 times (ncu skips the first launches:
 compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CALL, CALL one of
-  cuda          the cuda backend's GEMV as committed (M = 1: the stream kernel; cuda-rows: the row kernel)
+  cuda          the cuda backend's GEMV as committed (M = 1: the tensor-core stream kernel, ring depth 3;
+                cuda-rows: the row kernel)
   cuda-r2d4     its 2-rows-per-warp, 4-deep load ring variant (1 split)
   cuda-r4d4     its 4-rows-per-warp, 4-deep load ring variant (heuristic splits)
   cuda-r1d8     its 1-row-per-warp, 8-deep load ring variant (1 split)
@@ -10,9 +11,8 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda-r1d8-direct the 8-deep ring, 1 split, y written by the GEMV kernel (no finalize launch)
   cuda-stream   the memory-order stream GEMV (ring depth 4; cuda-stream8: 8; cuda-stream-pairs:
                 depth 4 with the pair table)
-  cuda-mma      the tensor-core stream GEMV (experimental: pair-table lookups as mma.sync A fragments;
-                cuda-mma3: its 3-visit load ring)
-  triton        the triton backend's GEMV (triton-stream: its memory-order stream kernel)
+  cuda-mma      the tensor-core stream GEMV with its 2-visit load ring (cuda-mma3: 3 visits, the default)
+  triton        the triton backend's GEMV as committed (M = 1: its memory-order stream kernel)
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from nf4kit.backends import cuda as cb
 from . import anchors as anc
 
 # call -> the cuda backend's settings it changes
-_ROWS = dict(GEMV_STREAM=False, GEMV_MMA=False)  # the row kernel (the stream kernel is the M = 1 default)
+_ROWS = dict(GEMV_STREAM=False, GEMV_MMA=False)  # the row kernel (the tensor-core one is the M = 1 default)
+_STREAM = dict(GEMV_STREAM=True, GEMV_MMA=False)
 VARIANTS = {"cuda-rows": _ROWS,
             "cuda-r2d4": dict(_ROWS, GEMV_ROWS=2, GEMV_DEPTH=4, GEMV_SPLITS=1),
             "cuda-r4d4": dict(_ROWS, GEMV_ROWS=4, GEMV_DEPTH=4),
@@ -34,9 +35,9 @@ VARIANTS = {"cuda-rows": _ROWS,
             "cuda-pairs": dict(_ROWS, GEMV_PAIR_TABLE=True),
             "cuda-r1d8-pairs": dict(_ROWS, GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1, GEMV_PAIR_TABLE=True),
             "cuda-r1d8-direct": dict(_ROWS, GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1, GEMV_DIRECT=True),
-            "cuda-stream": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4),
-            "cuda-stream8": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=8),
-            "cuda-stream-pairs": dict(GEMV_STREAM=True, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=True),
+            "cuda-stream": dict(_STREAM, GEMV_STREAM_DEPTH=4),
+            "cuda-stream8": dict(_STREAM, GEMV_STREAM_DEPTH=8),
+            "cuda-stream-pairs": dict(_STREAM, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=True),
             "cuda-mma": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2),
             "cuda-mma3": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=3)}
 

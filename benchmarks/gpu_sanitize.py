@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                               dy, packed_as_bytes(pk_n), *ops.state_args(qs_n), 64, "nf4", N, K, A, Bm, 2.0), "same"))
         xf = rn(5, K, dtype=torch.float32)
         calls.append(("matmul_4bit fp32 M=5", "matmul_4bit", lambda: nf4kit.matmul_4bit(xf, pk_p, qs_p), "same"))
-        if b == "cuda":  # the experimental M = 1 stream GEMVs: rings past the last row, the tensor-core table
+        if b == "cuda":  # the stream GEMVs: rings past the last row, the tensor-core table
             from nf4kit.backends import cuda as cb
 
             pk_s, qs_s = q4(rn(37, 2048, scale=0.05), True)
@@ -101,13 +101,15 @@ def main(argv=None) -> int:
                                   ("mma d2", dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2)),
                                   ("mma d3", dict(GEMV_MMA=True, GEMV_MMA_DEPTH=3))):
                 calls.append((f"matmul_4bit {label}", "matmul_4bit", lambda v=values: stream_gemv(**v), "same"))
-            x_b = rn(3, 2048)  # the tensor-core batch kernel (M <= 8)
+            # The tensor-core batch kernel: one n-tile (M <= 8) and two (M <= 16).
+            for m_rows in (3, 13):
+                x_b = rn(m_rows, 2048)
 
-            def batch_gemv():
-                with settings(cb, GEMV_MMA=True):
-                    return nf4kit.matmul_4bit(x_b, pk_s, qs_s, bias=bias[:37])
+                def batch_gemv(x_b=x_b):
+                    with settings(cb, GEMV_MMA=True):
+                        return nf4kit.matmul_4bit(x_b, pk_s, qs_s, bias=bias[:37])
 
-            calls.append(("matmul_4bit mma batch M=3", "matmul_4bit", batch_gemv, "same"))
+                calls.append((f"matmul_4bit mma batch M={m_rows}", "matmul_4bit", batch_gemv, "same"))
 
         for what, op, fn, ref in calls:
             B.last_backend.pop(op, None)

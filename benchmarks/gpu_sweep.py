@@ -83,7 +83,8 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
             x = torch.randn(1, ref.shape[1], device=dev, dtype=torch.bfloat16)
             exp = x.float() @ ref.t()
             kernel = cb._gemv_kernel(1, ref.shape[0], ref.shape[1], x.dtype, 64)
-            kind = {"mma": "tensor-core stream", "stream": f"stream, depth {cb.GEMV_STREAM_DEPTH}"}.get(
+            kind = {"mma": f"tensor-core stream, depth {cb.GEMV_MMA_DEPTH}",
+                    "stream": f"stream, depth {cb.GEMV_STREAM_DEPTH}"}.get(
                 kernel, f"rows {default[0]}, depth {default[1]}, heuristic S")
             point(f"cuda M=1 {shape} default ({kind})", x, p, q, exp, dev)
             with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
@@ -96,18 +97,20 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                                   GEMV_PAIR_TABLE=pairs):
                         point(f"cuda M=1 {shape} stream depth={depth}{' pair table' if pairs else ''}", x, p, q,
                               exp, dev)
-            # The tensor-core stream kernel (experimental): is the plateau the instruction issue?
+            # The tensor-core stream kernel, both load rings.
             for depth in (2, 3):
                 with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth):
                     point(f"cuda M=1 {shape} mma depth={depth} (tensor-core stream)", x, p, q, exp, dev)
-            # M = 4 and 8: the row kernel against the tensor-core batch kernel (one decode per batch row).
-            for M in (4, 8):
+            # M = 4 and 8: the row kernel against the tensor-core batch kernel (one decode per batch
+            # row); M = 12 and 16: the fused GEMM against its two-n-tile form.
+            for M in (4, 8, 12, 16):
                 xm = torch.randn(M, ref.shape[1], device=dev, dtype=torch.bfloat16)
                 em = xm.float() @ ref.t()
                 with settings(cb, GEMV_MMA=False):
-                    point(f"cuda M={M} {shape} row kernel", xm, p, q, em, dev)
-                with settings(cb, GEMV_MMA=True):
-                    point(f"cuda M={M} {shape} mma batch (tensor cores)", xm, p, q, em, dev)
+                    point(f"cuda M={M} {shape} {'row kernel' if M <= 8 else 'fused GEMM'}", xm, p, q, em, dev)
+                for depth in ((2, 3) if M > 8 else (cb.GEMV_MMA_DEPTH,)):
+                    with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth):
+                        point(f"cuda M={M} {shape} mma batch depth={depth} (tensor cores)", xm, p, q, em, dev)
             if rows_too:
                 with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
                     _row_kernel_variants(shape, x, p, q, exp, dev)
@@ -217,20 +220,20 @@ def main() -> None:
               for bn, bk, w in ((8, 1024, 4), (4, 2048, 4), (8, 2048, 8), (4, 1024, 4))]
     with nf4kit.use_backend("triton"):
         if "triton-stream" in sections or "triton" in sections:
-            # The memory-order stream kernel on both shapes; programs per SM = what the static view
-            # says fits.  The committed STREAM_CONFIG first, so one sample is never the only one.
-            # Wider one-warp tiles cut the main loop's instructions per weight (sm_90 SASS, Triton
-            # 3.9: 5.2 at BLOCK_K 1024, 4.5 at 2048 with 96 registers, 4.3 at 4096 with 168).
+            # The memory-order stream kernel (the M = 1 default) on both shapes against the word
+            # path; programs per SM = what the static view says fits.  The committed STREAM_CONFIG
+            # first, then the runners-up of two H100 sweeps (gpu_h100_2026-11-27b run1: 22.4-25.4 us
+            # against 24.7-37.6 for the 4-warp / multi-row tiles dropped here).
             Wt = torch.randn(K, N, device=dev, dtype=torch.bfloat16)
             packed_t, qs_t = nf4kit.quantize_4bit(Wt, blocksize=64, compress_statistics=True)
             xt = torch.randn(1, N, device=dev, dtype=torch.bfloat16)
             exp_t = xt.float() @ nf4kit.dequantize_4bit(packed_t, qs_t).float().t()
             configs = [dict(tm.STREAM_CONFIG)] + [
                 dict(BLOCK_N=bn, BLOCK_K=bk, warps=w, programs_per_sm=per_sm)
-                for bn, bk, w, per_sm in ((4, 1024, 4, 8), (8, 1024, 4, 5), (16, 1024, 8, 2), (8, 2048, 8, 2),
-                                          (4, 1024, 4, 4), (1, 2048, 1, 20), (1, 4096, 1, 12), (2, 1024, 1, 32))]
+                for bn, bk, w, per_sm in ((2, 1024, 1, 32), (1, 2048, 1, 20), (8, 1024, 4, 5))]
             for shape, (xs, p, q, e) in ((f"{N}x{K}", (x, packed, qs, exp)), (f"{K}x{N}", (xt, packed_t, qs_t, exp_t))):
-                point(f"triton M=1 {shape} default (autotuned word path)", xs, p, q, e, dev)
+                with settings(tm, GEMV_STREAM=False):
+                    point(f"triton M=1 {shape} word path (autotuned)", xs, p, q, e, dev)
                 for cfg in configs:
                     with settings(tm, GEMV_STREAM=True, STREAM_CONFIG=cfg):
                         point(f"triton M=1 {shape} stream {cfg}", xs, p, q, e, dev)

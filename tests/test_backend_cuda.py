@@ -201,6 +201,7 @@ def test_gemv_rows_and_depth_variants(monkeypatch, rows, depth, M):
     """The decode GEMV's other row groupings and load-ring depths (the sweep's variants) agree
     with the reference, on several splits so that split ends fall inside a lane's ring."""
     N, K = 77, 4096 + 64
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA", False)  # (K % 256 != 0 keeps it off anyway)
     monkeypatch.setattr(cuda_backend, "GEMV_ROWS", rows)
     monkeypatch.setattr(cuda_backend, "GEMV_DEPTH", depth)
     st, W64 = _weight(N, K, 64, "nf4", True, seed=rows * 10 + depth + M)
@@ -221,6 +222,7 @@ def test_gemv_pair_table_variants(monkeypatch, rows, depth, dt, quant_type, nest
     both code tables, on splits whose ends fall inside a lane's ring.  Only M = 1 with half x selects
     it (M = 3 and fp32 x keep the exact fp32 table); an unbuilt variant would raise, not fall back."""
     N, K = 77, 4096 + 64
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA", False)  # (K % 256 != 0 keeps it off anyway)
     monkeypatch.setattr(cuda_backend, "GEMV_ROWS", rows)
     monkeypatch.setattr(cuda_backend, "GEMV_DEPTH", depth)
     monkeypatch.setattr(cuda_backend, "GEMV_PAIR_TABLE", True)
@@ -246,6 +248,7 @@ def test_gemv_direct_epilogue_matches_the_finalize_kernel(monkeypatch, rows, dep
     """M = 1, one split: y written by the GEMV kernel (bias and LoRA added there) has the same bits
     as the partial + finalize path, and the direct path is only taken for M = 1 with one split."""
     N, K = 131, 2048 + 96
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA", False)  # (K % 256 != 0 keeps it off anyway)
     monkeypatch.setattr(cuda_backend, "GEMV_ROWS", rows)
     monkeypatch.setattr(cuda_backend, "GEMV_DEPTH", depth)
     monkeypatch.setattr(cuda_backend, "GEMV_PAIR_TABLE", pairs)
@@ -295,7 +298,9 @@ def test_gemv_stream_variants(monkeypatch, depth, pairs, dt, N, K, quant_type, n
 
 
 def test_gemv_stream_leaves_other_shapes_to_the_row_kernel(monkeypatch):
-    """With the stream kernel on, M > 1 and K not a multiple of 1024 still take the row kernel."""
+    """With the stream kernel on (the tensor-core one off), M > 1 and K not a multiple of 1024 still
+    take the row kernel."""
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA", False)
     monkeypatch.setattr(cuda_backend, "GEMV_STREAM", True)
     for M, K in ((1, 1024 + 64), (3, 2048)):
         N = 45
@@ -315,7 +320,7 @@ def _row_errors_within(y, x, W64, exp, bound):
     return bool(((y.double() - exp).abs() <= bound * scale).all())
 
 
-@pytest.mark.parametrize("M,depth", [(1, 2), (1, 3), (3, 2), (8, 3)])
+@pytest.mark.parametrize("M,depth", [(1, 2), (1, 3), (3, 2), (8, 3), (9, 2), (16, 3)])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,bs,quant_type,nested", [
     (77, 3072, 64, "nf4", True),     # odd N: the last row block runs past N; 12 tiles a row
@@ -325,8 +330,8 @@ def _row_errors_within(y, x, W64, exp, bound):
     (16, 512, 4096, "fp4", True),    # blocks span rows (blocksize > K)
     (4099, 2048, 64, "nf4", True)])  # more tiles than resident warps, a row past the last block
 def test_gemv_mma(monkeypatch, M, depth, dt, N, K, bs, quant_type, nested):
-    """The experimental tensor-core GEMVs (GEMV_MMA; M = 1 and the batch kernel for M <= 8), both
-    load rings: every output against the float64 reference within the bf16/fp16 rounding of the
+    """The tensor-core GEMVs (GEMV_MMA; M = 1 and the batch kernel with one n-tile for M <= 8, two
+    for M <= 16), both load rings: every output against the float64 reference within the bf16/fp16 rounding of the
     code table, with bias and LoRA in the finalize kernel."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", depth)
@@ -349,10 +354,10 @@ def test_gemv_mma(monkeypatch, M, depth, dt, N, K, bs, quant_type, nested):
 
 
 def test_gemv_mma_leaves_other_inputs_to_the_other_kernels(monkeypatch):
-    """With GEMV_MMA on, fp32 x, M > 8, K % 256 != 0 and blocksize 32 take the other kernels, and
+    """With GEMV_MMA on, fp32 x, M > 16, K % 256 != 0 and blocksize 32 take the other kernels, and
     still agree with the reference."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
-    for M, K, bs, dt in ((1, 2048, 64, torch.float32), (9, 2048, 64, torch.bfloat16),
+    for M, K, bs, dt in ((1, 2048, 64, torch.float32), (17, 2048, 64, torch.bfloat16),
                          (1, 2048 + 64, 64, torch.bfloat16), (1, 2048, 32, torch.float16)):
         N = 45
         assert cuda_backend._gemv_kernel(M, N, K, dt, bs) != "mma"
@@ -369,6 +374,7 @@ def test_matmul_routes(monkeypatch, route):
     """Every matmul route of backends/cuda.py gives the same answer for one M."""
     M, N, K = 6, 136, 256
     monkeypatch.setattr(cuda_backend, "GEMV_MAX_M", 8 if route == "gemv" else 0)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_MAX_M", 16 if route == "gemv" else 0)
     monkeypatch.setattr(cuda_backend, "FUSED_MAX_M", 1024 if route == "fused" else 0)
     st, W64 = _weight(N, K, 64, "nf4", True, seed=11)
     x = _rand((M, K), torch.bfloat16, 8)

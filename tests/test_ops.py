@@ -176,7 +176,7 @@ def test_cuda_gemv_launch_matches_the_binding_without_a_gpu():
                     reason="nf4kit._C built without its CUDA kernels (NF4KIT_NO_CUDA or no nvcc)")
 def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
     """The memory-order stream option of the GEMV takes M = 1, K % 1024 == 0 and exactly K / 1024
-    partial slices, the tensor-core option M <= 8, fp16/bf16 x, K % 256 == 0, K / 256 slices,
+    partial slices, the tensor-core option M <= 16, fp16/bf16 x, K % 256 == 0, K / 256 slices,
     blocksize >= 64 and N * K < 2^32 - 256; anything else is refused as a bad argument before any
     CUDA call (so this runs in CI's GPU-less CUDA build).  The Python side sizes the scratch to match."""
     from nf4kit.backends import cuda as cuda_backend
@@ -199,14 +199,15 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
     mma = cuda_backend._GEMV_MMA                      # (each case below breaks one rule, depth 2 is valid)
     assert call(1, 2048, 8, mma | stream, 2) == -1    # mma takes no other option
     assert call(1, 2048, 2, mma, 2) == -1             # S != K / 256
-    assert call(9, 2048, 8, mma, 2) == -2             # M > 8: unsupported by any GEMV
+    assert call(17, 2048, 8, mma, 2) == -2            # M > 16: unsupported by any GEMV
+    assert call(9, 2048, 8, 0, 2) == -2               # M > 8 without mma: the row kernel's limit
     assert call(1, 2048 + 32, 8, mma, 2) == -1        # K % 256 != 0
     assert call(1, 2048, 8, mma, 2, blocksize=32) == -1  # blocksize 32: a quarter spans two blocks
     assert call(1, 2048, 8, mma, 2, dtype=DTYPE_CODES[torch.float32]) == -1  # no fp32 mma fragments
     assert call(1, 2048, 8, mma, 2, N=1 << 21) == -1  # N * K = 2^32: past the 32-bit absmax indices
     assert call(1, 2048, 8, mma, 4) == -1             # depth 2 or 3 only
     if not torch.cuda.is_available():  # a valid call gets past the checks to the CUDA runtime, which has no GPU
-        for M, depth in ((1, 2), (1, 3), (5, 2), (8, 3)):
+        for M, depth in ((1, 2), (1, 3), (5, 2), (8, 3), (9, 2), (16, 3)):
             assert call(M, 2048, 8, mma, depth) not in (0, -1, -2)
     old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA
     try:
@@ -216,7 +217,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
         assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 3) == (cuda_backend.GEMV_STREAM_DEPTH, stream)
         assert cuda_backend._gemv_variant(1, 64, 3072 + 32, bf, 64, 3)[1] & stream == 0
         assert cuda_backend._gemv_variant(2, 64, 3072, bf, 64, 3)[1] & stream == 0
-        # The tensor-core kernels, where on, take M <= 8 half x with K % 256 == 0, blocksize >= 64 and
+        # The tensor-core kernels, where on, take M <= 16 half x with K % 256 == 0, blocksize >= 64 and
         # N * K < 2^32 - 256, with one slice per 256-wide tile; everything else keeps the others.
         cuda_backend.GEMV_MMA = True
         assert cuda_backend._gemv_kernel(1, 64, 3072 + 256, bf, 64) == "mma"
@@ -225,7 +226,11 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
         assert cuda_backend._gemv_kernel(1, 64, 3072, torch.float32, 64) == "stream"
         assert cuda_backend._gemv_kernel(1, 64, 3072, bf, 32) == "stream"
         assert cuda_backend._gemv_kernel(8, 64, 3072, bf, 64) == "mma"
-        assert cuda_backend._gemv_kernel(9, 64, 3072, bf, 64) == "rows"  # (matmul_4bit takes the GEMM there)
+        assert cuda_backend._gemv_kernel(16, 64, 3072, bf, 64) == "mma"
+        assert cuda_backend._gemv_split_count(16, 64, 3072, bf, 64, torch.device("cpu")) == 12
+        assert cuda_backend._gemv_kernel(17, 64, 3072, bf, 64) == "none"  # matmul_4bit takes the GEMM there
+        assert cuda_backend._gemv_kernel(9, 64, 3072, torch.float32, 64) == "none"  # the row kernel stops at 8
+        assert cuda_backend._gemv_kernel(8, 64, 3072, torch.float32, 64) == "rows"
         assert cuda_backend._gemv_kernel(1, 64, 3072 + 32, bf, 64) == "rows"
         assert cuda_backend._gemv_kernel(1, 2 ** 20, 4096, bf, 64) == "stream"  # N * K = 2^32
     finally:

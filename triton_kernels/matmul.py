@@ -55,14 +55,14 @@ DEQUANT_GEMM_MIN_M: int = int(os.environ.get("NF4KIT_TRITON_DEQUANT_GEMM_MIN_M",
 FUSED_BACKWARD: bool = os.environ.get("NF4KIT_TRITON_FUSED_BACKWARD", "0") == "1"
 # NF4KIT_TRITON_AUTOTUNE=0: use the first (heuristic) config of each bucket, no tuning runs.
 AUTOTUNE: bool = os.environ.get("NF4KIT_TRITON_AUTOTUNE", "1") != "0"
-# M = 1 in memory order (_gemv_stream_kernel; experimental): a persistent grid whose loads cover one
+# M = 1 in memory order (_gemv_stream_kernel; the default where K % BLOCK_K == 0, other shapes keep
+# the word path; NF4KIT_TRITON_GEMV_STREAM=0 turns it off): a persistent grid whose loads cover one
 # contiguous window of W at a time.  STREAM_CONFIG: the row block and K-tile of a program, its
 # warps, and programs per SM (the persistent grid: what fits at once; sm_90 static view of this
-# default: 64 registers, 32 one-warp programs per SM); K % BLOCK_K == 0 is needed, other shapes keep
-# the word path.  H100, 4096x14336 bf16, one sweep (results/gpu_h100_2026-11-27/run2): this config
-# 22.3 us against the autotuned word path's 27.6 (best word-path config 24.5 us in run1); 4-row /
-# 4-warp programs 36.6 us, 8-row 25.0.  Off until the other projection shape and a repeat confirm it.
-GEMV_STREAM: bool = os.environ.get("NF4KIT_TRITON_GEMV_STREAM", "0") == "1"
+# default: 64 registers, 32 one-warp programs per SM).  H100, bf16, device time: 4096x14336 22.3 us
+# (results/gpu_h100_2026-11-27/run2) and 23.3 us (gpu_h100_2026-11-27b/run1) against the autotuned
+# word path's 27.1-27.6; 14336x4096 22.4 us against 24.7; the fastest of 9 configs on both shapes.
+GEMV_STREAM: bool = os.environ.get("NF4KIT_TRITON_GEMV_STREAM", "1") != "0"
 STREAM_CONFIG: dict = dict(BLOCK_N=1, BLOCK_K=1024, warps=1, programs_per_sm=32)
 MAX_LORA_RANK = 256
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -13,7 +13,8 @@ support (dtype, blocksize, layout, alignment) and returns NotImplemented otherwi
 next backend serves the call (never a wrong answer).
 
 Matmul routing (per call, by M = rows of x):
-  * M <= GEMV_MAX_M: decode GEMV (packed W streamed once, split-K).
+  * M <= GEMV_MAX_M, or M <= GEMV_MMA_MAX_M where the tensor-core GEMV takes the call: decode
+    GEMV (packed W streamed once, split-K).
   * M <= FUSED_MAX_M, fp16/bf16: fused dequant-GEMM on tensor cores, LoRA and bias in the
     same output tile, or split-K with bias and LoRA in the finalize kernel when the output
     tiles alone leave SMs idle.  The backward uses the same kernel reading W transposed.
@@ -69,15 +70,19 @@ GEMV_DIRECT = False
 GEMV_STREAM = os.environ.get("NF4KIT_CUDA_GEMV_STREAM", "1") != "0"
 GEMV_STREAM_DEPTH = 4
 _STREAM_TILE = 1024
-# Experimental, never run on a GPU yet (off; NF4KIT_CUDA_GEMV_MMA=1 turns it on): the stream scheme
-# on tensor cores (kGemvMma) for M <= 8 with fp16/bf16 x, K % 256 == 0, blocksize >= 64 and
-# N * K < 2^32 - 256 (M > 1: the batch rows are mma columns, 2.3 instructions per weight whatever M).  One PRMT + one shared load per packed byte give an mma A register from a
-# per-lane table of fp16/bf16 pairs, x is the B fragment, mma.sync accumulates in fp32: 1.9
-# instructions per weight in its main loop (static sm_90 SASS, benchmarks.kernel_report) against 6.1
-# for the stream kernel, whose issue rate holds M = 1 near 28 us on the H100.  The table rounds the code values to x's precision (bf16: relative
-# error <= 2^-9 per code, as a bf16 dequantize would), so fp32 x keeps the exact kernels.
-GEMV_MMA = os.environ.get("NF4KIT_CUDA_GEMV_MMA", "0") == "1"
-GEMV_MMA_DEPTH = 2  # visits in its load ring (2 or 3; 3 holds 122 registers, no spills)
+# M <= 8 with fp16/bf16 x, K % 256 == 0, blocksize >= 64 and N * K < 2^32 - 256: the stream scheme
+# on tensor cores (kGemvMma; the default there, NF4KIT_CUDA_GEMV_MMA=0 turns it off).  One PRMT +
+# one shared load per packed byte give an mma A register from a per-lane table of fp16/bf16 pairs,
+# x is the B fragment (M > 1: the batch rows are its columns), mma.sync accumulates in fp32: 1.9
+# instructions per weight at M = 1 and 2.4 at M <= 8 (static sm_90 SASS, benchmarks.kernel_report)
+# against 6.1 for the stream kernel.  The table rounds the code values to x's precision (bf16:
+# relative error <= 2^-9 per code, as a bf16 dequantize would), so fp32 x keeps the exact kernels.
+# H100, bf16, device time (results/gpu_h100_2026-11-27b run1, before the scale inputs travelled
+# with the weight bytes): M = 1 23.8-25.2 us on both projection shapes against the stream
+# kernel's 27.3-29.0; M = 4 and 8 29-30 us against the row kernel's 70-144 us.
+GEMV_MMA = os.environ.get("NF4KIT_CUDA_GEMV_MMA", "1") != "0"
+GEMV_MMA_MAX_M = 16  # its batch kernel: one n-tile of 8 batch rows up to M = 8, two up to 16
+GEMV_MMA_DEPTH = 3  # visits in its load ring (2 or 3; run1: 3 was 1.4 us faster on 4096x14336, even on 14336x4096)
 _MMA_TILE = 256
 _GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA = 1, 2, 4, 8  # the C API's option bits (cuda_kernels.h)
 GEMM_SPLITS: Optional[int] = None
@@ -237,10 +242,13 @@ def _gemm_splits(M: int, N_out: int, K_red: int, device: torch.device) -> int:
 
 def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int) -> str:
     """Which decode GEMV takes x [M, K] (dtype) against W [N, K] at `blocksize`: "mma" (the
-    tensor-core stream kernel, GEMV_MMA), "stream" (the memory-order kernel, GEMV_STREAM) or "rows"."""
-    if M <= GEMV_MAX_M and GEMV_MMA and dtype in _HALF_DTYPES and K % _MMA_TILE == 0 and blocksize >= 64 \
+    tensor-core stream kernel, GEMV_MMA), "stream" (the memory-order kernel, GEMV_STREAM), "rows",
+    or "none" (M past every GEMV's limit)."""
+    if M <= GEMV_MMA_MAX_M and GEMV_MMA and dtype in _HALF_DTYPES and K % _MMA_TILE == 0 and blocksize >= 64 \
             and N * K < 2**32 - _MMA_TILE:
         return "mma"
+    if M > GEMV_MAX_M:
+        return "none"  # matmul_4bit takes the fused GEMM
     if M == 1 and GEMV_STREAM and K % _STREAM_TILE == 0:
         return "stream"
     return "rows"
@@ -338,7 +346,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     qt = QUANT_TYPE_CODES[quant_type]
     dev = x.device
     with torch.cuda.device(dev):
-        if fast and M <= GEMV_MAX_M:
+        if fast and _gemv_kernel(M, N, K, dt, blocksize) != "none":
             S = _gemv_split_count(M, N, K, dt, blocksize, dev)
             partial = torch.empty(S * M * N, dtype=torch.float32, device=dev)
             b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)

@@ -134,8 +134,9 @@ def _row_kernel_variants(shape, x, p, q, exp, dev) -> None:
 
 def bnb_backend(packed, qs, W_ref, dev) -> None:
     """bitsandbytes' own M = 1 call (bnb.matmul_4bit -> gemv_4bit) on both shapes, stock and with
-    nf4kit registered as its CUDA backend (NF4KIT_BNB_BACKEND=1's route): the CUDA registration
-    stays opt-in until this is no slower than stock (run 2 of 2026-11-27: 117-315 us against 33)."""
+    nf4kit registered as its CUDA backend (NF4KIT_BNB_BACKEND=1's route), device and host time
+    (gpu_h100_2026-11-27b run1: 28.3-28.9 us device, 172-174 us host, against 32.8-34.1 and 62-65
+    stock; the CUDA registration stays opt-in for the host cost)."""
     from nf4kit.integrations import bitsandbytes as nbnb
 
     from . import anchors as anc

@@ -101,7 +101,9 @@ def cuda_chain(op: Optional[str], args: tuple = ()) -> tuple[str, ...]:
     """Backend order for CUDA tensors, per op and M, as measured on an H100 (2026-11-26,
     device time): both one-launch dequantizes run at 88% of copy (cuda enqueues faster); the
     cuda matmuls win up to M = 64 (CUDA_MATMUL_MAX_M), Triton's above; Triton's backward dX
-    wins at every M measured (1.16x at M = 4096)."""
+    wins at every M measured (1.16x at M = 4096).  M = 1 (2026-11-27b): Triton's stream kernel is
+    0.7-2.4 us faster on the device (23.0-23.3 against 24.0-25.4 us), but a call costs about twice
+    the host time (240-253 against 119-129 us), which an eager decode step waits on: cuda stays first."""
     if op == "matmul_4bit_backward_input":
         return TRITON_FIRST_CHAIN
     if op == "matmul_4bit":

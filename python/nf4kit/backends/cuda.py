@@ -60,7 +60,8 @@ _GEMV_PAIR_RINGS = {(4, 2), (4, 4), (1, 8)}
 # finalize kernel), saving the second launch.  Off: on the H100 the best direct point (27.8 us,
 # rows 2 / depth 4) was within the run-to-run spread of the split row kernel (29.2 us).
 GEMV_DIRECT = False
-# M = 1 with K % 1024 == 0: the memory-order stream kernel (the default there).  The row kernel
+# M = 1 with K % 1024 == 0 where the tensor-core kernel below does not apply (fp32 x, blocksize 32,
+# GEMV_MMA off): the memory-order stream kernel.  The row kernel
 # above keeps thousands of separate row streams in flight and stalls near 1.1 TB/s on an H100 in
 # every variant, while a copy of the same bytes runs at ~3 TB/s; this one reads W in address order
 # with a persistent grid (one 1024-wide K-tile per warp, K / 1024 partial slices summed by the
@@ -70,19 +71,23 @@ GEMV_DIRECT = False
 GEMV_STREAM = os.environ.get("NF4KIT_CUDA_GEMV_STREAM", "1") != "0"
 GEMV_STREAM_DEPTH = 4
 _STREAM_TILE = 1024
-# M <= 8 with fp16/bf16 x, K % 256 == 0, blocksize >= 64 and N * K < 2^32 - 256: the stream scheme
+# M <= 16 with fp16/bf16 x, K % 256 == 0, blocksize >= 64 and N * K < 2^32 - 256: the stream scheme
 # on tensor cores (kGemvMma; the default there, NF4KIT_CUDA_GEMV_MMA=0 turns it off).  One PRMT +
 # one shared load per packed byte give an mma A register from a per-lane table of fp16/bf16 pairs,
 # x is the B fragment (M > 1: the batch rows are its columns), mma.sync accumulates in fp32: 1.9
-# instructions per weight at M = 1 and 2.4 at M <= 8 (static sm_90 SASS, benchmarks.kernel_report)
+# instructions per weight at M = 1, 2.4 at M <= 8, 2.8 at M <= 16 (static sm_90 SASS, kernel_report)
 # against 6.1 for the stream kernel.  The table rounds the code values to x's precision (bf16:
 # relative error <= 2^-9 per code, as a bf16 dequantize would), so fp32 x keeps the exact kernels.
-# H100, bf16, device time (results/gpu_h100_2026-11-27b run1, before the scale inputs travelled
-# with the weight bytes): M = 1 23.8-25.2 us on both projection shapes against the stream
-# kernel's 27.3-29.0; M = 4 and 8 29-30 us against the row kernel's 70-144 us.
+# H100, bf16, device time (results/gpu_h100_2026-11-27b): M = 1 23.6-24.6 us on both projection
+# shapes against the stream kernel's 27.8-28.5; M = 4 and 8 25-27 us against the row kernel's
+# 70-144; M = 12 and 16 30-33 us against the fused GEMM's 57-64.  The intercept of ~10 us (the
+# finalize launch among it) keeps M = 1 from the ~17 us target; see that README.
 GEMV_MMA = os.environ.get("NF4KIT_CUDA_GEMV_MMA", "1") != "0"
 GEMV_MMA_MAX_M = 16  # its batch kernel: one n-tile of 8 batch rows up to M = 8, two up to 16
-GEMV_MMA_DEPTH = 3  # visits in its load ring (2 or 3; run1: 3 was 1.4 us faster on 4096x14336, even on 14336x4096)
+# Visits in its load ring (2 or 3).  run2's sweep (same code, same run): depth 2 was 0.1-1.1 us
+# faster in all six M = 1 / 12 / 16 comparisons; run1 (before the absmax joined the ring) had depth 3
+# ahead by 1.4 us on one shape.  Depth 2 also holds fewer registers (106 / 127 / 226 against 127 / 128 / 254).
+GEMV_MMA_DEPTH = 2
 _MMA_TILE = 256
 _GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA = 1, 2, 4, 8  # the C API's option bits (cuda_kernels.h)
 GEMM_SPLITS: Optional[int] = None

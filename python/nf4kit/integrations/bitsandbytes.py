@@ -482,10 +482,10 @@ def _entry_point_devices() -> tuple[str, ...]:
     """The devices the entry point registers for, from NF4KIT_BNB_BACKEND: unset or "cpu" the CPU
     only; "1" / "all" / "true" / "on" the CPU and CUDA; "0" / "false" / "off" / "no" none.
 
-    CUDA is opt-in: on an H100 (benchmarks/results/gpu_h100_2026-11-27), bitsandbytes' M = 1 path
-    through nf4kit took 117-315 us of device time against 33-34 us for stock bitsandbytes (and
-    28 us for nf4kit called directly).  The likely cause, a device sync per call that read the code
-    table back to the host (_table_type), is fixed but not yet timed on a GPU.  On the CPU it runs
+    CUDA is opt-in, for the host cost: on an H100 (benchmarks/results/gpu_h100_2026-11-27b, run1),
+    bitsandbytes' M = 1 call through nf4kit takes 28.3-28.9 us of device time against 32.8-34.1 us
+    stock (117-315 us before _table_type stopped syncing per call), but 172-174 us of host time
+    against 62-65 us: without CUDA graphs a decode step would wait on the host.  On the CPU it runs
     at stock speed or better since its layout conversion is cached."""
     v = os.environ.get(ENV_VAR, "cpu").strip().lower()
     if v in ("0", "false", "off", "no"):

@@ -233,6 +233,15 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
         assert cuda_backend._gemv_kernel(8, 64, 3072, torch.float32, 64) == "rows"
         assert cuda_backend._gemv_kernel(1, 64, 3072 + 32, bf, 64) == "rows"
         assert cuda_backend._gemv_kernel(1, 2 ** 20, 4096, bf, 64) == "stream"  # N * K = 2^32
+        # The decode path asks _gemv_kernel once and hands the answer on: the same plan either way.
+        # (The row kernel's split count asks the device for its SMs: only its variant is compared here.)
+        for M, K, dt, bs in ((1, 3072, bf, 64), (16, 3072, bf, 64), (1, 3072, torch.float32, 64), (3, 3072 + 32, bf, 64)):
+            kernel = cuda_backend._gemv_kernel(M, 64, K, dt, bs)
+            cpu = torch.device("cpu")
+            if kernel != "rows":
+                assert cuda_backend._gemv_split_count(M, 64, K, dt, bs, cpu, kernel) == \
+                    cuda_backend._gemv_split_count(M, 64, K, dt, bs, cpu)
+            assert cuda_backend._gemv_variant(M, 64, K, dt, bs, 3, kernel) == cuda_backend._gemv_variant(M, 64, K, dt, bs, 3)
     finally:
         cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA = old
 

@@ -259,10 +259,12 @@ def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int) -> 
     return "rows"
 
 
-def _gemv_split_count(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, device: torch.device) -> int:
+def _gemv_split_count(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, device: torch.device,
+                      kernel: Optional[str] = None) -> int:
     """Partial slices S of the decode GEMV (its fp32 scratch is S * M * N): one per K-tile for the
-    stream kernels (256 wide for mma, 1024 for stream), else GEMV_SPLITS or the heuristic."""
-    kernel = _gemv_kernel(M, N, K, dtype, blocksize)
+    stream kernels (256 wide for mma, 1024 for stream), else GEMV_SPLITS or the heuristic.
+    `kernel`: _gemv_kernel's answer when the caller has it (the decode path asks once per call)."""
+    kernel = kernel or _gemv_kernel(M, N, K, dtype, blocksize)
     if kernel == "mma":
         return K // _MMA_TILE
     if kernel == "stream":
@@ -270,11 +272,12 @@ def _gemv_split_count(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int
     return min(GEMV_SPLITS, K // 32) if GEMV_SPLITS else _gemv_splits(N, K, device)
 
 
-def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, splits: int) -> tuple[int, int]:
+def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, splits: int,
+                  kernel: Optional[str] = None) -> tuple[int, int]:
     """(ring depth, option bits) of the decode GEMV for x [M, K], W [N, K] and `splits` K-splits:
     the settings above where that variant is built, else the double buffer, the exact fp32 table and
-    the finalize kernel."""
-    kernel = _gemv_kernel(M, N, K, dtype, blocksize)
+    the finalize kernel.  `kernel` as for _gemv_split_count."""
+    kernel = kernel or _gemv_kernel(M, N, K, dtype, blocksize)
     if kernel == "mma":
         return GEMV_MMA_DEPTH, _GEMV_MMA
     if kernel == "stream":
@@ -287,12 +290,13 @@ def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, sp
 
 
 def _launch_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, blocksize: int, quant_type_code: int, N: int,
-                 K: int, splits: int, partial: torch.Tensor, epilogue: tuple, y: torch.Tensor, stream: int) -> None:
+                 K: int, splits: int, partial: torch.Tensor, epilogue: tuple, y: torch.Tensor, stream: int,
+                 kernel: Optional[str] = None) -> None:
     """The decode GEMV (and its finalize) on `stream`: x [M, K] contiguous, packed flat, state the
     five pointers of _state, partial fp32 [splits*M*N], epilogue (bias, s·x·Aᵀ, B, r) of
     _fp32_epilogue, y [M, N] in x.dtype; the variant from the settings above (_gemv_variant)."""
     M = x.shape[0]
-    depth, options = _gemv_variant(M, N, K, x.dtype, blocksize, splits)
+    depth, options = _gemv_variant(M, N, K, x.dtype, blocksize, splits, kernel)
     b, lt, lb, r = epilogue
     check(_C().gemv_4bit(ptr(x), DTYPE_CODES[x.dtype], M, N, K, ptr(packed), *state, blocksize, quant_type_code,
                          GEMV_ROWS, depth, options, splits, ptr(partial), ptr(b), ptr(lt), ptr(lb), r, ptr(y), stream),
@@ -351,13 +355,14 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     qt = QUANT_TYPE_CODES[quant_type]
     dev = x.device
     with torch.cuda.device(dev):
-        if fast and _gemv_kernel(M, N, K, dt, blocksize) != "none":
-            S = _gemv_split_count(M, N, K, dt, blocksize, dev)
+        kernel = _gemv_kernel(M, N, K, dt, blocksize) if fast else "none"
+        if kernel != "none":
+            S = _gemv_split_count(M, N, K, dt, blocksize, dev, kernel)
             partial = torch.empty(S * M * N, dtype=torch.float32, device=dev)
             b, lt, lb, r = _fp32_epilogue(x, bias, lora_A, lora_B, lora_scale)
             y = torch.empty((M, N), dtype=dt, device=dev)
             _launch_gemv(x, packed, (p_abs, p_q, p_na, p_nc, p_off), blocksize, qt, N, K, S, partial, (b, lt, lb, r),
-                         y, _stream(dev))
+                         y, _stream(dev), kernel)
             return y
         if fast and dt in _HALF_DTYPES and M <= FUSED_MAX_M:
             y = torch.empty((M, N), dtype=dt, device=dev)

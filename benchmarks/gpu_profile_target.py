@@ -1,7 +1,7 @@
 """One M = 1 decode call that benchmarks/gpu_profile.sh puts under Nsight Compute, on the
 4096x14336 NF4 weight (bf16, double quant), made 4 times (ncu skips the first launches:
 compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CALL, CALL one of
-  cuda          the cuda backend's GEMV as committed (M = 1: the tensor-core stream kernel, ring depth 3;
+  cuda          the cuda backend's GEMV as committed (M = 1: the tensor-core stream kernel, ring depth 2;
                 cuda-rows: the row kernel)
   cuda-r2d4     its 2-rows-per-warp, 4-deep load ring variant (1 split)
   cuda-r4d4     its 4-rows-per-warp, 4-deep load ring variant (heuristic splits)
@@ -11,7 +11,8 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda-r1d8-direct the 8-deep ring, 1 split, y written by the GEMV kernel (no finalize launch)
   cuda-stream   the memory-order stream GEMV (ring depth 4; cuda-stream8: 8; cuda-stream-pairs:
                 depth 4 with the pair table)
-  cuda-mma      the tensor-core stream GEMV with its 2-visit load ring (cuda-mma3: 3 visits, the default)
+  cuda-mma      the tensor-core stream GEMV with its 2-visit load ring (the default; cuda-mma3: 3 visits;
+                cuda-mma-wide: the experimental wide finalize)
   triton        the triton backend's GEMV as committed (M = 1: its memory-order stream kernel)
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
 from __future__ import annotations
@@ -39,7 +40,8 @@ VARIANTS = {"cuda-rows": _ROWS,
             "cuda-stream8": dict(_STREAM, GEMV_STREAM_DEPTH=8),
             "cuda-stream-pairs": dict(_STREAM, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=True),
             "cuda-mma": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2),
-            "cuda-mma3": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=3)}
+            "cuda-mma3": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=3),
+            "cuda-mma-wide": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_WIDE_FINALIZE=True)}
 
 
 def main(call: str) -> None:

@@ -97,10 +97,13 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                                   GEMV_PAIR_TABLE=pairs):
                         point(f"cuda M=1 {shape} stream depth={depth}{' pair table' if pairs else ''}", x, p, q,
                               exp, dev)
-            # The tensor-core stream kernel, both load rings.
+            # The tensor-core stream kernel, both load rings, and with the wide finalize (experimental).
             for depth in (2, 3):
                 with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth):
                     point(f"cuda M=1 {shape} mma depth={depth} (tensor-core stream)", x, p, q, exp, dev)
+            for label, values in (("mma", dict(GEMV_MMA=True)), ("stream depth=4", dict(GEMV_MMA=False, GEMV_STREAM=True))):
+                with settings(cb, GEMV_WIDE_FINALIZE=True, **values):
+                    point(f"cuda M=1 {shape} {label} wide finalize", x, p, q, exp, dev)
             # M = 4 and 8: the row kernel against the tensor-core batch kernel (one decode per batch
             # row); M = 12 and 16: the fused GEMM against its two-n-tile form.
             for M in (4, 8, 12, 16):
@@ -111,6 +114,9 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                 for depth in ((2, 3) if M > 8 else (cb.GEMV_MMA_DEPTH,)):
                     with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth):
                         point(f"cuda M={M} {shape} mma batch depth={depth} (tensor cores)", xm, p, q, em, dev)
+                if M == 16:
+                    with settings(cb, GEMV_MMA=True, GEMV_WIDE_FINALIZE=True):
+                        point(f"cuda M={M} {shape} mma batch wide finalize", xm, p, q, em, dev)
             if rows_too:
                 with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
                     _row_kernel_variants(shape, x, p, q, exp, dev)

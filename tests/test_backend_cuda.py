@@ -369,6 +369,35 @@ def test_gemv_mma_leaves_other_inputs_to_the_other_kernels(monkeypatch):
         assert _relerr(y, x.double() @ W64.t()) < _tol(dt)
 
 
+@pytest.mark.parametrize("mma,stream,M,K,dt", [
+    (True, False, 1, 14336, torch.bfloat16),   # S = 56: the case it is for
+    (True, False, 16, 4096 + 256, torch.float16),  # two n-tiles, 17 slices (a remainder past the 4-load steps)
+    (False, True, 1, 3072, torch.bfloat16),    # the stream kernel, 3 slices
+    (False, False, 5, 2048 + 96, torch.float32)])  # the row kernel, the heuristic's splits
+def test_gemv_wide_finalize_matches_the_plain_one(monkeypatch, mma, stream, M, K, dt):
+    """The experimental wide finalize (8 warps per 32 outputs) gives the plain finalize's sums up
+    to fp32 summation order, bias and LoRA included, after every decode kernel; on odd N (a block
+    past the last output)."""
+    N = 1000 + 37
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA", mma)
+    monkeypatch.setattr(cuda_backend, "GEMV_STREAM", stream)
+    st, W64 = _weight(N, K, 64, "nf4", True, seed=K + M)
+    x = _rand((M, K), dt, 101)
+    bias = _rand((N,), torch.float32, 102)
+    A, B = _rand((8, K), dt, 103, 0.1), _rand((N, 8), dt, 104, 0.1)
+    out = {}
+    for wide in (False, True):
+        monkeypatch.setattr(cuda_backend, "GEMV_WIDE_FINALIZE", wide)
+        assert bool(cuda_backend._gemv_variant(M, N, K, dt, 64, 2)[1] & cuda_backend._GEMV_WIDE_FINALIZE) == wide
+        with nf4kit.use_backend("cuda"):
+            out[wide] = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, bias, A, B, 0.5)
+        _ran_cuda("matmul_4bit")
+    exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    assert _relerr(out[True], exp) < _tol(dt)
+    ulp = {torch.float32: 2.0 ** -20, torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -7}[dt]
+    assert torch.allclose(out[True].float(), out[False].float(), rtol=ulp, atol=ulp * float(exp.abs().mean()))
+
+
 @pytest.mark.parametrize("route", ["gemv", "fused", "dequant"])
 def test_matmul_routes(monkeypatch, route):
     """Every matmul route of backends/cuda.py gives the same answer for one M."""

@@ -195,7 +195,9 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
     assert call(2, 2048, 2, stream) == -1             # M > 1
     assert call(1, 2048 + 32, 2, stream) == -1        # K % 1024 != 0
     assert call(1, 2048, 2, stream | cuda_backend._GEMV_DIRECT) == -1
-    assert call(1, 2048, 2, 16) == -1                 # an unknown option bit
+    assert call(1, 2048, 2, 32) == -1                 # an unknown option bit
+    wide = cuda_backend._GEMV_WIDE_FINALIZE
+    assert call(1, 2048, 8, cuda_backend._GEMV_MMA | wide | stream, 2) == -1  # mma: only the wide finalize beside it
     mma = cuda_backend._GEMV_MMA                      # (each case below breaks one rule, depth 2 is valid)
     assert call(1, 2048, 8, mma | stream, 2) == -1    # mma takes no other option
     assert call(1, 2048, 2, mma, 2) == -1             # S != K / 256
@@ -209,7 +211,9 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
     if not torch.cuda.is_available():  # a valid call gets past the checks to the CUDA runtime, which has no GPU
         for M, depth in ((1, 2), (1, 3), (5, 2), (8, 3), (9, 2), (16, 3)):
             assert call(M, 2048, 8, mma, depth) not in (0, -1, -2)
-    old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA
+        assert call(1, 2048, 8, mma | wide, 2) not in (0, -1, -2)
+        assert call(1, 2048, 2, stream | wide) not in (0, -1, -2)
+    old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA, cuda_backend.GEMV_WIDE_FINALIZE
     try:
         cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA = True, False
         bf = torch.bfloat16
@@ -233,6 +237,15 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
         assert cuda_backend._gemv_kernel(8, 64, 3072, torch.float32, 64) == "rows"
         assert cuda_backend._gemv_kernel(1, 64, 3072 + 32, bf, 64) == "rows"
         assert cuda_backend._gemv_kernel(1, 2 ** 20, 4096, bf, 64) == "stream"  # N * K = 2^32
+        # The wide finalize (experimental) rides on every kernel's option bits, except the direct
+        # epilogue, which has no finalize.
+        wide = cuda_backend._GEMV_WIDE_FINALIZE
+        cuda_backend.GEMV_WIDE_FINALIZE = True
+        assert cuda_backend._gemv_variant(1, 64, 3072 + 256, bf, 64, 13) == (cuda_backend.GEMV_MMA_DEPTH, mma | wide)
+        assert cuda_backend._gemv_variant(1, 64, 3072, torch.float32, 64, 3)[1] == stream | wide
+        assert cuda_backend._gemv_variant(3, 64, 3072 + 32, bf, 64, 3)[1] == wide
+        cuda_backend.GEMV_WIDE_FINALIZE = False
+        assert cuda_backend._gemv_variant(1, 64, 3072 + 256, bf, 64, 13)[1] == mma
         # The decode path asks _gemv_kernel once and hands the answer on: the same plan either way.
         # (The row kernel's split count asks the device for its SMs: only its variant is compared here.)
         for M, K, dt, bs in ((1, 3072, bf, 64), (16, 3072, bf, 64), (1, 3072, torch.float32, 64), (3, 3072 + 32, bf, 64)):
@@ -243,7 +256,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
                     cuda_backend._gemv_split_count(M, 64, K, dt, bs, cpu)
             assert cuda_backend._gemv_variant(M, 64, K, dt, bs, 3, kernel) == cuda_backend._gemv_variant(M, 64, K, dt, bs, 3)
     finally:
-        cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA = old
+        cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA, cuda_backend.GEMV_WIDE_FINALIZE = old
 
 
 def test_available_backends_and_build_info():

@@ -89,7 +89,13 @@ GEMV_MMA_MAX_M = 16  # its batch kernel: one n-tile of 8 batch rows up to M = 8,
 # ahead by 1.4 us on one shape.  Depth 2 also holds fewer registers (106 / 127 / 226 against 127 / 128 / 254).
 GEMV_MMA_DEPTH = 2
 _MMA_TILE = 256
-_GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA = 1, 2, 4, 8  # the C API's option bits (cuda_kernels.h)
+# Experimental, compiled but not yet run on a GPU (off; NF4KIT_CUDA_GEMV_WIDE_FINALIZE=1 turns it
+# on): the split-K sums with 8 warps per 32 outputs instead of one thread per output.  Nsight Compute
+# put the plain finalize at 6.5 us of the tensor-core M = 1 call on 4096x14336 (S = 56 slices, 16
+# blocks; results/gpu_h100_2026-11-27b).  Deterministic; a different summation order when S > 1.
+GEMV_WIDE_FINALIZE = os.environ.get("NF4KIT_CUDA_GEMV_WIDE_FINALIZE", "0") == "1"
+# The C API's option bits (cuda_kernels.h).
+_GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA, _GEMV_WIDE_FINALIZE = 1, 2, 4, 8, 16
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -278,15 +284,16 @@ def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, sp
     the settings above where that variant is built, else the double buffer, the exact fp32 table and
     the finalize kernel.  `kernel` as for _gemv_split_count."""
     kernel = kernel or _gemv_kernel(M, N, K, dtype, blocksize)
+    wide = _GEMV_WIDE_FINALIZE if GEMV_WIDE_FINALIZE else 0
     if kernel == "mma":
-        return GEMV_MMA_DEPTH, _GEMV_MMA
+        return GEMV_MMA_DEPTH, _GEMV_MMA | wide
     if kernel == "stream":
         pairs = GEMV_PAIR_TABLE and dtype in _HALF_DTYPES
-        return GEMV_STREAM_DEPTH, _GEMV_STREAM | (_GEMV_PAIR_TABLE if pairs else 0)
+        return GEMV_STREAM_DEPTH, _GEMV_STREAM | (_GEMV_PAIR_TABLE if pairs else 0) | wide
     depth = GEMV_DEPTH if M == 1 and (GEMV_ROWS, GEMV_DEPTH) in _GEMV_RINGS else 2
     pairs = GEMV_PAIR_TABLE and M == 1 and dtype in _HALF_DTYPES and (GEMV_ROWS, depth) in _GEMV_PAIR_RINGS
-    direct = GEMV_DIRECT and M == 1 and splits == 1
-    return depth, (_GEMV_PAIR_TABLE if pairs else 0) | (_GEMV_DIRECT if direct else 0)
+    direct = GEMV_DIRECT and M == 1 and splits == 1  # no finalize launch at all
+    return depth, (_GEMV_PAIR_TABLE if pairs else 0) | (_GEMV_DIRECT if direct else wide)
 
 
 def _launch_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, blocksize: int, quant_type_code: int, N: int,

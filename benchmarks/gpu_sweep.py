@@ -101,7 +101,8 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
             for depth in (2, 3):
                 with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth):
                     point(f"cuda M=1 {shape} mma depth={depth} (tensor-core stream)", x, p, q, exp, dev)
-            for label, values in (("mma", dict(GEMV_MMA=True)), ("stream depth=4", dict(GEMV_MMA=False, GEMV_STREAM=True))):
+            for label, values in (("mma", dict(GEMV_MMA=True)),
+                                  ("stream depth=4", dict(GEMV_MMA=False, GEMV_STREAM=True))):
                 with settings(cb, GEMV_WIDE_FINALIZE=True, **values):
                     point(f"cuda M=1 {shape} {label} wide finalize", x, p, q, exp, dev)
             # M = 4 and 8: the row kernel against the tensor-core batch kernel (one decode per batch

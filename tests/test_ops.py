@@ -248,13 +248,14 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
         assert cuda_backend._gemv_variant(1, 64, 3072 + 256, bf, 64, 13)[1] == mma
         # The decode path asks _gemv_kernel once and hands the answer on: the same plan either way.
         # (The row kernel's split count asks the device for its SMs: only its variant is compared here.)
-        for M, K, dt, bs in ((1, 3072, bf, 64), (16, 3072, bf, 64), (1, 3072, torch.float32, 64), (3, 3072 + 32, bf, 64)):
-            kernel = cuda_backend._gemv_kernel(M, 64, K, dt, bs)
-            cpu = torch.device("cpu")
+        cpu = torch.device("cpu")
+        for M, K, dt in ((1, 3072, bf), (16, 3072, bf), (1, 3072, torch.float32), (3, 3072 + 32, bf)):
+            kernel = cuda_backend._gemv_kernel(M, 64, K, dt, 64)
             if kernel != "rows":
-                assert cuda_backend._gemv_split_count(M, 64, K, dt, bs, cpu, kernel) == \
-                    cuda_backend._gemv_split_count(M, 64, K, dt, bs, cpu)
-            assert cuda_backend._gemv_variant(M, 64, K, dt, bs, 3, kernel) == cuda_backend._gemv_variant(M, 64, K, dt, bs, 3)
+                assert cuda_backend._gemv_split_count(M, 64, K, dt, 64, cpu, kernel) == \
+                    cuda_backend._gemv_split_count(M, 64, K, dt, 64, cpu)
+            assert cuda_backend._gemv_variant(M, 64, K, dt, 64, 3, kernel) == \
+                cuda_backend._gemv_variant(M, 64, K, dt, 64, 3)
     finally:
         cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA, cuda_backend.GEMV_WIDE_FINALIZE = old
 

@@ -31,9 +31,9 @@ int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, c
 int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n, int blocksize,
                          void* out, int out_dtype, void* stream);
 
-// Decode GEMV (M <= 8; M <= 16 with kGemvMma): partial[s][m][n] = sum over K-split s of x[m, k] * deq(W)[n, k], then
-// splitk_finalize.  W [N, K] packed row-major, K % 32 == 0; x [M, K] (x_dtype), 16-byte
-// aligned.  rows_per_warp: 1, 2, 4 or 8 rows share each x chunk.  depth: chunks per row in each
+// Decode GEMV (M <= 8; M <= 16 with kGemvMma): partial[s][m][n] = sum over K-split s of
+// x[m, k] * deq(W)[n, k], then splitk_finalize.  W [N, K] packed row-major, K % 32 == 0;
+// x [M, K] (x_dtype), 16-byte aligned.  rows_per_warp: 1, 2, 4 or 8 rows share each x chunk.  depth: chunks per row in each
 // lane's load ring (depth - 1 in flight): 2; for M = 1 also 3 or 4 with rows_per_warp <= 4,
 // and 8 with rows_per_warp == 1.
 // options (experimental, 0 = as timed): kGemvPairTable decodes with the fp16 pair table (one shared

@@ -61,9 +61,9 @@ _GEMV_PAIR_RINGS = {(4, 2), (4, 4), (1, 8)}
 # rows 2 / depth 4) was within the run-to-run spread of the split row kernel (29.2 us).
 GEMV_DIRECT = False
 # M = 1 with K % 1024 == 0 where the tensor-core kernel below does not apply (fp32 x, blocksize 32,
-# GEMV_MMA off): the memory-order stream kernel.  The row kernel
-# above keeps thousands of separate row streams in flight and stalls near 1.1 TB/s on an H100 in
-# every variant, while a copy of the same bytes runs at ~3 TB/s; this one reads W in address order
+# GEMV_MMA off): the memory-order stream kernel.  The row kernel above keeps thousands of separate
+# row streams in flight and stalls near 1.1 TB/s on an H100 in every variant, while a copy of the
+# same bytes runs at ~3 TB/s; this one reads W in address order
 # with a persistent grid (one 1024-wide K-tile per warp, K / 1024 partial slices summed by the
 # finalize kernel).  H100, bf16, device time (results/gpu_h100_2026-11-27): 4096x14336 28.0-28.2 us
 # (row kernel 29.4-30.2), 14336x4096 27.2-27.6 us (32.3-32.4); depth 8 and the pair table were

@@ -154,6 +154,20 @@ struct ChunkLoad {
   uint32_t q;   // nested: the 8-bit absmax code
 };
 
+// y[m, n] = T(sum + bias[n] + lora_t[m, :] . lora_b[n, :]): the split-K sum's epilogue, shared by
+// both finalize kernels and the direct epilogue so that all of them round the same way.
+template <typename TX>
+__device__ __forceinline__ void store_output(float sum, int64_t m, int64_t n, int N, const float* bias,
+                                             const float* lora_t, const float* lora_b, int r, TX* y) {
+  if (bias != nullptr) sum += bias[n];
+  if (lora_t != nullptr) {
+    float l = 0.0f;
+    for (int j = 0; j < r; ++j) l = fmaf(lora_t[m * r + j], lora_b[n * r + j], l);
+    sum += l;
+  }
+  y[m * N + n] = from_f32<TX>(sum);
+}
+
 // The direct epilogue (M = 1, one split): y[0, row] written by the GEMV kernel itself, bias and
 // LoRA added in splitk_finalize's order, so both paths give the same bits and the finalize launch
 // is saved.  A separate instantiation (kDirect), so the timed kernels' code is unchanged.
@@ -184,14 +198,8 @@ __device__ __forceinline__ void write_partials(float (&acc)[RW][MT], int lane, i
           continue;
         }
         float out = 0.0f;
-        out += v;
-        if (ep.bias != nullptr) out += ep.bias[n];
-        if (ep.lora_t != nullptr) {
-          float l = 0.0f;
-          for (int j = 0; j < ep.r; ++j) l = fmaf(ep.lora_t[(int64_t)m * ep.r + j], ep.lora_b[n * ep.r + j], l);
-          out += l;
-        }
-        static_cast<TX*>(ep.y)[(int64_t)m * N + n] = from_f32<TX>(out);
+        out += v;  // as the finalize's sum starts (0 + -0 is +0)
+        store_output<TX>(out, m, n, N, ep.bias, ep.lora_t, ep.lora_b, ep.r, static_cast<TX*>(ep.y));
       }
     }
   }
@@ -775,13 +783,7 @@ __global__ void __launch_bounds__(256)
     for (int u = 0; u < 8; ++u) v += t[u];
   }
   for (; s < S; ++s) v += p[s * stride];
-  if (bias != nullptr) v += bias[n];
-  if (lora_t != nullptr) {
-    float l = 0.0f;
-    for (int j = 0; j < r; ++j) l = fmaf(lora_t[(int64_t)m * r + j], lora_b[(int64_t)n * r + j], l);
-    v += l;
-  }
-  y[idx] = from_f32<TX>(v);
+  store_output<TX>(v, m, n, N, bias, lora_t, lora_b, r, y);
 }
 
 template <typename TX>
@@ -830,14 +832,7 @@ __global__ void __launch_bounds__(32 * kWideGroups)
   float out = 0.0f;
 #pragma unroll
   for (int k = 0; k < kWideGroups; ++k) out += group_sum[k][lane];
-  const int m = (int)(idx / N), n = (int)(idx % N);
-  if (bias != nullptr) out += bias[n];
-  if (lora_t != nullptr) {
-    float l = 0.0f;
-    for (int j = 0; j < r; ++j) l = fmaf(lora_t[(int64_t)m * r + j], lora_b[(int64_t)n * r + j], l);
-    out += l;
-  }
-  y[idx] = from_f32<TX>(out);
+  store_output<TX>(out, idx / N, idx % N, N, bias, lora_t, lora_b, r, y);
 }
 
 template <typename TX>

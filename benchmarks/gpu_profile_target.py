@@ -12,7 +12,7 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda-stream   the memory-order stream GEMV (ring depth 4; cuda-stream8: 8; cuda-stream-pairs:
                 depth 4 with the pair table)
   cuda-mma      the tensor-core stream GEMV with its 2-visit load ring (the default; cuda-mma3: 3 visits;
-                cuda-mma-wide: the experimental wide finalize)
+                cuda-mma-wide: the experimental wide finalize; cuda-mma-2ch: two accumulator chains)
   triton        the triton backend's GEMV as committed (M = 1: its memory-order stream kernel)
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
 from __future__ import annotations
@@ -41,7 +41,8 @@ VARIANTS = {"cuda-rows": _ROWS,
             "cuda-stream-pairs": dict(_STREAM, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=True),
             "cuda-mma": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2),
             "cuda-mma3": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=3),
-            "cuda-mma-wide": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_WIDE_FINALIZE=True)}
+            "cuda-mma-wide": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_WIDE_FINALIZE=True),
+            "cuda-mma-2ch": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True)}
 
 
 def main(call: str) -> None:

@@ -105,6 +105,11 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                                   ("stream depth=4", dict(GEMV_MMA=False, GEMV_STREAM=True))):
                 with settings(cb, GEMV_WIDE_FINALIZE=True, **values):
                     point(f"cuda M=1 {shape} {label} wide finalize", x, p, q, exp, dev)
+            # Two HMMA accumulator chains (experimental, depth 2), alone and with the wide finalize.
+            for wide in (False, True):
+                with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True, GEMV_WIDE_FINALIZE=wide):
+                    point(f"cuda M=1 {shape} mma depth=2 two chains{' wide finalize' if wide else ''}", x, p, q,
+                          exp, dev)
             # M = 4 and 8: the row kernel against the tensor-core batch kernel (one decode per batch
             # row); M = 12 and 16: the fused GEMM against its two-n-tile form.
             for M in (4, 8, 12, 16):

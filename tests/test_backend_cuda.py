@@ -353,6 +353,30 @@ def test_gemv_mma(monkeypatch, M, depth, dt, N, K, bs, quant_type, nested):
     assert _row_errors_within(y0, x, W64, exp0, bound)
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,bs,quant_type,nested", [
+    (77, 3072, 64, "nf4", True), (3001, 1280, 256, "fp4", False), (4099, 2048, 64, "nf4", True)])
+def test_gemv_mma_two_chains(monkeypatch, dt, N, K, bs, quant_type, nested):
+    """The experimental two-chain form of the M = 1 tensor-core kernel (GEMV_MMA_TWO_CHAINS, ring
+    depth 2): every output within the same per-row bound as the one-chain kernel, bias and LoRA too."""
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", 2)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_TWO_CHAINS", True)
+    assert cuda_backend._gemv_variant(1, N, K, dt, bs, K // 256)[1] & cuda_backend._GEMV_MMA_TWO_CHAINS
+    st, W64 = _weight(N, K, bs, quant_type, nested, seed=N + K + 7)
+    x = _rand((1, K), dt, 111)
+    bias = _rand((N,), torch.float32, 112)
+    A, B = _rand((8, K), dt, 113, 0.1), _rand((N, 8), dt, 114, 0.1)
+    with nf4kit.use_backend("cuda"):
+        y = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, bias, A, B, 0.5)
+        y0 = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, None, None, None, 1.0)
+    _ran_cuda("matmul_4bit")
+    exp0 = x.double() @ W64.t()
+    exp = exp0 + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    assert _relerr(y, exp) < 1e-2
+    assert _row_errors_within(y0, x, W64, exp0, 2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -9)
+
+
 def test_gemv_mma_leaves_other_inputs_to_the_other_kernels(monkeypatch):
     """With GEMV_MMA on, fp32 x, M > 16, K % 256 != 0 and blocksize 32 take the other kernels, and
     still agree with the reference."""

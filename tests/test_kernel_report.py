@@ -262,12 +262,17 @@ def test_tensor_core_gemv_keeps_its_instruction_budget():
     assert built and {s.arch for s in mma} == built
     assert {"batch" in s.name for s in mma} == {False, True}
     assert {kr.mma_n_tiles(s.name) for s in mma} == {1, 2}
+    assert {s.name.rstrip(">").rsplit(",", 1)[-1].strip() for s in mma if "batch" not in s.name} == {"1", "2"}
     for s in mma:
         assert s.loop_instr and s.loop_weights, s.name
         visits = s.loop_weights // 128
         assert s.loop_weights == 128 * visits and visits in (2, 3), (s.name, s.loop_weights)
         # The batch kernel scales each quarter separately; with two n-tiles (M <= 16) each A fragment
-        # feeds two HMMA and two sets of accumulators.
-        budget = 2.0 if "batch" not in s.name else 2.5 if kr.mma_n_tiles(s.name) == 1 else 3.0
+        # feeds two HMMA and two sets of accumulators.  The M = 1 kernel's experimental two-chain
+        # form (last template argument 2) adds its chains: 4 FADD per visit.
+        if "batch" in s.name:
+            budget = 2.5 if kr.mma_n_tiles(s.name) == 1 else 3.0
+        else:
+            budget = 2.0 if s.name.rstrip(">").rsplit(",", 1)[-1].strip() == "1" else 2.1
         assert s.loop_per_weight <= budget, f"{s.name} sm_{s.arch}: {s.loop_per_weight:.2f} instructions per weight"
         assert not s.spills

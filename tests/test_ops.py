@@ -198,6 +198,10 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
     assert call(1, 2048, 2, 32) == -1                 # an unknown option bit
     wide = cuda_backend._GEMV_WIDE_FINALIZE
     assert call(1, 2048, 8, cuda_backend._GEMV_MMA | wide | stream, 2) == -1  # mma: only the wide finalize beside it
+    chains = cuda_backend._GEMV_MMA_TWO_CHAINS          # two chains: M = 1, depth 2, fp16/bf16 only
+    assert call(1, 2048, 8, cuda_backend._GEMV_MMA | chains, 3) == -1
+    assert call(2, 2048, 8, cuda_backend._GEMV_MMA | chains, 2) == -1
+    assert call(1, 2048, 2, stream | chains) == -1    # not a stream-kernel option
     mma = cuda_backend._GEMV_MMA                      # (each case below breaks one rule, depth 2 is valid)
     assert call(1, 2048, 8, mma | stream, 2) == -1    # mma takes no other option
     assert call(1, 2048, 2, mma, 2) == -1             # S != K / 256
@@ -212,6 +216,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
         for M, depth in ((1, 2), (1, 3), (5, 2), (8, 3), (9, 2), (16, 3)):
             assert call(M, 2048, 8, mma, depth) not in (0, -1, -2)
         assert call(1, 2048, 8, mma | wide, 2) not in (0, -1, -2)
+        assert call(1, 2048, 8, mma | chains | wide, 2) not in (0, -1, -2)
         assert call(1, 2048, 2, stream | wide) not in (0, -1, -2)
     old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA, cuda_backend.GEMV_WIDE_FINALIZE
     try:
@@ -246,6 +251,18 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
         assert cuda_backend._gemv_variant(3, 64, 3072 + 32, bf, 64, 3)[1] == wide
         cuda_backend.GEMV_WIDE_FINALIZE = False
         assert cuda_backend._gemv_variant(1, 64, 3072 + 256, bf, 64, 13)[1] == mma
+        # Two accumulator chains (experimental): M = 1 at ring depth 2 only.
+        chains = cuda_backend._GEMV_MMA_TWO_CHAINS
+        depth = cuda_backend.GEMV_MMA_DEPTH
+        cuda_backend.GEMV_MMA_TWO_CHAINS = True
+        try:
+            cuda_backend.GEMV_MMA_DEPTH = 2
+            assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12) == (2, mma | chains)
+            assert cuda_backend._gemv_variant(4, 64, 3072, bf, 64, 12)[1] == mma
+            cuda_backend.GEMV_MMA_DEPTH = 3
+            assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12) == (3, mma)
+        finally:
+            cuda_backend.GEMV_MMA_TWO_CHAINS, cuda_backend.GEMV_MMA_DEPTH = False, depth
         # The decode path asks _gemv_kernel once and hands the answer on: the same plan either way.
         # (The row kernel's split count asks the device for its SMs: only its variant is compared here.)
         cpu = torch.device("cpu")

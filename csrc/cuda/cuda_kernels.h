@@ -51,8 +51,9 @@ constexpr int kGemvPairTable = 1;
 constexpr int kGemvDirect = 2;
 constexpr int kGemvStream = 4;
 constexpr int kGemvMma = 8;  // the stream scheme on mma.sync (M <= 16, fp16/bf16 x, K % 256 == 0, blocksize >= 64,
-                             // S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit but the next)
+                             // S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit but the next two)
 constexpr int kGemvWideFinalize = 16;  // experimental: the split-K sums with 8 warps per 32 outputs (any kernel)
+constexpr int kGemvMmaTwoChains = 32;  // experimental, with kGemvMma at M = 1, depth 2: two HMMA accumulator chains
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
               int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,

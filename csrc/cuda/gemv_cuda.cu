@@ -542,7 +542,10 @@ __device__ __forceinline__ float mma_scale(const Slot& slot, int h, bool nested,
   return core::nested_absmax_from_code(lds_f32(code_at + 4u * code), kSameNested ? slot.s[0] : slot.s[h], offset);
 }
 
-template <typename TX, int D>
+// CH accumulator chains per visit: 1, or (kGemvMmaTwoChains, experimental) 2, alternating between
+// consecutive mmas and added before the scales, which halves the chain of dependent HMMA (16 per
+// visit); Nsight Compute put this kernel at one instruction per 2.8 cycles per scheduler.
+template <typename TX, int D, int CH = 1>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     gemv_4bit_mma_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
                          int log2_bs, int quant_type, int warps_used, float* __restrict__ partial) {
@@ -610,7 +613,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     const float sa = mma_scale<true>(cur, 0, nested, code_at, offset);
     const float sb = mma_scale<true>(cur, 1, nested, code_at, offset);
     if (rb + (D - 1) * R < row_blocks) fetch(nxt);
-    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float cc[CH][4];
+#pragma unroll
+    for (int h = 0; h < CH; ++h) cc[h][0] = cc[h][1] = cc[h][2] = cc[h][3] = 0.0f;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -621,9 +626,12 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         uint32_t a[4];
         mma_a_from_table(a, w == 0 ? c0.x : w == 1 ? c0.y : w == 2 ? c0.z : c0.w,
                          w == 0 ? c1.x : w == 1 ? c1.y : w == 2 ? c1.z : c1.w, (uint32_t)(2 * (i & 1)), lane_entry);
-        mma16816<TX>(c, a, xb[j][i]);
+        mma16816<TX>(cc[i % CH], a, xb[j][i]);
       }
     }
+    float c[4] = {cc[0][0], cc[0][1], cc[0][2], cc[0][3]};
+#pragma unroll
+    for (int h = 1; h < CH; ++h) c[0] += cc[h][0], c[1] += cc[h][1], c[2] += cc[h][2], c[3] += cc[h][3];
     // Lanes tid 0 / 1: (sa, sb) are row grp's scales, the partner's (tid + 2) row grp + 8's.
     const float oa = __shfl_xor_sync(0xffffffffu, sa, 2), ob = __shfl_xor_sync(0xffffffffu, sb, 2);
     float v0 = fmaf(c[0], sa, c[1] * sb), v1 = fmaf(c[2], oa, c[3] * ob);
@@ -1013,18 +1021,18 @@ int mma_grid(int N, int64_t K, int64_t* grid, int* warps) {
 }
 
 // The tensor-core variants (M <= 16, fp16/bf16 x, K % 256 == 0, blocksize >= 64, S == K / 256), D
-// visits in its load ring: M = 1, the batch kernel with one n-tile (M <= 8), or two (M <= 16, on
-// half-size blocks: their second x takes 32 more registers).
-template <typename TX, int D>
+// visits in its load ring: M = 1 (CH accumulator chains), the batch kernel with one n-tile (M <= 8),
+// or two (M <= 16, on half-size blocks: their second x takes 32 more registers).
+template <typename TX, int D, int CH = 1>
 int launch_gemv_mma_instance(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                              int quant_type, float* partial, cudaStream_t stream) {
   const TX* xt = static_cast<const TX*>(x);
   int64_t grid = 0;
   int warps = 0, rc = 0;
   if (M == 1) {
-    rc = mma_grid<gemv_4bit_mma_kernel<TX, D>, kMmaThreads>(N, K, &grid, &warps);
+    rc = mma_grid<gemv_4bit_mma_kernel<TX, D, CH>, kMmaThreads>(N, K, &grid, &warps);
     if (rc != 0) return rc;
-    gemv_4bit_mma_kernel<TX, D><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
+    gemv_4bit_mma_kernel<TX, D, CH><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
         xt, N, K, packed, am, log2_bs, quant_type, warps, partial);
   } else if (M <= 8) {
     rc = mma_grid<gemv_4bit_mma_batch_kernel<TX, D, 1>, kMmaThreads>(N, K, &grid, &warps);
@@ -1042,10 +1050,14 @@ int launch_gemv_mma_instance(const void* x, int M, int N, int64_t K, const uint8
 
 template <typename TX>
 int launch_gemv_mma(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                    int quant_type, int depth, float* partial, cudaStream_t stream) {
+                    int quant_type, int depth, bool two_chains, float* partial, cudaStream_t stream) {
   if constexpr (std::is_same<TX, float>::value) {
     return kBadArgument;  // no fp32 mma fragments
   } else {
+    if (two_chains)  // built for M = 1 at depth 2 only (the default ring)
+      return M == 1 && depth == 2
+                 ? launch_gemv_mma_instance<TX, 2, 2>(x, M, N, K, packed, am, log2_bs, quant_type, partial, stream)
+                 : kBadArgument;
     if (depth == 2)
       return launch_gemv_mma_instance<TX, 2>(x, M, N, K, packed, am, log2_bs, quant_type, partial, stream);
     if (depth == 3)
@@ -1060,10 +1072,12 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
                 const float* lora_t, const float* lora_b, int r, void* y, cudaStream_t stream) {
   const bool pairs = (options & kGemvPairTable) != 0;
   if ((options & kGemvMma) != 0) {
-    if (K % kMmaTile != 0 || S != K / kMmaTile || log2_bs < 6 || (options & ~kGemvWideFinalize) != kGemvMma ||
+    if (K % kMmaTile != 0 || S != K / kMmaTile || log2_bs < 6 ||
+        (options & ~(kGemvWideFinalize | kGemvMmaTwoChains)) != kGemvMma ||
         (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
       return kBadArgument;
-    const int rc = launch_gemv_mma<TX>(x, M, N, K, packed, am, log2_bs, quant_type, depth, partial, stream);
+    const int rc = launch_gemv_mma<TX>(x, M, N, K, packed, am, log2_bs, quant_type, depth,
+                                       (options & kGemvMmaTwoChains) != 0, partial, stream);
     if (rc != 0) return rc;
     return launch_finalize_for<TX>(options, partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
   }
@@ -1116,7 +1130,9 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
               const float* bias, const float* lora_t, const float* lora_b, int r, void* y, void* stream) {
   if (M < 1 || M > ((options & kGemvMma) != 0 ? kMmaMaxM : kMaxM) || N < 1 || K < 32 || (K % 32) != 0)
     return kUnsupported;
-  if ((options & ~(kGemvPairTable | kGemvDirect | kGemvStream | kGemvMma | kGemvWideFinalize)) != 0) return kBadArgument;
+  if ((options & ~(kGemvPairTable | kGemvDirect | kGemvStream | kGemvMma | kGemvWideFinalize | kGemvMmaTwoChains)) != 0)
+    return kBadArgument;
+  if ((options & kGemvMmaTwoChains) != 0 && (options & kGemvMma) == 0) return kBadArgument;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
     return kBadArgument;
   if (S < 1 || (int64_t)S > K / 32) return kBadArgument;

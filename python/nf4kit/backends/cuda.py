@@ -94,8 +94,14 @@ _MMA_TILE = 256
 # put the plain finalize at 6.5 us of the tensor-core M = 1 call on 4096x14336 (S = 56 slices, 16
 # blocks; results/gpu_h100_2026-11-27b).  Deterministic; a different summation order when S > 1.
 GEMV_WIDE_FINALIZE = os.environ.get("NF4KIT_CUDA_GEMV_WIDE_FINALIZE", "0") == "1"
+# Experimental, compiled but not yet run on a GPU (off; NF4KIT_CUDA_GEMV_MMA_TWO_CHAINS=1): the M = 1
+# tensor-core kernel with two HMMA accumulator chains per visit instead of one chain of 16 (built at
+# ring depth 2 only; other depths keep one chain).  Nsight Compute put the kernel at one instruction
+# per 2.8 cycles per scheduler, latency-bound (116 registers against 106, no spills).
+GEMV_MMA_TWO_CHAINS = os.environ.get("NF4KIT_CUDA_GEMV_MMA_TWO_CHAINS", "0") == "1"
 # The C API's option bits (cuda_kernels.h).
-_GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA, _GEMV_WIDE_FINALIZE = 1, 2, 4, 8, 16
+_GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA, _GEMV_WIDE_FINALIZE, _GEMV_MMA_TWO_CHAINS = \
+    1, 2, 4, 8, 16, 32
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -286,7 +292,8 @@ def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, sp
     kernel = kernel or _gemv_kernel(M, N, K, dtype, blocksize)
     wide = _GEMV_WIDE_FINALIZE if GEMV_WIDE_FINALIZE else 0
     if kernel == "mma":
-        return GEMV_MMA_DEPTH, _GEMV_MMA | wide
+        chains = _GEMV_MMA_TWO_CHAINS if GEMV_MMA_TWO_CHAINS and M == 1 and GEMV_MMA_DEPTH == 2 else 0
+        return GEMV_MMA_DEPTH, _GEMV_MMA | wide | chains
     if kernel == "stream":
         pairs = GEMV_PAIR_TABLE and dtype in _HALF_DTYPES
         return GEMV_STREAM_DEPTH, _GEMV_STREAM | (_GEMV_PAIR_TABLE if pairs else 0) | wide

@@ -320,7 +320,8 @@ def _row_errors_within(y, x, W64, exp, bound):
     return bool(((y.double() - exp).abs() <= bound * scale).all())
 
 
-@pytest.mark.parametrize("M,depth", [(1, 2), (1, 3), (3, 2), (8, 3), (9, 2), (16, 3)])
+@pytest.mark.parametrize("M,depth,two_chains", [(1, 2, False), (1, 3, False), (1, 2, True), (3, 2, False),
+                                                (8, 3, False), (9, 2, False), (16, 3, False)])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,bs,quant_type,nested", [
     (77, 3072, 64, "nf4", True),     # odd N: the last row block runs past N; 12 tiles a row
@@ -329,13 +330,17 @@ def _row_errors_within(y, x, W64, exp, bound):
     (3001, 1280, 256, "nf4", False),  # blocksize 256, several passes of the persistent grid
     (16, 512, 4096, "fp4", True),    # blocks span rows (blocksize > K)
     (4099, 2048, 64, "nf4", True)])  # more tiles than resident warps, a row past the last block
-def test_gemv_mma(monkeypatch, M, depth, dt, N, K, bs, quant_type, nested):
+def test_gemv_mma(monkeypatch, M, depth, two_chains, dt, N, K, bs, quant_type, nested):
     """The tensor-core GEMVs (GEMV_MMA; M = 1 and the batch kernel with one n-tile for M <= 8, two
-    for M <= 16), both load rings: every output against the float64 reference within the bf16/fp16 rounding of the
-    code table, with bias and LoRA in the finalize kernel."""
+    for M <= 16), both load rings, and the experimental two-chain M = 1 kernel: every output against
+    the float64 reference within the bf16/fp16 rounding of the code table, with bias and LoRA in the
+    finalize kernel."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", depth)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_TWO_CHAINS", two_chains)
     assert cuda_backend._gemv_kernel(M, N, K, dt, bs) == "mma"
+    chains_bit = cuda_backend._gemv_variant(M, N, K, dt, bs, K // 256)[1] & cuda_backend._GEMV_MMA_TWO_CHAINS
+    assert bool(chains_bit) == two_chains
     assert cuda_backend._gemv_split_count(M, N, K, dt, bs, torch.device("cuda")) == K // 256
     st, W64 = _weight(N, K, bs, quant_type, nested, seed=N + K)
     x = _rand((M, K), dt, 91 + M)
@@ -351,30 +356,6 @@ def test_gemv_mma(monkeypatch, M, depth, dt, N, K, bs, quant_type, nested):
     assert _relerr(y, exp) < 1e-2
     bound = 2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -9
     assert _row_errors_within(y0, x, W64, exp0, bound)
-
-
-@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,K,bs,quant_type,nested", [
-    (77, 3072, 64, "nf4", True), (3001, 1280, 256, "fp4", False), (4099, 2048, 64, "nf4", True)])
-def test_gemv_mma_two_chains(monkeypatch, dt, N, K, bs, quant_type, nested):
-    """The experimental two-chain form of the M = 1 tensor-core kernel (GEMV_MMA_TWO_CHAINS, ring
-    depth 2): every output within the same per-row bound as the one-chain kernel, bias and LoRA too."""
-    monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
-    monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", 2)
-    monkeypatch.setattr(cuda_backend, "GEMV_MMA_TWO_CHAINS", True)
-    assert cuda_backend._gemv_variant(1, N, K, dt, bs, K // 256)[1] & cuda_backend._GEMV_MMA_TWO_CHAINS
-    st, W64 = _weight(N, K, bs, quant_type, nested, seed=N + K + 7)
-    x = _rand((1, K), dt, 111)
-    bias = _rand((N,), torch.float32, 112)
-    A, B = _rand((8, K), dt, 113, 0.1), _rand((N, 8), dt, 114, 0.1)
-    with nf4kit.use_backend("cuda"):
-        y = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, bias, A, B, 0.5)
-        y0 = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, None, None, None, 1.0)
-    _ran_cuda("matmul_4bit")
-    exp0 = x.double() @ W64.t()
-    exp = exp0 + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
-    assert _relerr(y, exp) < 1e-2
-    assert _row_errors_within(y0, x, W64, exp0, 2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -9)
 
 
 def test_gemv_mma_leaves_other_inputs_to_the_other_kernels(monkeypatch):

@@ -420,11 +420,17 @@ __device__ __forceinline__ float lds_f32(uint32_t addr) {
   return v;
 }
 
+// This lane's shared-window addresses in the table below: its entry 0 (bits 8-15 take a packed byte,
+// see mma_a_from_table) and the nested absmax code.
+struct MmaTable {
+  uint32_t lane_entry, code_at;
+};
+
 // The per-lane pair table on the first 64 KB boundary of the dynamic shared memory (entry v of lane
-// L at table + v * 256 + 4 L) and, after it, the nested absmax code; returns the table's
-// shared-window address.  The caller synchronises before the first lookup.
+// L at table + v * 256 + 4 L) and, after it, the nested absmax code; returns this lane's addresses
+// in them.  The caller synchronises before the first lookup.
 template <typename TX>
-__device__ __forceinline__ uint32_t mma_build_table(unsigned char* smem, int quant_type, const Absmax& am) {
+__device__ __forceinline__ MmaTable mma_build_table(unsigned char* smem, int quant_type, const Absmax& am) {
   const uint32_t smem0 = (uint32_t)__cvta_generic_to_shared(smem);
   const uint32_t table_at = (smem0 + (kMmaTableBytes - 1)) & ~(uint32_t)(kMmaTableBytes - 1);
   unsigned char* table = smem + (table_at - smem0);
@@ -434,7 +440,7 @@ __device__ __forceinline__ uint32_t mma_build_table(unsigned char* smem, int qua
     float* code = reinterpret_cast<float*>(table + kMmaTableBytes);
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = __ldg(am.code + i);
   }
-  return table_at;
+  return MmaTable{table_at | ((threadIdx.x & 31u) * 4u), table_at + kMmaTableBytes};
 }
 
 // Where a warp of the tensor-core GEMVs works (persistent grid, memory order): the 256-wide K-tile
@@ -489,18 +495,25 @@ __device__ __forceinline__ void mma_a_from_table(uint32_t (&a)[4], uint32_t r0, 
 }
 
 // This lane's read position in W: rows `row` and `row + 8` of the warp's next visit, at byte
-// `lane_byte` of its K-tile; next() moves on by the warp's R row blocks.
+// `lane_byte` of its K-tile, and the flat element index `scale_e` of the first absmax it reads
+// there (row + scale_rows, element scale_k of the tile; N * K < 2^32); next() moves both on by the
+// warp's R row blocks.
 struct MmaCursor {
   const uint8_t* p;
   int row;
   int64_t step, rows8;
   int rows_step;
-  __device__ __forceinline__ MmaCursor(const uint8_t* packed, const MmaWarp& w, int64_t K, int grp, int lane_byte)
+  uint32_t scale_e, scale_step;
+  __device__ __forceinline__ MmaCursor(const uint8_t* packed, const MmaWarp& w, int64_t K, int grp, int lane_byte,
+                                       int scale_rows, int scale_k)
       : p(packed + (int64_t)(w.rb0 * 16 + grp) * (K >> 1) + (int64_t)w.kt * (kMmaTile / 2) + lane_byte),
-        row(w.rb0 * 16 + grp), step((int64_t)w.R * 16 * (K >> 1)), rows8(8 * (K >> 1)), rows_step(16 * w.R) {}
+        row(w.rb0 * 16 + grp), step((int64_t)w.R * 16 * (K >> 1)), rows8(8 * (K >> 1)), rows_step(16 * w.R),
+        scale_e((uint32_t)(w.rb0 * 16 + grp + scale_rows) * (uint32_t)K + (uint32_t)w.kt * kMmaTile + scale_k),
+        scale_step((uint32_t)w.R * 16u * (uint32_t)K) {}
   __device__ __forceinline__ void next() {
     row += rows_step;
     p += step;
+    scale_e += scale_step;
   }
 };
 
@@ -521,7 +534,7 @@ struct MmaBytes8 {
 };
 
 // Raw scale inputs of absmax blocks b0, b1 (flat block indices) into a slot; double quant keeps
-// one nested scale when both blocks share a nested block (same_nested).
+// one nested scale when both blocks share a nested block (kSameNested).
 template <bool kSameNested, typename Slot>
 __device__ __forceinline__ void mma_fetch_scales(Slot& slot, const Absmax& am, uint32_t b0, uint32_t b1) {
   if (am.q != nullptr) {
@@ -558,13 +571,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   const int kt = wa.kt, R = wa.R, row_blocks = wa.row_blocks;
 
   // This lane's weight bytes: rows grp (+ 8) of the next row block to fetch, bytes 16 tid + 64 j of the tile.
-  MmaCursor wc(packed, wa, K, grp, 16 * tid);
-  // The absmax this lane reads: row grp + 8 (tid >> 1), quarters 2 (tid & 1) and + 1, as flat
-  // element indices (N * K < 2^32); both quarters share one nested block (their blocks are 2b, 2b + 1 or one).
+  // The absmax this lane reads: row grp + 8 (tid >> 1), quarters 2 (tid & 1) and + 1; both quarters
+  // share one nested block (their blocks are 2b, 2b + 1 or one).
   const int scale_row_off = 8 * (tid >> 1);  // from row grp
-  uint32_t scale_e = (uint32_t)(wa.rb0 * 16 + grp + scale_row_off) * (uint32_t)K + (uint32_t)kt * kMmaTile +
-                     128u * (tid & 1);
-  const uint32_t scale_e_step = (uint32_t)R * 16u * (uint32_t)K;
+  MmaCursor wc(packed, wa, K, grp, 16 * tid, scale_row_off, 128 * (tid & 1));
   auto fetch = [&](MmaBytes16& b) {
     if (wc.row < N) {
       b.w[0][0] = __ldcs(reinterpret_cast<const uint4*>(wc.p));
@@ -575,16 +585,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       b.w[1][1] = __ldcs(reinterpret_cast<const uint4*>(wc.p + wc.rows8 + 64));
     }
     if (wc.row + scale_row_off < N)
-      mma_fetch_scales<true>(b, am, scale_e >> log2_bs, (scale_e + 64u) >> log2_bs);
-    scale_e += scale_e_step;
+      mma_fetch_scales<true>(b, am, wc.scale_e >> log2_bs, (wc.scale_e + 64u) >> log2_bs);
     wc.next();
   };
   MmaBytes16 ring[D];
   mma_prefetch(wa, ring, fetch);
 
-  const uint32_t table_at = mma_build_table<TX>(mma_smem, quant_type, am);
-  const uint32_t code_at = table_at + kMmaTableBytes;
-  const uint32_t lane_entry = table_at | ((uint32_t)lane * 4u);  // entry 0 of this lane; bits 8-15 take the byte
+  const MmaTable tab = mma_build_table<TX>(mma_smem, quant_type, am);
   __syncthreads();
   if (!wa.active) return;  // whole warps exit together (after the only __syncthreads)
   const float offset = nested ? __ldg(am.offset) : 0.0f;
@@ -610,8 +617,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 
   auto visit = [&](int rb, const MmaBytes16& cur, MmaBytes16& nxt) {
     // Rows past N decode the slot's zeroed or stale scale inputs: they reach only their own rows.
-    const float sa = mma_scale<true>(cur, 0, nested, code_at, offset);
-    const float sb = mma_scale<true>(cur, 1, nested, code_at, offset);
+    const float sa = mma_scale<true>(cur, 0, nested, tab.code_at, offset);
+    const float sb = mma_scale<true>(cur, 1, nested, tab.code_at, offset);
     if (rb + (D - 1) * R < row_blocks) fetch(nxt);
     float cc[CH][4];
 #pragma unroll
@@ -625,7 +632,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         const uint4& c1 = cur.w[1][j];
         uint32_t a[4];
         mma_a_from_table(a, w == 0 ? c0.x : w == 1 ? c0.y : w == 2 ? c0.z : c0.w,
-                         w == 0 ? c1.x : w == 1 ? c1.y : w == 2 ? c1.z : c1.w, (uint32_t)(2 * (i & 1)), lane_entry);
+                         w == 0 ? c1.x : w == 1 ? c1.y : w == 2 ? c1.z : c1.w, (uint32_t)(2 * (i & 1)), tab.lane_entry);
         mma16816<TX>(cc[i % CH], a, xb[j][i]);
       }
     }
@@ -666,10 +673,9 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
   const MmaWarp wa = mma_warp(N, K, warps_used);
   const int kt = wa.kt, R = wa.R, row_blocks = wa.row_blocks;
 
-  MmaCursor wc(packed, wa, K, grp, 8 * tid);  // rows grp (+ 8), bytes 32 q + 8 tid of the tile
-  // Quarter tid's absmax of row grp (flat element index; N * K < 2^32) and of row grp + 8.
-  uint32_t scale_e = (uint32_t)(wa.rb0 * 16 + grp) * (uint32_t)K + (uint32_t)kt * kMmaTile + 64u * tid;
-  const uint32_t scale_e_step = (uint32_t)R * 16u * (uint32_t)K, scale_e_8rows = 8u * (uint32_t)K;
+  // Rows grp (+ 8), bytes 32 q + 8 tid of the tile; quarter tid's absmax of row grp (and row grp + 8).
+  MmaCursor wc(packed, wa, K, grp, 8 * tid, 0, 64 * tid);
+  const uint32_t scale_e_8rows = 8u * (uint32_t)K;
   auto fetch = [&](MmaBytes8& b) {
     if (wc.row < N) {
 #pragma unroll
@@ -681,18 +687,15 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
     }
     // Quarter tid's absmax of rows grp and grp + 8 (row grp + 8 < N implies row grp < N).
     if (wc.row + 8 < N)
-      mma_fetch_scales<false>(b, am, scale_e >> log2_bs, (scale_e + scale_e_8rows) >> log2_bs);
+      mma_fetch_scales<false>(b, am, wc.scale_e >> log2_bs, (wc.scale_e + scale_e_8rows) >> log2_bs);
     else if (wc.row < N)
-      mma_fetch_scales<false>(b, am, scale_e >> log2_bs, scale_e >> log2_bs);
-    scale_e += scale_e_step;
+      mma_fetch_scales<false>(b, am, wc.scale_e >> log2_bs, wc.scale_e >> log2_bs);
     wc.next();
   };
   MmaBytes8 ring[D];
   mma_prefetch(wa, ring, fetch);
 
-  const uint32_t table_at = mma_build_table<TX>(mma_smem, quant_type, am);
-  const uint32_t code_at = table_at + kMmaTableBytes;
-  const uint32_t lane_entry = table_at | ((uint32_t)lane * 4u);
+  const MmaTable tab = mma_build_table<TX>(mma_smem, quant_type, am);
   __syncthreads();
   if (!wa.active) return;  // whole warps exit together (after the only __syncthreads)
   const float offset = nested ? __ldg(am.offset) : 0.0f;
@@ -720,8 +723,8 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
 
   auto visit = [&](int rb, const MmaBytes8& cur, MmaBytes8& nxt) {
     // Rows past N decode the slot's zeroed or stale scale inputs: they reach only their own rows.
-    const float s0 = mma_scale<false>(cur, 0, nested, code_at, offset);
-    const float s8 = mma_scale<false>(cur, 1, nested, code_at, offset);
+    const float s0 = mma_scale<false>(cur, 0, nested, tab.code_at, offset);
+    const float s8 = mma_scale<false>(cur, 1, nested, tab.code_at, offset);
     if (rb + (D - 1) * R < row_blocks) fetch(nxt);
     const int row0 = rb * 16 + grp;
     // n-tile t: rows grp, grp + 8 x batch rows 8 t + 2 tid, 8 t + 2 tid + 1
@@ -737,7 +740,7 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
       for (int i = 0; i < 4; ++i) {
         uint32_t a[4];
         mma_a_from_table(a, i < 2 ? cur.w[0][q].x : cur.w[0][q].y, i < 2 ? cur.w[1][q].x : cur.w[1][q].y,
-                         (uint32_t)(2 * (i & 1)), lane_entry);
+                         (uint32_t)(2 * (i & 1)), tab.lane_entry);
 #pragma unroll
         for (int t = 0; t < NT; ++t) mma16816<TX>(c[t], a, xb[t][q][i]);
       }

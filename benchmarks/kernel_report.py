@@ -840,10 +840,12 @@ def markdown(stats: list[KernelStat], notes: list[str], violations: list[Violati
     loop_rows = [s for s in stats if s.loop_per_weight is not None]
     if loop_rows:
         lines += ["## Decode GEMVs: main-loop instructions per weight (static SASS)", "",
-                  "The widest loop of each M = 1 decode kernel (and of the tensor-core batch kernel, M <= 8): its instructions (both sides of any branch "
-                  "inside it counted once) over the weights one lane multiplies per iteration (8 per HMMA "
-                  "m16n8k16; without tensor cores one per FFMA, which slightly overcounts weights).  The H100 issues at most 4 warp-instructions per SM per "
-                  "cycle; the M = 1 stream kernels measured 22-28 us at 4-6 of these per weight.", "",
+                  "The widest loop of each M = 1 decode kernel (and of the tensor-core batch kernel, "
+                  "M <= 16): its instructions (both sides of any branch inside it counted once) over the "
+                  "weights one lane multiplies per iteration (8 per A fragment of HMMA m16n8k16; without "
+                  "tensor cores one per FFMA, which slightly overcounts weights).  On the H100 the time "
+                  "does not follow this count: the M = 1 stream kernels measured 22-28 us at 4.8-6.1 per "
+                  "weight, the tensor-core kernel 24 us at 1.9 (benchmarks/results/gpu_h100_2026-11-27b).", "",
                   "| kernel | sm | config | loop instructions | weights per lane | per weight |", "|---|---|---|---|---|---|"]
         for s in loop_rows:
             lines.append(f"| {s.name} | {s.arch} | {s.config} | {s.loop_instr} | {s.loop_weights} | "

@@ -349,10 +349,20 @@ def analyse_cubin(path: str, cuobjdump: str) -> tuple[dict[str, collections.Coun
 M1_LOOP_KERNELS = ("gemv_4bit_stream_kernel", "gemv_4bit_mma_kernel", "gemv_stream_m1", "gemv_4bit_mma_batch_kernel")
 
 
+def _last_template_int(kernel: str, name: str) -> int:
+    """The last template argument of `kernel`<...> in a demangled name; 1 for any other kernel."""
+    m = re.search(kernel + r"<[^<>]*,\s*(\d+)>", name)
+    return int(m.group(1)) if m else 1
+
+
 def mma_n_tiles(name: str) -> int:
     """The n-tiles (8 batch rows each) of a tensor-core batch GEMV, its last template argument; 1 otherwise."""
-    m = re.search(r"gemv_4bit_mma_batch_kernel<[^<>]*,\s*(\d+)>", name)
-    return int(m.group(1)) if m else 1
+    return _last_template_int("gemv_4bit_mma_batch_kernel", name)
+
+
+def mma_chains(name: str) -> int:
+    """The HMMA accumulator chains of the M = 1 tensor-core GEMV, its last template argument; 1 otherwise."""
+    return _last_template_int("gemv_4bit_mma_kernel", name)
 
 
 def fill_loop(st: KernelStat, loop: Optional[collections.Counter]) -> None:

@@ -2,9 +2,9 @@
 # Why is the M = 1 decode at 22-32 us (results/gpu_h100_2026-11-27)?  First, the host cost of
 # one M = 1 call layer by layer (benchmarks/host_overhead.py, cuda then triton; ~30-60 s with
 # Triton's autotuning).  Then Nsight Compute on one launch each of the cuda GEMV as committed (the
-# stream kernel at M = 1), its tensor-core variant, its row kernel, the triton word path and stream
-# kernel, and bitsandbytes' M = 1 kernel (DRAM throughput, MIO pressure, stall reasons,
-# occupancy); then the M = 1 sweeps on both projection shapes and the Triton configs.  About 7-8
+# tensor-core kernel at M = 1, with its finalize), its stream and row kernels, the triton stream
+# kernel as committed and its word path, and bitsandbytes' M = 1 kernel (DRAM throughput, MIO
+# pressure, stall reasons, occupancy); then the M = 1 sweeps on both projection shapes and the Triton configs.  About 7-8
 # minutes; the sweep is cut at 240 s.
 #   run(command="bash benchmarks/gpu_profile.sh", carry=[".whl", ".nf4kit_commit"], timeout_s=540)
 set -u -o pipefail
@@ -16,7 +16,7 @@ for b in cuda triton; do
 done
 echo "==== host"; cat "$OUT/host.md"
 source benchmarks/_ncu_decode.sh
-ncu_decode "$OUT/ncu.csv" cuda cuda-mma cuda-rows triton triton-stream bnb
+ncu_decode "$OUT/ncu.csv" cuda cuda-stream cuda-rows triton triton-word bnb
 log "ncu done"
 SWEEP=depth,triton timeout -s INT 240 python3 -m benchmarks.gpu_sweep > "$OUT/sweep.log" 2>&1
 log "sweep rc=$?"

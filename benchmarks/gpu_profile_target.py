@@ -13,7 +13,8 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
                 depth 4 with the pair table)
   cuda-mma      the tensor-core stream GEMV with its 2-visit load ring (the default; cuda-mma3: 3 visits;
                 cuda-mma-wide: the experimental wide finalize; cuda-mma-2ch: two accumulator chains)
-  triton        the triton backend's GEMV as committed (M = 1: its memory-order stream kernel)
+  triton        the triton backend's GEMV as committed (M = 1: its memory-order stream kernel;
+                triton-word: the word path it replaced)
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
 from __future__ import annotations
 
@@ -54,11 +55,11 @@ def main(call: str) -> None:
         fn, name = anc.bnb_matmul(x, packed, qs)
         if fn is None:
             raise SystemExit(f"bitsandbytes is not importable: {name}")
-    elif call in ("cuda", "triton", "triton-stream") or call in VARIANTS:
-        if call == "triton-stream":
+    elif call in ("cuda", "triton", "triton-word") or call in VARIANTS:
+        if call == "triton-word":
             from nf4kit.triton_kernels import matmul as tm
 
-            tm.GEMV_STREAM = True
+            tm.GEMV_STREAM = False
         if call in VARIANTS:
             for name, value in VARIANTS[call].items():
                 setattr(cb, name, value)

@@ -12,7 +12,8 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda-stream   the memory-order stream GEMV (ring depth 4; cuda-stream8: 8; cuda-stream-pairs:
                 depth 4 with the pair table)
   cuda-mma      the tensor-core stream GEMV with its 2-visit load ring (the default; cuda-mma3: 3 visits;
-                cuda-mma-wide: the experimental wide finalize; cuda-mma-2ch: two accumulator chains)
+                cuda-mma-wide: the experimental wide finalize; cuda-mma-2ch: two accumulator chains;
+                cuda-mma-block: each block sums its warps' K-tiles, 4 slices left for the finalize)
   triton        the triton backend's GEMV as committed (M = 1: its memory-order stream kernel;
                 triton-word: the word path it replaced)
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
@@ -43,7 +44,8 @@ VARIANTS = {"cuda-rows": _ROWS,
             "cuda-mma": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2),
             "cuda-mma3": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=3),
             "cuda-mma-wide": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_WIDE_FINALIZE=True),
-            "cuda-mma-2ch": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True)}
+            "cuda-mma-2ch": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True),
+            "cuda-mma-block": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True)}
 
 
 def main(call: str) -> None:

@@ -110,6 +110,12 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                 with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True, GEMV_WIDE_FINALIZE=wide):
                     point(f"cuda M=1 {shape} mma depth=2 two chains{' wide finalize' if wide else ''}", x, p, q,
                           exp, dev)
+            # Each block sums its warps' K-tiles (experimental): no finalize at K = 4096, 4 slices at 14336.
+            for depth, chains in ((2, False), (3, False), (2, True)):
+                with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth, GEMV_MMA_TWO_CHAINS=chains,
+                              GEMV_MMA_BLOCK_REDUCE=True):
+                    point(f"cuda M=1 {shape} mma depth={depth}{' two chains' if chains else ''} block reduce", x, p,
+                          q, exp, dev)
             # M = 4 and 8: the row kernel against the tensor-core batch kernel (one decode per batch
             # row); M = 12 and 16: the fused GEMM against its two-n-tile form.
             for M in (4, 8, 12, 16):

@@ -133,15 +133,23 @@ def sass_instructions(text: str) -> dict[str, list[tuple[int, str, str]]]:
 
 
 def main_loop_ops(instrs: list[tuple[int, str, str]]) -> collections.Counter:
-    """Opcode counts (base opcode, modifiers dropped) of a function's widest loop: the address
-    range from the target of its longest backward branch to that branch.  Static counts: both
-    sides of a branch inside the loop are counted once each.  Empty if the function has no loop."""
+    """Opcode counts (base opcode, modifiers dropped) of a function's main loop: the address range
+    from the target of its longest backward branch to that branch, among the loops that hold an HMMA
+    when any does (a tensor-core kernel's epilogue loops, bias and LoRA unrolled, can be wider than
+    its main loop) and hold no EXIT (the out-of-line BRA.DIV stubs after the last EXIT branch back
+    into the code above).  Static counts: both sides of a branch inside the loop are counted once
+    each.  Empty if the function has no loop."""
+    hmma = [addr for addr, op, _ in instrs if op.startswith("HMMA")]
+    exits = [addr for addr, op, _ in instrs if op == "EXIT"]
     best: Optional[tuple[int, int]] = None
     for addr, op, operands in instrs:
         if _BRA_RE.match(op):
             t = re.search(r"0x([0-9a-f]+)", operands)
             target = int(t.group(1), 16) if t else None
-            if target is not None and target < addr and (best is None or addr - target > best[1] - best[0]):
+            if target is None or target >= addr or any(target <= e <= addr for e in exits) or \
+                    (hmma and not any(target <= h <= addr for h in hmma)):
+                continue
+            if best is None or addr - target > best[1] - best[0]:
                 best = (target, addr)
     ops: collections.Counter = collections.Counter()
     if best is not None:

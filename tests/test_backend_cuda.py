@@ -403,6 +403,60 @@ def test_gemv_wide_finalize_matches_the_plain_one(monkeypatch, mma, stream, M, K
     assert torch.allclose(out[True].float(), out[False].float(), rtol=ulp, atol=ulp * float(exp.abs().mean()))
 
 
+@pytest.mark.parametrize("depth,two_chains", [(2, False), (3, False), (2, True)])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K", [
+    (1037, 4096),    # W = 16: one block spans the row, y written by the kernel (no finalize)
+    (1037, 14336),   # W = 14: 4 slices for the finalize
+    (20011, 3072),   # W = 12, one block per row; 1251 row blocks, several visits per warp
+    (77, 5120),      # W = 10, 2 slices; the last row block runs past N
+    (300, 2816)])    # 11 tiles: no W, the plain kernel and finalize
+def test_gemv_mma_block_reduce_sums_the_plain_kernels_tiles(monkeypatch, depth, two_chains, dt, N, K):
+    """The experimental block-reduced M = 1 kernel (GEMV_MMA_BLOCK_REDUCE) adds the plain kernel's
+    per-tile sums, bracketed by blocks of W warps (W warps in order, then the blocks in the finalize's
+    order): bit for bit against that sum of the plain kernel's partial slices, bias included; with
+    LoRA, against float64 and the plain result."""
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", depth)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_TWO_CHAINS", two_chains)
+    monkeypatch.setattr(cuda_backend, "GEMV_WIDE_FINALIZE", False)
+    st, W64 = _weight(N, K, 64, "nf4", True, seed=N + K)
+    x = _rand((1, K), dt, 111)
+    bias = _rand((N,), torch.float32, 112)
+    A, B = _rand((8, K), dt, 113, 0.1), _rand((N, 8), dt, 114, 0.1)
+    slices = {}
+    launch = cuda_backend._launch_gemv
+
+    def keep_partial(*args, **kwargs):  # the plain kernel's per-tile sums, as the finalize found them
+        launch(*args, **kwargs)
+        slices["partial"] = args[8].clone()
+
+    out = {}
+    for block in (False, True):
+        monkeypatch.setattr(cuda_backend, "GEMV_MMA_BLOCK_REDUCE", block)
+        monkeypatch.setattr(cuda_backend, "_launch_gemv", launch if block else keep_partial)
+        assert bool(cuda_backend._gemv_variant(1, N, K, dt, 64, K // 256)[1] & cuda_backend._GEMV_MMA_BLOCK_REDUCE) \
+            == block
+        with nf4kit.use_backend("cuda"):
+            out[block] = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, bias, None, None, 1.0)
+            out[block, "lora"] = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, bias, A, B, 0.5)
+        _ran_cuda("matmul_4bit")
+    tiles = slices["partial"].view(K // 256, N)
+    W = cuda_backend._mma_block_warps(K // 256) or 1  # no W: the plain finalize's order
+    total = torch.zeros(N, dtype=torch.float32, device=DEV)
+    for b0 in range(0, K // 256, W):
+        block_sum = torch.zeros(N, dtype=torch.float32, device=DEV)
+        for t in range(b0, b0 + W):
+            block_sum = block_sum + tiles[t]
+        total = total + block_sum if W < K // 256 else block_sum
+    assert torch.equal(out[True], (total + bias).to(dt).view(1, N))
+    exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    assert _relerr(out[True, "lora"], exp) < _tol(dt)
+    ulp = 2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -9
+    assert torch.allclose(out[True, "lora"].float(), out[False, "lora"].float(), rtol=ulp,
+                          atol=ulp * float(exp.abs().mean()))
+
+
 @pytest.mark.parametrize("route", ["gemv", "fused", "dequant"])
 def test_matmul_routes(monkeypatch, route):
     """Every matmul route of backends/cuda.py gives the same answer for one M."""

@@ -104,6 +104,32 @@ def test_main_loop_is_the_widest_backward_branch():
     assert other.loop_per_weight is None
 
 
+EPILOGUE_SASS = """
+		Function : mma_then_epilogue
+        /*0000*/                   PRMT R3, R4, 0x7604, R5 ;               /* 0x0 */
+        /*0010*/                   LDS R6, [R3] ;                          /* 0x0 */
+        /*0020*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;    /* 0x0 */
+        /*0030*/              @!P1 BRA 0x0 ;                               /* 0x0 */
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;           /* 0x0 */
+        /*0050*/                   LDS R2, [R7] ;                          /* 0x0 */
+        /*0060*/                   FADD R9, R9, R2 ;                       /* 0x0 */
+        /*0070*/                   LDS R2, [R7+0x40] ;                     /* 0x0 */
+        /*0080*/                   FADD R9, R9, R2 ;                       /* 0x0 */
+        /*0090*/                   FFMA R9, R10, R11, R9 ;                 /* 0x0 */
+        /*00a0*/              @!P2 BRA 0x50 ;                              /* 0x0 */
+        /*00b0*/                   EXIT ;                                  /* 0x0 */
+        /*00c0*/                   BRA 0x10 ;                              /* 0x0 */
+"""
+
+
+def test_main_loop_of_a_tensor_core_kernel_holds_its_hmma():
+    """A tensor-core kernel's main loop is its widest loop with an HMMA in it, even when an epilogue
+    loop after it (the block-reduced GEMV's row sums, bias and LoRA unrolled) is wider, and a branch
+    back from past the EXIT (sm_80's out-of-line BRA.DIV stubs) is no loop."""
+    ops = kr.main_loop_ops(kr.sass_instructions(EPILOGUE_SASS)["mma_then_epilogue"])
+    assert ops == collections.Counter({"PRMT": 1, "LDS": 1, "HMMA": 1, "BRA": 1})
+
+
 def test_parse_res_usage():
     res = kr.parse_res_usage(RES)
     assert res["my_kernel"] == dict(regs=40, stack=16, static_smem=1024, local=8)
@@ -263,6 +289,7 @@ def test_tensor_core_gemv_keeps_its_instruction_budget():
     assert {"batch" in s.name for s in mma} == {False, True}
     assert {kr.mma_n_tiles(s.name) for s in mma} == {1, 2}
     assert {kr.mma_chains(s.name) for s in mma if "batch" not in s.name} == {1, 2}
+    assert {", true," in s.name for s in mma if "batch" not in s.name} == {False, True}  # block-reduced or not
     for s in mma:
         assert s.loop_instr and s.loop_weights, s.name
         visits = s.loop_weights // 128

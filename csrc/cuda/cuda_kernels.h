@@ -42,7 +42,11 @@ int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* cod
 // added) from the GEMV kernel itself, with no finalize launch (the same bits); kGemvStream (M = 1,
 // K % 1024 == 0, S == K / 1024, not with kGemvDirect; depth 4 or 8, pair table with fp16/bf16 x)
 // reads W in memory order with a persistent grid, one 1024-wide K-tile per warp (rows_per_warp
-// is ignored).
+// is ignored).  kGemvMma (M <= 16, fp16/bf16 x, K % 256 == 0, S == K / 256) runs the tensor-core
+// stream kernels; with it, kGemvWideFinalize sums the slices with 8 warps per 32 outputs,
+// kGemvMmaTwoChains (M = 1, depth 2) keeps two HMMA accumulator chains, and kGemvMmaBlockReduce
+// (M = 1) sums each block's K-tiles in shared memory (y written by the GEMV itself where a block
+// spans the row); all three experimental.
 // S splits, 1 <= S <= K / 32.
 // partial: fp32 [S*M*N] scratch from the caller.
 // bias fp32 [N] or null; lora_t fp32 [M, r] (already scaled), lora_b fp32 [N, r], or null.
@@ -51,9 +55,11 @@ constexpr int kGemvPairTable = 1;
 constexpr int kGemvDirect = 2;
 constexpr int kGemvStream = 4;
 constexpr int kGemvMma = 8;  // the stream scheme on mma.sync (M <= 16, fp16/bf16 x, K % 256 == 0, blocksize >= 64,
-                             // S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit but the next two)
+                             // S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit but the next three)
 constexpr int kGemvWideFinalize = 16;  // experimental: the split-K sums with 8 warps per 32 outputs (any kernel)
 constexpr int kGemvMmaTwoChains = 32;  // experimental, with kGemvMma at M = 1, depth 2: two HMMA accumulator chains
+constexpr int kGemvMmaBlockReduce = 64;  // experimental, with kGemvMma at M = 1: each block sums its warps' K-tiles
+                                         // in shared memory (y written directly where one block spans the row)
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
               int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,

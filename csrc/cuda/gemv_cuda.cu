@@ -558,10 +558,18 @@ __device__ __forceinline__ float mma_scale(const Slot& slot, int h, bool nested,
 // CH accumulator chains per visit: 1, or (kGemvMmaTwoChains, experimental) 2, alternating between
 // consecutive mmas and added before the scales, which halves the chain of dependent HMMA (16 per
 // visit); Nsight Compute put this kernel at one instruction per 2.8 cycles per scheduler.
-template <typename TX, int D, int CH = 1>
+//
+// BR (kGemvMmaBlockReduce, experimental): the block's W warps own W consecutive K-tiles of the same
+// rows (W divides K / 256; see mma_block_warps), so they sum their tiles in shared memory instead of
+// writing S = K / 256 partial slices for the finalize: each visit's row sums go to
+// red[visit][warp][16], and after the sweep the block adds its W warps' sums in warp order.  With
+// W = K / 256 (K = 4096: W = 16) that is the whole row, written to y with bias and LoRA (store_output):
+// no finalize launch.  Otherwise it writes slice kt / W of S / W slices for a (short) finalize.
+// Nsight Compute put the plain finalize at 6.5 us of a 24 us M = 1 call (S = 56).
+template <typename TX, int D, bool BR = false, int CH = 1>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     gemv_4bit_mma_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
-                         int log2_bs, int quant_type, int warps_used, float* __restrict__ partial) {
+                         int log2_bs, int quant_type, int warps_used, float* __restrict__ partial, GemvEpilogue ep) {
   static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
   extern __shared__ __align__(16) unsigned char mma_smem[];
   const bool nested = am.q != nullptr;
@@ -614,6 +622,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   // This lane's output: lane tid 0 row grp, lane tid 1 row grp + 8 (tid 2 and 3 write nothing).
   const int out_row_off = grp + 8 * (tid & 1);
   float* out = partial + (int64_t)kt * N;
+  // BR: this warp's row sums, visit vi at red[(vi * W + warp) * 16 + row in the block] (16 lanes, 16 banks).
+  float* red = reinterpret_cast<float*>(mma_smem + kMmaSmemBytes);
+  const int warp = threadIdx.x >> 5, W = blockDim.x >> 5;
+  int vi = 0;
 
   auto visit = [&](int rb, const MmaBytes16& cur, MmaBytes16& nxt) {
     // Rows past N decode the slot's zeroed or stale scale inputs: they reach only their own rows.
@@ -644,11 +656,33 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     float v0 = fmaf(c[0], sa, c[1] * sb), v1 = fmaf(c[2], oa, c[3] * ob);
     v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
     v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
-    const int row = rb * 16 + out_row_off;
-    if (tid < 2 && row < N) out[row] = (tid & 1) ? v1 : v0;
+    if constexpr (BR) {
+      const int slot = vi++;
+      if (tid < 2) red[(slot * W + warp) * 16 + out_row_off] = (tid & 1) ? v1 : v0;
+    } else {
+      const int row = rb * 16 + out_row_off;
+      if (tid < 2 && row < N) out[row] = (tid & 1) ? v1 : v0;
+    }
   };
 
   mma_sweep(wa, ring, visit);
+  if constexpr (BR) {
+    // Every warp of the block is active and shares rb0 (the launcher's grid: whole rows of K-tiles,
+    // W per block).  Each row's W sums in warp order, from 0 as the finalize's sum starts.
+    __syncthreads();
+    const int visits = (row_blocks - wa.rb0 + R - 1) / R;
+    const int slices = (int)(K / kMmaTile) / W;
+    for (int t = threadIdx.x; t < visits * 16; t += blockDim.x) {
+      const int v = t >> 4, row = (wa.rb0 + v * R) * 16 + (t & 15);
+      if (row >= N) continue;
+      float sum = 0.0f;
+      for (int k = 0; k < W; ++k) sum += red[(v * W + k) * 16 + (t & 15)];
+      if (slices == 1)
+        store_output<TX>(sum, 0, row, N, ep.bias, ep.lora_t, ep.lora_b, ep.r, static_cast<TX*>(ep.y));
+      else
+        partial[(int64_t)(kt / W) * N + row] = sum;
+    }
+  }
 }
 
 // M = 2..16 on the same scheme (kGemvMma with M > 1): the batch rows are B's columns (NT n-tiles
@@ -1023,20 +1057,82 @@ int mma_grid(int N, int64_t K, int64_t* grid, int* warps) {
   return 0;
 }
 
+// kGemvMmaBlockReduce: the warps per block that split a row's K / 256 tiles into whole blocks, the
+// largest divisor in [8, 16] (K = 4096: 16, one block per row; K = 14336: 14, four); 0 if none
+// (K = 11008: 43 tiles), where the plain kernel and finalize run instead.
+inline int mma_block_warps(int64_t tiles_per_row) {
+  for (int w = kMmaThreads / 32; w >= 8; --w)
+    if (tiles_per_row % w == 0) return w;
+  return 0;
+}
+
+// The block-reduced M = 1 kernel (BR above) on a persistent grid of one W-warp block per SM, its
+// shared memory the table's plus the row sums of the most visits a warp makes.  Sets *slices to the
+// partial slices it left for the finalize (0: it wrote y), or to -1 without launching where it does
+// not apply (no W, K too long for the resident warps, or the row sums past the device's shared memory).
+template <typename TX, int D, int CH>
+int launch_gemv_mma_block_reduce(const TX* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                                 int quant_type, float* partial, const GemvEpilogue& ep, int* slices,
+                                 cudaStream_t stream) {
+  constexpr auto kernel = gemv_4bit_mma_kernel<TX, D, true, CH>;
+  constexpr int kMaxDevices = 64;
+  static int optin_smem[kMaxDevices] = {0}, sm_count[kMaxDevices] = {0};
+  *slices = -1;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return (int)e;
+  if (dev < 0 || dev >= kMaxDevices) return 0;
+  if (optin_smem[dev] == 0) {  // once per device: the opt-in limit, granted to the kernel
+    int smem = 0, sms = 0;
+    e = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e == cudaSuccess) e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return (int)e;
+    sm_count[dev] = sms;
+    optin_smem[dev] = smem;
+  }
+  const int64_t tiles_per_row = K / kMmaTile;
+  const int W = mma_block_warps(tiles_per_row);
+  if (W == 0) return 0;
+  const int64_t row_blocks = (N + 15) / 16;
+  const int64_t warps = persistent_warps(sm_count[dev], W, row_blocks * tiles_per_row, (int)tiles_per_row);
+  if (warps < tiles_per_row) return 0;
+  const int64_t R = warps / tiles_per_row, visits = (row_blocks + R - 1) / R;
+  const int64_t smem = kMmaSmemBytes + visits * W * 16 * (int64_t)sizeof(float);
+  if (smem > optin_smem[dev]) return 0;
+  kernel<<<(unsigned)(warps / W), W * 32, (size_t)smem, stream>>>(x, N, K, packed, am, log2_bs, quant_type,
+                                                                   (int)warps, partial, ep);
+  *slices = tiles_per_row == W ? 0 : (int)(tiles_per_row / W);
+  return (int)cudaGetLastError();
+}
+
 // The tensor-core variants (M <= 16, fp16/bf16 x, K % 256 == 0, blocksize >= 64, S == K / 256), D
 // visits in its load ring: M = 1 (CH accumulator chains), the batch kernel with one n-tile (M <= 8),
-// or two (M <= 16, on half-size blocks: their second x takes 32 more registers).
+// or two (M <= 16, on half-size blocks: their second x takes 32 more registers).  M = 1 with
+// block_reduce tries the block-reduced kernel first; *slices: the partial slices left for the
+// finalize (0: the block-reduced kernel wrote y).
 template <typename TX, int D, int CH = 1>
 int launch_gemv_mma_instance(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                             int quant_type, float* partial, cudaStream_t stream) {
+                             int quant_type, bool block_reduce, float* partial, const GemvEpilogue& ep, int* slices,
+                             cudaStream_t stream) {
   const TX* xt = static_cast<const TX*>(x);
   int64_t grid = 0;
   int warps = 0, rc = 0;
+  *slices = (int)(K / kMmaTile);
+  if (M == 1 && block_reduce) {
+    int left = -1;
+    rc = launch_gemv_mma_block_reduce<TX, D, CH>(xt, N, K, packed, am, log2_bs, quant_type, partial, ep, &left,
+                                                 stream);
+    if (rc != 0 || left >= 0) {
+      *slices = left;
+      return rc;
+    }
+  }
   if (M == 1) {
-    rc = mma_grid<gemv_4bit_mma_kernel<TX, D, CH>, kMmaThreads>(N, K, &grid, &warps);
+    rc = mma_grid<gemv_4bit_mma_kernel<TX, D, false, CH>, kMmaThreads>(N, K, &grid, &warps);
     if (rc != 0) return rc;
-    gemv_4bit_mma_kernel<TX, D, CH><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
-        xt, N, K, packed, am, log2_bs, quant_type, warps, partial);
+    gemv_4bit_mma_kernel<TX, D, false, CH><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
+        xt, N, K, packed, am, log2_bs, quant_type, warps, partial, ep);
   } else if (M <= 8) {
     rc = mma_grid<gemv_4bit_mma_batch_kernel<TX, D, 1>, kMmaThreads>(N, K, &grid, &warps);
     if (rc != 0) return rc;
@@ -1053,18 +1149,21 @@ int launch_gemv_mma_instance(const void* x, int M, int N, int64_t K, const uint8
 
 template <typename TX>
 int launch_gemv_mma(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                    int quant_type, int depth, bool two_chains, float* partial, cudaStream_t stream) {
+                    int quant_type, int depth, bool two_chains, bool block_reduce, float* partial,
+                    const GemvEpilogue& ep, int* slices, cudaStream_t stream) {
   if constexpr (std::is_same<TX, float>::value) {
     return kBadArgument;  // no fp32 mma fragments
   } else {
     if (two_chains)  // built for M = 1 at depth 2 only (the default ring)
-      return M == 1 && depth == 2
-                 ? launch_gemv_mma_instance<TX, 2, 2>(x, M, N, K, packed, am, log2_bs, quant_type, partial, stream)
-                 : kBadArgument;
+      return M == 1 && depth == 2 ? launch_gemv_mma_instance<TX, 2, 2>(x, M, N, K, packed, am, log2_bs, quant_type,
+                                                                         block_reduce, partial, ep, slices, stream)
+                                  : kBadArgument;
     if (depth == 2)
-      return launch_gemv_mma_instance<TX, 2>(x, M, N, K, packed, am, log2_bs, quant_type, partial, stream);
+      return launch_gemv_mma_instance<TX, 2>(x, M, N, K, packed, am, log2_bs, quant_type, block_reduce, partial, ep,
+                                             slices, stream);
     if (depth == 3)
-      return launch_gemv_mma_instance<TX, 3>(x, M, N, K, packed, am, log2_bs, quant_type, partial, stream);
+      return launch_gemv_mma_instance<TX, 3>(x, M, N, K, packed, am, log2_bs, quant_type, block_reduce, partial, ep,
+                                             slices, stream);
     return kBadArgument;
   }
 }
@@ -1075,14 +1174,17 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
                 const float* lora_t, const float* lora_b, int r, void* y, cudaStream_t stream) {
   const bool pairs = (options & kGemvPairTable) != 0;
   if ((options & kGemvMma) != 0) {
-    if (K % kMmaTile != 0 || S != K / kMmaTile || log2_bs < 6 ||
-        (options & ~(kGemvWideFinalize | kGemvMmaTwoChains)) != kGemvMma ||
+    const bool block_reduce = (options & kGemvMmaBlockReduce) != 0;
+    if (K % kMmaTile != 0 || S != K / kMmaTile || log2_bs < 6 || (block_reduce && M != 1) ||
+        (options & ~(kGemvWideFinalize | kGemvMmaTwoChains | kGemvMmaBlockReduce)) != kGemvMma ||
         (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
       return kBadArgument;
+    int slices = S;
     const int rc = launch_gemv_mma<TX>(x, M, N, K, packed, am, log2_bs, quant_type, depth,
-                                       (options & kGemvMmaTwoChains) != 0, partial, stream);
-    if (rc != 0) return rc;
-    return launch_finalize_for<TX>(options, partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
+                                       (options & kGemvMmaTwoChains) != 0, block_reduce, partial,
+                                       GemvEpilogue{y, bias, lora_t, lora_b, r}, &slices, stream);
+    if (rc != 0 || slices == 0) return rc;  // slices == 0: the block-reduced kernel wrote y
+    return launch_finalize_for<TX>(options, partial, slices, M, N, bias, lora_t, lora_b, r, y, stream);
   }
   if ((options & kGemvStream) != 0) {
     if (M != 1 || K % kStreamTile != 0 || S != K / kStreamTile || (options & kGemvDirect) != 0) return kBadArgument;
@@ -1133,9 +1235,10 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
               const float* bias, const float* lora_t, const float* lora_b, int r, void* y, void* stream) {
   if (M < 1 || M > ((options & kGemvMma) != 0 ? kMmaMaxM : kMaxM) || N < 1 || K < 32 || (K % 32) != 0)
     return kUnsupported;
-  if ((options & ~(kGemvPairTable | kGemvDirect | kGemvStream | kGemvMma | kGemvWideFinalize | kGemvMmaTwoChains)) != 0)
+  if ((options & ~(kGemvPairTable | kGemvDirect | kGemvStream | kGemvMma | kGemvWideFinalize | kGemvMmaTwoChains |
+                   kGemvMmaBlockReduce)) != 0)
     return kBadArgument;
-  if ((options & kGemvMmaTwoChains) != 0 && (options & kGemvMma) == 0) return kBadArgument;
+  if ((options & (kGemvMmaTwoChains | kGemvMmaBlockReduce)) != 0 && (options & kGemvMma) == 0) return kBadArgument;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
     return kBadArgument;
   if (S < 1 || (int64_t)S > K / 32) return kBadArgument;

@@ -99,9 +99,18 @@ GEMV_WIDE_FINALIZE = os.environ.get("NF4KIT_CUDA_GEMV_WIDE_FINALIZE", "0") == "1
 # ring depth 2 only; other depths keep one chain).  Nsight Compute put the kernel at one instruction
 # per 2.8 cycles per scheduler, latency-bound (116 registers against 106, no spills).
 GEMV_MMA_TWO_CHAINS = os.environ.get("NF4KIT_CUDA_GEMV_MMA_TWO_CHAINS", "0") == "1"
+# Experimental, compiled but not yet run on a GPU (off; NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE=1): the M = 1
+# tensor-core kernel on blocks of W warps that own W consecutive K-tiles of the same rows (W: the
+# largest divisor of K / 256 in [8, 16], _mma_block_warps), so each block sums its warps' tiles in
+# shared memory.  Where one block spans the row (K = 4096: W = 16) it writes y itself, bias and LoRA
+# added, and the finalize launch is gone; K = 14336 (W = 14) leaves 4 slices instead of 56 for it.
+# Deterministic; the sum is bracketed by blocks, so the bits differ from the plain finalize's.  Where no
+# W exists (K = 11008: 43 tiles) or the row sums do not fit the shared memory, the plain kernel runs.
+GEMV_MMA_BLOCK_REDUCE = os.environ.get("NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE", "0") == "1"
 # The C API's option bits (cuda_kernels.h).
 _GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA, _GEMV_WIDE_FINALIZE, _GEMV_MMA_TWO_CHAINS = \
     1, 2, 4, 8, 16, 32
+_GEMV_MMA_BLOCK_REDUCE = 64
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -271,6 +280,12 @@ def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int) -> 
     return "rows"
 
 
+def _mma_block_warps(tiles_per_row: int) -> int:
+    """Warps per block of the block-reduced M = 1 tensor-core kernel (GEMV_MMA_BLOCK_REDUCE) for
+    K / 256 = tiles_per_row: the largest divisor in [8, 16], 0 if none (the C side's mma_block_warps)."""
+    return next((w for w in range(16, 7, -1) if tiles_per_row % w == 0), 0)
+
+
 def _gemv_split_count(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, device: torch.device,
                       kernel: Optional[str] = None) -> int:
     """Partial slices S of the decode GEMV (its fp32 scratch is S * M * N): one per K-tile for the
@@ -293,7 +308,8 @@ def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, sp
     wide = _GEMV_WIDE_FINALIZE if GEMV_WIDE_FINALIZE else 0
     if kernel == "mma":
         chains = _GEMV_MMA_TWO_CHAINS if GEMV_MMA_TWO_CHAINS and M == 1 and GEMV_MMA_DEPTH == 2 else 0
-        return GEMV_MMA_DEPTH, _GEMV_MMA | wide | chains
+        block = _GEMV_MMA_BLOCK_REDUCE if GEMV_MMA_BLOCK_REDUCE and M == 1 else 0
+        return GEMV_MMA_DEPTH, _GEMV_MMA | wide | chains | block
     if kernel == "stream":
         pairs = GEMV_PAIR_TABLE and dtype in _HALF_DTYPES
         return GEMV_STREAM_DEPTH, _GEMV_STREAM | (_GEMV_PAIR_TABLE if pairs else 0) | wide

@@ -3,7 +3,7 @@ small-M fused GEMM (splits), and of the Triton M = 1 configs (including two K-st
 on the headline weight (4096x14336 NF4, blocksize 64, double quant, bf16), L2 flushed before
 every call.  Prints one line per setting: the time and the heuristic's choice, so the routing
 constants can be set from measurements.  GPU only:
-  [SWEEP=flush,depth|stream,gemv,gemm,triton|triton-stream,bnb-backend]
+  [SWEEP=flush,depth|stream,gemv,gemm,gemm64t,triton|triton-stream,bnb-backend]
 python -m benchmarks.gpu_sweep
 """
 from __future__ import annotations
@@ -224,6 +224,18 @@ def main() -> None:
                 setattr(cb, attr, v)
                 point(f"cuda M={M:4d} {attr}={v:3d}", x, packed, qs, exp, dev)
             setattr(cb, attr, None)
+        if "gemm64t" in sections:
+            # M = 64 on the transposed shape (N = 14336, K = 4096), issue 4's open case (fused GEMM 73.1 us,
+            # 1.75x bitsandbytes, at the heuristic's 2 splits): do more splits fill the SMs better?
+            Wt = torch.randn(K, N, device=dev, dtype=torch.bfloat16)
+            packed_t, qs_t = nf4kit.quantize_4bit(Wt, blocksize=64, compress_statistics=True)
+            x = torch.randn(64, N, device=dev, dtype=torch.bfloat16)
+            exp = x.float() @ nf4kit.dequantize_4bit(packed_t, qs_t).float().t()
+            print(f"heuristic: gemm splits M=64 {K}x{N}: {cb._gemm_splits(64, K, N, dev)}", flush=True)
+            for v in (1, 2, 3, 4, 6, 8):
+                cb.GEMM_SPLITS = v
+                point(f"cuda M=  64 {K}x{N} GEMM_SPLITS={v:3d}", x, packed_t, qs_t, exp, dev)
+            cb.GEMM_SPLITS = None
     if "triton" not in sections and "triton-stream" not in sections:
         return
     from nf4kit.triton_kernels import matmul as tm

@@ -407,15 +407,16 @@ def test_gemv_wide_finalize_matches_the_plain_one(monkeypatch, mma, stream, M, K
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K", [
     (1037, 4096),    # W = 16: one block spans the row, y written by the kernel (no finalize)
-    (1037, 14336),   # W = 14: 4 slices for the finalize
+    (1037, 14336),   # W = 14: 4 parts, 4 slices for the finalize
     (20011, 3072),   # W = 12, one block per row; 1251 row blocks, several visits per warp
-    (77, 5120),      # W = 10, 2 slices; the last row block runs past N
-    (300, 2816)])    # 11 tiles: no W, the plain kernel and finalize
+    (77, 5120),      # W = 10, 2 parts; the last row block runs past N
+    (501, 11008),    # 43 tiles: W = 15, 3 parts, the last with 13 active warps (2 idle)
+    (300, 1792)])    # 7 tiles: no block reduce, the plain kernel and finalize
 def test_gemv_mma_block_reduce_sums_the_plain_kernels_tiles(monkeypatch, depth, two_chains, dt, N, K):
     """The experimental block-reduced M = 1 kernel (GEMV_MMA_BLOCK_REDUCE) adds the plain kernel's
-    per-tile sums, bracketed by blocks of W warps (W warps in order, then the blocks in the finalize's
-    order): bit for bit against that sum of the plain kernel's partial slices, bias included; with
-    LoRA, against float64 and the plain result."""
+    per-tile sums, bracketed by parts of W tiles (a part's tiles in order, then the parts in the
+    finalize's order): bit for bit against that sum of the plain kernel's partial slices, bias
+    included; with LoRA, against float64 and the plain result."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", depth)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_TWO_CHAINS", two_chains)
@@ -441,14 +442,15 @@ def test_gemv_mma_block_reduce_sums_the_plain_kernels_tiles(monkeypatch, depth, 
             out[block] = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, bias, None, None, 1.0)
             out[block, "lora"] = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, bias, A, B, 0.5)
         _ran_cuda("matmul_4bit")
-    tiles = slices["partial"].view(K // 256, N)
-    W = cuda_backend._mma_block_warps(K // 256) or 1  # no W: the plain finalize's order
+    T = K // 256
+    tiles = slices["partial"].view(T, N)
+    W = cuda_backend._mma_block_warps(T) or 1  # no block reduce: the plain finalize's order
     total = torch.zeros(N, dtype=torch.float32, device=DEV)
-    for b0 in range(0, K // 256, W):
-        block_sum = torch.zeros(N, dtype=torch.float32, device=DEV)
-        for t in range(b0, b0 + W):
-            block_sum = block_sum + tiles[t]
-        total = total + block_sum if W < K // 256 else block_sum
+    for b0 in range(0, T, W):  # the parts of a row, the last one maybe shorter
+        part_sum = torch.zeros(N, dtype=torch.float32, device=DEV)
+        for t in range(b0, min(b0 + W, T)):
+            part_sum = part_sum + tiles[t]
+        total = total + part_sum if W < T else part_sum
     assert torch.equal(out[True], (total + bias).to(dt).view(1, N))
     exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
     assert _relerr(out[True, "lora"], exp) < _tol(dt)

@@ -220,9 +220,10 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
             assert call(M, 2048, 8, mma, depth) not in (0, -1, -2)
         assert call(1, 2048, 8, mma | wide, 2) not in (0, -1, -2)
         assert call(1, 2048, 8, mma | chains | wide, 2) not in (0, -1, -2)
-        for depth in (2, 3):  # the block-reduced kernel (with its fallback where no W exists: K = 2816)
+        for depth in (2, 3):  # the block-reduced kernel (with its fallback under 8 tiles: K = 1792)
             assert call(1, 2048, 8, mma | block, depth) not in (0, -1, -2)
-            assert call(1, 2816, 11, mma | block | wide, depth) not in (0, -1, -2)
+            assert call(1, 11008, 43, mma | block | wide, depth) not in (0, -1, -2)
+            assert call(1, 1792, 7, mma | block, depth) not in (0, -1, -2)
         assert call(1, 4096, 16, mma | block | chains, 2) not in (0, -1, -2)
         assert call(1, 2048, 2, stream | wide) not in (0, -1, -2)
     old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA, cuda_backend.GEMV_WIDE_FINALIZE
@@ -271,7 +272,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
         finally:
             cuda_backend.GEMV_MMA_TWO_CHAINS, cuda_backend.GEMV_MMA_DEPTH = False, depth
         # The block-reduced kernel (experimental): M = 1 only, on any ring; its blocks of W warps,
-        # W the largest divisor of K / 256 in [8, 16].
+        # a row of K / 256 tiles in ceil(tiles / 16) even parts, none under 8 tiles.
         cuda_backend.GEMV_MMA_BLOCK_REDUCE = True
         try:
             assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12)[1] == mma | block
@@ -279,8 +280,8 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
             assert cuda_backend._gemv_variant(1, 64, 3072, torch.float32, 64, 3)[1] == stream
         finally:
             cuda_backend.GEMV_MMA_BLOCK_REDUCE = False
-        assert [cuda_backend._mma_block_warps(t) for t in (16, 56, 12, 20, 32, 43, 4, 54)] == \
-            [16, 14, 12, 10, 16, 0, 0, 9]
+        tiles = (16, 56, 12, 20, 32, 43, 54, 74, 11, 8, 7, 4)
+        assert [cuda_backend._mma_block_warps(t) for t in tiles] == [16, 14, 12, 10, 16, 15, 14, 15, 11, 8, 0, 0]
         # The decode path asks _gemv_kernel once and hands the answer on: the same plan either way.
         # (The row kernel's split count asks the device for its SMs: only its variant is compared here.)
         cpu = torch.device("cpu")

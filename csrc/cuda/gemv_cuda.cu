@@ -456,6 +456,27 @@ __device__ __forceinline__ MmaWarp mma_warp(int N, int64_t K, int warps_used) {
   return MmaWarp{g % tiles_per_row, g / tiles_per_row, warps_used / tiles_per_row, (N + 15) >> 4, g < warps_used};
 }
 
+// The block-reduced M = 1 kernel's warps (BR below): each row of K-tiles is split into
+// row_parts = ceil(tiles / W) parts of W consecutive tiles, one per block, the last one part-idle
+// when W does not divide the tiles; block b works on part b % row_parts of row blocks
+// b / row_parts, b / row_parts + R, ... with R = gridDim.x / row_parts.  An idle warp (its tile
+// past the row) gets no visits.
+struct MmaBlockPart {
+  int part, first_row_block, active_warps;
+};
+__device__ __forceinline__ MmaBlockPart mma_block_part(int64_t K) {
+  const int tiles_per_row = (int)(K / kMmaTile), W = blockDim.x >> 5;
+  const int row_parts = (tiles_per_row + W - 1) / W, part = blockIdx.x % row_parts;
+  return MmaBlockPart{part, (int)blockIdx.x / row_parts, min(W, tiles_per_row - part * W)};
+}
+__device__ __forceinline__ MmaWarp mma_block_warp(int N, int64_t K, const MmaBlockPart& bp) {
+  const int tiles_per_row = (int)(K / kMmaTile), W = blockDim.x >> 5, warp = threadIdx.x >> 5;
+  const int row_parts = (tiles_per_row + W - 1) / W, row_blocks = (N + 15) >> 4;
+  const bool active = warp < bp.active_warps;
+  return MmaWarp{bp.part * W + warp, active ? bp.first_row_block : row_blocks, (int)gridDim.x / row_parts, row_blocks,
+                 active};
+}
+
 // A ring of D visits' weight registers (Slot: one visit's bytes), zeroed, its first D - 1 fetched.
 // Rows past N keep stale bytes later: they only reach their own rows of C, which are not written.
 template <int D, typename Slot, typename Fetch>
@@ -560,12 +581,13 @@ __device__ __forceinline__ float mma_scale(const Slot& slot, int h, bool nested,
 // visit); Nsight Compute put this kernel at one instruction per 2.8 cycles per scheduler.
 //
 // BR (kGemvMmaBlockReduce, experimental): the block's W warps own W consecutive K-tiles of the same
-// rows (W divides K / 256; see mma_block_warps), so they sum their tiles in shared memory instead of
-// writing S = K / 256 partial slices for the finalize: each visit's row sums go to
-// red[visit][warp][16], and after the sweep the block adds its W warps' sums in warp order.  With
-// W = K / 256 (K = 4096: W = 16) that is the whole row, written to y with bias and LoRA (store_output):
-// no finalize launch.  Otherwise it writes slice kt / W of S / W slices for a (short) finalize.
-// Nsight Compute put the plain finalize at 6.5 us of a 24 us M = 1 call (S = 56).
+// rows (one part of the row, mma_block_part; W from mma_block_warps), so they sum their tiles in
+// shared memory instead of writing S = K / 256 partial slices for the finalize: each visit's row
+// sums go to red[visit][warp][16], and after the sweep the block adds its active warps' sums in warp
+// order.  With one part per row (K = 4096: W = 16) that is the whole row, written to y with bias
+// and LoRA (store_output): no finalize launch.  Otherwise it writes slice `part` of the row's parts
+// for a short finalize (K = 14336: 4 slices instead of 56).  Nsight Compute put the plain finalize
+// at 6.5 us of a 24 us M = 1 call (S = 56).
 template <typename TX, int D, bool BR = false, int CH = 1>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     gemv_4bit_mma_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
@@ -575,7 +597,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   const bool nested = am.q != nullptr;
   const int lane = threadIdx.x & 31;
   const int grp = lane >> 2, tid = lane & 3;
-  const MmaWarp wa = mma_warp(N, K, warps_used);
+  const MmaBlockPart bp = BR ? mma_block_part(K) : MmaBlockPart{};
+  const MmaWarp wa = BR ? mma_block_warp(N, K, bp) : mma_warp(N, K, warps_used);
   const int kt = wa.kt, R = wa.R, row_blocks = wa.row_blocks;
 
   // This lane's weight bytes: rows grp (+ 8) of the next row block to fetch, bytes 16 tid + 64 j of the tile.
@@ -601,7 +624,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 
   const MmaTable tab = mma_build_table<TX>(mma_smem, quant_type, am);
   __syncthreads();
-  if (!wa.active) return;  // whole warps exit together (after the only __syncthreads)
+  // Whole warps exit together (after the only __syncthreads; BR: idle warps stay for the block's
+  // last one, with no visits).
+  if (!BR && !wa.active) return;
   const float offset = nested ? __ldg(am.offset) : 0.0f;
 
   // B fragments of mma (j, i): x elements 128 j + 32 tid + 4 i .. + 3 of the tile, in column
@@ -609,7 +634,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   uint32_t xb[2][8][2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
-    const bool mine = grp == 2 * j + (tid >> 1);
+    const bool mine = grp == 2 * j + (tid >> 1) && wa.active;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       uint2 v = make_uint2(0u, 0u);
@@ -667,20 +692,19 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 
   mma_sweep(wa, ring, visit);
   if constexpr (BR) {
-    // Every warp of the block is active and shares rb0 (the launcher's grid: whole rows of K-tiles,
-    // W per block).  Each row's W sums in warp order, from 0 as the finalize's sum starts.
+    // Each row's sums over the block's active warps in warp order, from 0 as the finalize's sum starts.
     __syncthreads();
-    const int visits = (row_blocks - wa.rb0 + R - 1) / R;
-    const int slices = (int)(K / kMmaTile) / W;
+    const int visits = (row_blocks - bp.first_row_block + R - 1) / R;
+    const int row_parts = (int)gridDim.x / R;
     for (int t = threadIdx.x; t < visits * 16; t += blockDim.x) {
-      const int v = t >> 4, row = (wa.rb0 + v * R) * 16 + (t & 15);
+      const int v = t >> 4, row = (bp.first_row_block + v * R) * 16 + (t & 15);
       if (row >= N) continue;
       float sum = 0.0f;
-      for (int k = 0; k < W; ++k) sum += red[(v * W + k) * 16 + (t & 15)];
-      if (slices == 1)
+      for (int k = 0; k < bp.active_warps; ++k) sum += red[(v * W + k) * 16 + (t & 15)];
+      if (row_parts == 1)
         store_output<TX>(sum, 0, row, N, ep.bias, ep.lora_t, ep.lora_b, ep.r, static_cast<TX*>(ep.y));
       else
-        partial[(int64_t)(kt / W) * N + row] = sum;
+        partial[(int64_t)bp.part * N + row] = sum;
     }
   }
 }
@@ -1057,19 +1081,21 @@ int mma_grid(int N, int64_t K, int64_t* grid, int* warps) {
   return 0;
 }
 
-// kGemvMmaBlockReduce: the warps per block that split a row's K / 256 tiles into whole blocks, the
-// largest divisor in [8, 16] (K = 4096: 16, one block per row; K = 14336: 14, four); 0 if none
-// (K = 11008: 43 tiles), where the plain kernel and finalize run instead.
+// kGemvMmaBlockReduce: the warps per block W for K / 256 = T tiles a row: the row in as few blocks
+// of at most 16 warps as it takes, ceil(T / 16), split as evenly as they allow (K = 4096: 16, one
+// block; 14336: 14, four; 11008: 15, three, the last with 13); 0 under 8 tiles (K < 2048), where
+// blocks that few warps would leave the SMs idle and the plain kernel runs instead.
 inline int mma_block_warps(int64_t tiles_per_row) {
-  for (int w = kMmaThreads / 32; w >= 8; --w)
-    if (tiles_per_row % w == 0) return w;
-  return 0;
+  if (tiles_per_row < 8) return 0;
+  const int64_t parts = (tiles_per_row + kMmaThreads / 32 - 1) / (kMmaThreads / 32);
+  return (int)((tiles_per_row + parts - 1) / parts);
 }
 
-// The block-reduced M = 1 kernel (BR above) on a persistent grid of one W-warp block per SM, its
-// shared memory the table's plus the row sums of the most visits a warp makes.  Sets *slices to the
-// partial slices it left for the finalize (0: it wrote y), or to -1 without launching where it does
-// not apply (no W, K too long for the resident warps, or the row sums past the device's shared memory).
+// The block-reduced M = 1 kernel (BR above) on a persistent grid of one W-warp block per SM, in whole
+// rows of parts (mma_block_part), its shared memory the table's plus the row sums of the most visits
+// a warp makes.  Sets *slices to the partial slices it left for the finalize (0: it wrote y), or to
+// -1 without launching where it does not apply (no W, fewer SMs than a row has parts, or the row sums
+// past the device's shared memory).
 template <typename TX, int D, int CH>
 int launch_gemv_mma_block_reduce(const TX* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                                  int quant_type, float* partial, const GemvEpilogue& ep, int* slices,
@@ -1094,15 +1120,16 @@ int launch_gemv_mma_block_reduce(const TX* x, int N, int64_t K, const uint8_t* p
   const int64_t tiles_per_row = K / kMmaTile;
   const int W = mma_block_warps(tiles_per_row);
   if (W == 0) return 0;
-  const int64_t row_blocks = (N + 15) / 16;
-  const int64_t warps = persistent_warps(sm_count[dev], W, row_blocks * tiles_per_row, (int)tiles_per_row);
-  if (warps < tiles_per_row) return 0;
-  const int64_t R = warps / tiles_per_row, visits = (row_blocks + R - 1) / R;
+  const int64_t row_parts = (tiles_per_row + W - 1) / W, row_blocks = (N + 15) / 16;
+  int64_t R = sm_count[dev] / row_parts;  // row blocks in flight: one block per SM
+  R = R < row_blocks ? R : row_blocks;
+  if (R < 1) return 0;
+  const int64_t visits = (row_blocks + R - 1) / R;
   const int64_t smem = kMmaSmemBytes + visits * W * 16 * (int64_t)sizeof(float);
   if (smem > optin_smem[dev]) return 0;
-  kernel<<<(unsigned)(warps / W), W * 32, (size_t)smem, stream>>>(x, N, K, packed, am, log2_bs, quant_type,
-                                                                   (int)warps, partial, ep);
-  *slices = tiles_per_row == W ? 0 : (int)(tiles_per_row / W);
+  kernel<<<(unsigned)(R * row_parts), W * 32, (size_t)smem, stream>>>(x, N, K, packed, am, log2_bs, quant_type, 0,
+                                                                       partial, ep);
+  *slices = row_parts == 1 ? 0 : (int)row_parts;
   return (int)cudaGetLastError();
 }
 

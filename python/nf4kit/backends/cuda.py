@@ -100,12 +100,12 @@ GEMV_WIDE_FINALIZE = os.environ.get("NF4KIT_CUDA_GEMV_WIDE_FINALIZE", "0") == "1
 # per 2.8 cycles per scheduler, latency-bound (116 registers against 106, no spills).
 GEMV_MMA_TWO_CHAINS = os.environ.get("NF4KIT_CUDA_GEMV_MMA_TWO_CHAINS", "0") == "1"
 # Experimental, compiled but not yet run on a GPU (off; NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE=1): the M = 1
-# tensor-core kernel on blocks of W warps that own W consecutive K-tiles of the same rows (W: the
-# largest divisor of K / 256 in [8, 16], _mma_block_warps), so each block sums its warps' tiles in
-# shared memory.  Where one block spans the row (K = 4096: W = 16) it writes y itself, bias and LoRA
-# added, and the finalize launch is gone; K = 14336 (W = 14) leaves 4 slices instead of 56 for it.
-# Deterministic; the sum is bracketed by blocks, so the bits differ from the plain finalize's.  Where no
-# W exists (K = 11008: 43 tiles) or the row sums do not fit the shared memory, the plain kernel runs.
+# tensor-core kernel on blocks of W warps that own W consecutive K-tiles of the same rows (a row of
+# K / 256 tiles in ceil(tiles / 16) parts, _mma_block_warps), so each block sums its warps' tiles in
+# shared memory.  Where one block spans the row (K <= 4096) it writes y itself, bias and LoRA added,
+# and the finalize launch is gone; K = 14336 leaves it 4 slices instead of 56, K = 11008 3 instead of
+# 43.  Deterministic; the sum is bracketed by parts, so the bits differ from the plain finalize's.
+# Under 8 tiles (K < 2048), or where the row sums do not fit the shared memory, the plain kernel runs.
 GEMV_MMA_BLOCK_REDUCE = os.environ.get("NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE", "0") == "1"
 # The C API's option bits (cuda_kernels.h).
 _GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA, _GEMV_WIDE_FINALIZE, _GEMV_MMA_TWO_CHAINS = \
@@ -281,9 +281,13 @@ def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int) -> 
 
 
 def _mma_block_warps(tiles_per_row: int) -> int:
-    """Warps per block of the block-reduced M = 1 tensor-core kernel (GEMV_MMA_BLOCK_REDUCE) for
-    K / 256 = tiles_per_row: the largest divisor in [8, 16], 0 if none (the C side's mma_block_warps)."""
-    return next((w for w in range(16, 7, -1) if tiles_per_row % w == 0), 0)
+    """Warps per block W of the block-reduced M = 1 tensor-core kernel (GEMV_MMA_BLOCK_REDUCE) for
+    K / 256 = tiles_per_row (the C side's mma_block_warps): a row of tiles in ceil(tiles / 16) parts
+    of W consecutive tiles, as even as they allow (the last part may be shorter); 0 under 8 tiles."""
+    if tiles_per_row < 8:
+        return 0
+    parts = -(-tiles_per_row // 16)
+    return -(-tiles_per_row // parts)
 
 
 def _gemv_split_count(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, device: torch.device,

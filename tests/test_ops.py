@@ -250,6 +250,28 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
         assert cuda_backend._gemv_kernel(8, 64, 3072, torch.float32, 64) == "rows"
         assert cuda_backend._gemv_kernel(1, 64, 3072 + 32, bf, 64) == "rows"
         assert cuda_backend._gemv_kernel(1, 2 ** 20, 4096, bf, 64) == "stream"  # N * K = 2^32
+        # Only where the device grants a block the table's 129 KB of shared memory (not the 99 KB of
+        # sm_86/89/120, the RTX cards): there M = 1 keeps the stream kernel, M <= 8 the row kernel.
+        fits = cuda_backend._mma_fits
+        try:
+            for grants, want in ((True, ("mma", "mma")), (False, ("stream", "rows"))):
+                cuda_backend._mma_fits = lambda index, grants=grants: grants
+                dev0 = torch.device("cuda", 0)
+                assert (cuda_backend._gemv_kernel(1, 64, 3072, bf, 64, dev0),
+                        cuda_backend._gemv_kernel(8, 64, 3072, bf, 64, dev0)) == want
+        finally:
+            cuda_backend._mma_fits = fits
+        # _mma_fits reads the opt-in limit, or (torch without it) knows the archs that grant it.
+        props = torch.cuda.get_device_properties
+        try:
+            for attrs, want in ((dict(shared_memory_per_block_optin=101376, major=8, minor=6), False),
+                                (dict(shared_memory_per_block_optin=232448, major=9, minor=0), True),
+                                (dict(shared_memory_per_block_optin=166912, major=8, minor=0), True),
+                                (dict(major=8, minor=9), False), (dict(major=9, minor=0), True)):
+                torch.cuda.get_device_properties = lambda index, attrs=attrs: types.SimpleNamespace(**attrs)
+                assert fits.__wrapped__(0) == want, attrs
+        finally:
+            torch.cuda.get_device_properties = props
         # The wide finalize (experimental) rides on every kernel's option bits, except the direct
         # epilogue, which has no finalize.
         wide = cuda_backend._GEMV_WIDE_FINALIZE

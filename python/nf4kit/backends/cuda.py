@@ -266,12 +266,33 @@ def _gemm_splits(M: int, N_out: int, K_red: int, device: torch.device) -> int:
     return max(1, min(round(sms * 4 / tiles), -(-K_red // 64) // 4, 64))
 
 
-def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int) -> str:
-    """Which decode GEMV takes x [M, K] (dtype) against W [N, K] at `blocksize`: "mma" (the
-    tensor-core stream kernel, GEMV_MMA), "stream" (the memory-order kernel, GEMV_STREAM), "rows",
-    or "none" (M past every GEMV's limit)."""
+# The tensor-core GEMVs' shared memory per block (the C side's kMmaSmemBytes: the 64 KB per-lane pair
+# table on a 64 KB boundary, then the nested absmax code).  sm_80/87 grant a block 163 KB and sm_90/100
+# 227 KB, but the consumer parts (sm_86, sm_89, sm_120: RTX 30/40/50, A10, L4, L40) only 99 KB: there
+# the other kernels run.
+_MMA_SMEM_BYTES = 2 * 65536 + 1024
+_MMA_SMEM_ARCHS = {(8, 0), (8, 7), (9, 0), (10, 0)}  # where torch does not report the opt-in limit
+
+
+@functools.lru_cache(maxsize=None)
+def _mma_fits(index: int) -> bool:
+    """Whether device `index` grants a block the tensor-core GEMVs' shared memory."""
+    props = torch.cuda.get_device_properties(index)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:
+        return (props.major, props.minor) in _MMA_SMEM_ARCHS
+    return optin >= _MMA_SMEM_BYTES
+
+
+def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int,
+                 device: Optional[torch.device] = None) -> str:
+    """Which decode GEMV takes x [M, K] (dtype) against W [N, K] at `blocksize` on `device`: "mma"
+    (the tensor-core stream kernel, GEMV_MMA; where the device has its shared memory: _mma_fits, not
+    asked when device is None), "stream" (the memory-order kernel, GEMV_STREAM), "rows", or "none"
+    (M past every GEMV's limit)."""
     if M <= GEMV_MMA_MAX_M and GEMV_MMA and dtype in _HALF_DTYPES and K % _MMA_TILE == 0 and blocksize >= 64 \
-            and N * K < 2**32 - _MMA_TILE:
+            and N * K < 2**32 - _MMA_TILE and (device is None or _mma_fits(
+                device.index if device.index is not None else torch.cuda.current_device())):
         return "mma"
     if M > GEMV_MAX_M:
         return "none"  # matmul_4bit takes the fused GEMM
@@ -389,7 +410,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     qt = QUANT_TYPE_CODES[quant_type]
     dev = x.device
     with torch.cuda.device(dev):
-        kernel = _gemv_kernel(M, N, K, dt, blocksize) if fast else "none"
+        kernel = _gemv_kernel(M, N, K, dt, blocksize, dev) if fast else "none"
         if kernel != "none":
             S = _gemv_split_count(M, N, K, dt, blocksize, dev, kernel)
             partial = torch.empty(S * M * N, dtype=torch.float32, device=dev)

@@ -113,6 +113,15 @@ def main(argv=None) -> int:
                         return nf4kit.matmul_4bit(x_b, pk_s, qs_s, bias=bias[:37])
 
                 calls.append((f"matmul_4bit mma batch M={m_rows}", "matmul_4bit", batch_gemv, "same"))
+            # The table GEMM (experimental): M = 33 in the heuristic's splits, M = 64 in one (y written).
+            for m_rows, splits in ((33, None), (64, 1)):
+                x_g = rn(m_rows, 2048)
+
+                def table_gemm(x_g=x_g, splits=splits):
+                    with settings(cb, GEMV_MMA_GEMM=True, GEMM_MMA_SPLITS=splits):
+                        return nf4kit.matmul_4bit(x_g, pk_s, qs_s, bias=bias[:37])
+
+                calls.append((f"matmul_4bit table GEMM M={m_rows}", "matmul_4bit", table_gemm, "same"))
 
         for what, op, fn, ref in calls:
             B.last_backend.pop(op, None)

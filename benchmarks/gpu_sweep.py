@@ -129,6 +129,14 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                 if M == 16:
                     with settings(cb, GEMV_MMA=True, GEMV_WIDE_FINALIZE=True):
                         point(f"cuda M={M} {shape} mma batch wide finalize", xm, p, q, em, dev)
+            # M = 32 and 64: the fused GEMM against the table GEMM (experimental), the heuristic's splits.
+            for M in (32, 64):
+                xm = torch.randn(M, ref.shape[1], device=dev, dtype=torch.bfloat16)
+                em = xm.float() @ ref.t()
+                for on in (False, True):
+                    with settings(cb, GEMV_MMA_GEMM=on):
+                        point(f"cuda M={M} {shape} {'table GEMM (tensor cores)' if on else 'fused GEMM'}", xm, p, q,
+                              em, dev)
             if rows_too:
                 with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
                     _row_kernel_variants(shape, x, p, q, exp, dev)
@@ -236,6 +244,15 @@ def main() -> None:
                 cb.GEMM_SPLITS = v
                 point(f"cuda M=  64 {K}x{N} GEMM_SPLITS={v:3d}", x, packed_t, qs_t, exp, dev)
             cb.GEMM_SPLITS = None
+            # The table GEMM (experimental) at its splits, on this shape and the other.
+            x_n = torch.randn(64, K, device=dev, dtype=torch.bfloat16)
+            exp_n = x_n.float() @ W_ref.t()
+            for label, (xs, p, q, e) in ((f"{K}x{N}", (x, packed_t, qs_t, exp)), (f"{N}x{K}", (x_n, packed, qs, exp_n))):
+                print(f"heuristic: table GEMM splits M=64 {label}: "
+                      f"{cb._gemv_split_count(64, e.shape[1], xs.shape[1], xs.dtype, 64, dev, 'mma-gemm')}", flush=True)
+                for v in (1, 2, 3, 4, 6, 8):
+                    with settings(cb, GEMV_MMA_GEMM=True, GEMM_MMA_SPLITS=v):
+                        point(f"cuda M=  64 {label} table GEMM splits={v}", xs, p, q, e, dev)
     if "triton" not in sections and "triton-stream" not in sections:
         return
     from nf4kit.triton_kernels import matmul as tm

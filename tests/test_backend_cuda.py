@@ -358,6 +358,40 @@ def test_gemv_mma(monkeypatch, M, depth, two_chains, dt, N, K, bs, quant_type, n
     assert _row_errors_within(y0, x, W64, exp0, bound)
 
 
+@pytest.mark.parametrize("M,splits", [(17, None), (32, 1), (33, None), (64, 3), (64, None)])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,bs,quant_type,nested", [
+    (77, 3072, 64, "nf4", True),      # odd N, one block (128 rows), part-empty warps
+    (1000, 4096, 128, "nf4", True),   # blocksize 128: two quarters share a block
+    (3001, 1280, 256, "fp4", False),  # 24 blocks, 5 tiles
+    (16, 512, 4096, "fp4", True),     # blocks span rows (blocksize > K)
+    (4099, 14336, 64, "nf4", True)])  # 33 blocks, 56 tiles in the heuristic's splits
+def test_mma_gemm(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
+    """The experimental table GEMM (GEMV_MMA_GEMM, M = 17..64): every output against the float64
+    reference within the bf16/fp16 rounding of the code table, one split (bias and LoRA in the
+    kernel) and several (in the finalize)."""
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", True)
+    monkeypatch.setattr(cuda_backend, "GEMM_MMA_SPLITS", splits)
+    dev = torch.device(DEV)
+    assert cuda_backend._gemv_kernel(M, N, K, dt, bs, dev) == "mma-gemm"
+    S = cuda_backend._gemv_split_count(M, N, K, dt, bs, dev)
+    assert 1 <= S <= K // 256 and (splits is None or S <= splits)
+    st, W64 = _weight(N, K, bs, quant_type, nested, seed=N + K)
+    x = _rand((M, K), dt, 121 + M)
+    bias = _rand((N,), torch.float32, 122)
+    A, B = _rand((8, K), dt, 123, 0.1), _rand((N, 8), dt, 124, 0.1)
+    with nf4kit.use_backend("cuda"):
+        y = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, bias, A, B, 0.5)
+        y0 = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, None, None, None, 1.0)
+    _ran_cuda("matmul_4bit")
+    exp0 = x.double() @ W64.t()
+    exp = exp0 + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    assert y.shape == (M, N) and y.dtype == dt
+    assert _relerr(y, exp) < 1e-2
+    bound = 2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -9
+    assert _row_errors_within(y0, x, W64, exp0, bound)
+
+
 def test_gemv_mma_leaves_other_inputs_to_the_other_kernels(monkeypatch):
     """With GEMV_MMA on, fp32 x, M > 16, K % 256 != 0 and blocksize 32 take the other kernels, and
     still agree with the reference."""

@@ -202,6 +202,15 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
     assert call(1, 2048, 8, cuda_backend._GEMV_MMA | chains, 3) == -1
     assert call(2, 2048, 8, cuda_backend._GEMV_MMA | chains, 2) == -1
     assert call(1, 2048, 2, stream | chains) == -1    # not a stream-kernel option
+    gemm = cuda_backend._GEMV_MMA_GEMM                # the table GEMM: M <= 64, S splits that each get a tile
+    assert call(65, 2048, 1, gemm, 2) == -2           # past its 64 batch rows
+    assert call(32, 2048, 9, gemm, 2) == -1           # more splits than 256-wide tiles
+    assert call(32, 4096, 15, gemm, 2) == -1          # 16 tiles in 15 splits: ceil(16 / 2) = 8 splits get them
+    assert call(32, 2048 + 32, 1, gemm, 2) == -1      # K % 256 != 0
+    assert call(32, 2048, 2, gemm, 2, blocksize=32) == -1
+    assert call(32, 2048, 2, gemm, 2, dtype=DTYPE_CODES[torch.float32]) == -1
+    assert call(32, 2048, 2, gemm | cuda_backend._GEMV_MMA, 2) == -1  # alone, or with the wide finalize
+    assert call(32, 2048, 2, gemm, 2, N=1 << 21) == -1  # N * K = 2^32
     block = cuda_backend._GEMV_MMA_BLOCK_REDUCE       # the block-reduced kernel: M = 1 with mma only
     assert call(1, 2048, 2, stream | block) == -1
     assert call(3, 2048, 8, cuda_backend._GEMV_MMA | block, 2) == -1
@@ -225,6 +234,9 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
             assert call(1, 11008, 43, mma | block | wide, depth) not in (0, -1, -2)
             assert call(1, 1792, 7, mma | block, depth) not in (0, -1, -2)
         assert call(1, 4096, 16, mma | block | chains, 2) not in (0, -1, -2)
+        for M, S in ((17, 1), (32, 3), (33, 8), (64, 2)):
+            assert call(M, 2048, S, gemm, 2) not in (0, -1, -2)
+        assert call(64, 4096, 4, gemm | wide, 2) not in (0, -1, -2)
         assert call(1, 2048, 2, stream | wide) not in (0, -1, -2)
     old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA, cuda_backend.GEMV_WIDE_FINALIZE
     try:
@@ -261,17 +273,20 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
                         cuda_backend._gemv_kernel(8, 64, 3072, bf, 64, dev0)) == want
         finally:
             cuda_backend._mma_fits = fits
-        # _mma_fits reads the opt-in limit, or (torch without it) knows the archs that grant it.
-        props = torch.cuda.get_device_properties
+        # The opt-in limit as torch reports it, or (torch without it) by arch; the tensor-core GEMVs
+        # need 132096 bytes, the table GEMM 198656 (A100: 166912, H100: 232448, RTX 4090: 101376).
+        props, optin = torch.cuda.get_device_properties, cuda_backend._smem_optin
         try:
-            for attrs, want in ((dict(shared_memory_per_block_optin=101376, major=8, minor=6), False),
-                                (dict(shared_memory_per_block_optin=232448, major=9, minor=0), True),
-                                (dict(shared_memory_per_block_optin=166912, major=8, minor=0), True),
-                                (dict(major=8, minor=9), False), (dict(major=9, minor=0), True)):
+            for attrs, want in ((dict(shared_memory_per_block_optin=101376, major=8, minor=6), (False, False)),
+                                (dict(shared_memory_per_block_optin=232448, major=9, minor=0), (True, True)),
+                                (dict(shared_memory_per_block_optin=166912, major=8, minor=0), (True, False)),
+                                (dict(major=8, minor=9), (False, False)), (dict(major=8, minor=0), (True, False)),
+                                (dict(major=9, minor=0), (True, True))):
                 torch.cuda.get_device_properties = lambda index, attrs=attrs: types.SimpleNamespace(**attrs)
-                assert fits.__wrapped__(0) == want, attrs
+                cuda_backend._smem_optin = lambda index: optin.__wrapped__(index)
+                assert (fits(0), fits(0, cuda_backend._MMA_GEMM_SMEM_BYTES)) == want, attrs
         finally:
-            torch.cuda.get_device_properties = props
+            torch.cuda.get_device_properties, cuda_backend._smem_optin = props, optin
         # The wide finalize (experimental) rides on every kernel's option bits, except the direct
         # epilogue, which has no finalize.
         wide = cuda_backend._GEMV_WIDE_FINALIZE
@@ -293,6 +308,27 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
             assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12) == (3, mma)
         finally:
             cuda_backend.GEMV_MMA_TWO_CHAINS, cuda_backend.GEMV_MMA_DEPTH = False, depth
+        # The table GEMM (experimental): M = 17..64 with half x, K % 256 == 0, blocksize >= 64; its splits
+        # fill the SMs (blocks of 192 rows) and always leave every split a tile.
+        cuda_backend.GEMV_MMA_GEMM = True
+        sms = cuda_backend._num_sms
+        try:
+            assert [cuda_backend._gemv_kernel(M, 64, 3072, bf, 64) for M in (16, 17, 64, 65)] == \
+                ["mma", "mma-gemm", "mma-gemm", "none"]
+            assert cuda_backend._gemv_kernel(32, 64, 3072, torch.float32, 64) == "none"
+            assert cuda_backend._gemv_kernel(32, 64, 3072, bf, 32) == "none"
+            assert cuda_backend._gemv_kernel(32, 64, 3072 + 32, bf, 64) == "none"
+            assert cuda_backend._gemv_variant(32, 64, 3072, bf, 64, 3) == (2, gemm)
+            cuda_backend._num_sms = lambda index: 132
+            dev0 = torch.device("cuda", 0)
+            # One wave of 128-row blocks: 14336x4096: 112 blocks, 1 split; 4096x14336: 32 blocks, 4
+            # splits (56 tiles, 14 a split); 512x1024: 4 blocks -> 33, but only 4 tiles.
+            assert [cuda_backend._gemv_split_count(64, N, K, bf, 64, dev0) for N, K in
+                    ((14336, 4096), (4096, 14336), (512, 1024))] == [1, 4, 4]
+            cuda_backend.GEMM_MMA_SPLITS = 15
+            assert cuda_backend._gemv_split_count(64, 14336, 4096, bf, 64, dev0) == 8  # 16 tiles: 2 a split
+        finally:
+            cuda_backend.GEMV_MMA_GEMM, cuda_backend.GEMM_MMA_SPLITS, cuda_backend._num_sms = False, None, sms
         # The block-reduced kernel (experimental): M = 1 only, on any ring; its blocks of W warps,
         # a row of K / 256 tiles in ceil(tiles / 16) even parts, none under 8 tiles.
         cuda_backend.GEMV_MMA_BLOCK_REDUCE = True

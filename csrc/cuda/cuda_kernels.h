@@ -31,7 +31,7 @@ int quantize_blockwise(const void* in, int in_dtype, int64_t n, int blocksize, c
 int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n, int blocksize,
                          void* out, int out_dtype, void* stream);
 
-// Decode GEMV (M <= 8; M <= 16 with kGemvMma): partial[s][m][n] = sum over K-split s of
+// Decode GEMV (M <= 8; M <= 16 with kGemvMma, M <= 64 with kGemvMmaGemm): partial[s][m][n] = sum over K-split s of
 // x[m, k] * deq(W)[n, k], then splitk_finalize.  W [N, K] packed row-major, K % 32 == 0;
 // x [M, K] (x_dtype), 16-byte aligned.  rows_per_warp: 1, 2, 4 or 8 rows share each x chunk.  depth: chunks per row in each
 // lane's load ring (depth - 1 in flight): 2; for M = 1 also 3 or 4 with rows_per_warp <= 4,
@@ -60,6 +60,9 @@ constexpr int kGemvWideFinalize = 16;  // experimental: the split-K sums with 8 
 constexpr int kGemvMmaTwoChains = 32;  // experimental, with kGemvMma at M = 1, depth 2: two HMMA accumulator chains
 constexpr int kGemvMmaBlockReduce = 64;  // experimental, with kGemvMma at M = 1: each block sums its warps' K-tiles
                                          // in shared memory (y written directly where one block spans the row)
+constexpr int kGemvMmaGemm = 128;  // experimental, alone or with kGemvWideFinalize: M <= 64 (fp16/bf16 x, K % 256 == 0,
+                                   // blocksize >= 64, N * K < 2^32 - 256) on the table decode with x staged in
+                                   // shared memory, S K-splits (S == ceil(T / ceil(T / S)), T = K / 256)
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
               int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,

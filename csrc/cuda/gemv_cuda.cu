@@ -414,6 +414,11 @@ __device__ __forceinline__ uint32_t lds_u32(uint32_t addr) {
   asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
   return v;
 }
+__device__ __forceinline__ uint2 lds_u64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
 __device__ __forceinline__ float lds_f32(uint32_t addr) {
   float v;
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
@@ -828,6 +833,162 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
   mma_sweep(wa, ring, visit);
 }
 
+// M = 17..64 on the batch kernel's decode (kGemvMmaGemm, experimental; fp16/bf16 x, K % 256 == 0,
+// blocksize >= 64, N * K < 2^32 - 256): one A fragment of W from the per-lane table feeds NT mma,
+// one per 8 batch rows, but x comes from shared memory (the batch kernel holds it in 32 registers per
+// n-tile, too many past M = 16).  So all 8 warps of a block work on the same 256-wide K-tile at a
+// time: the block owns 128 rows (a 16-row block per warp) and one K-split of `tiles_per_split`
+// tiles, which it walks in order, staging each tile's x [64][kXStride] once with cp.async into one
+// of two buffers while the other is read (rows padded to 520 bytes: a half-warp's 8-byte B loads,
+// rows grp 0..3 x lanes tid 0..3, then hit 16 distinct bank pairs), the next tile's W in registers
+// meanwhile.  Its 194 KB of shared memory leave it to sm_90 (A100: 163 KB).  A visit is the batch kernel's: lane
+// (grp, tid) holds 8 bytes per quarter of rows grp and grp + 8 and quarter tid's absmax of both.
+// Output: y (one split: bias and LoRA added by store_output) or partial[split][m][n] for the finalize.
+constexpr int kXStride = kMmaTile + 4;  // elements per staged x row
+constexpr int kMmaGemmMaxM = 64;
+constexpr int kGemmThreads = 256;  // 8 warps, 128 rows: NT = 8 spills at 16 warps (128 registers) and 12 (170)
+constexpr int kXCopies = kMmaGemmMaxM * kMmaTile / 4 / kGemmThreads;  // 8-byte cp.async of x a thread per tile
+constexpr int kXBufferBytes = kMmaGemmMaxM * kXStride * 2;
+constexpr int kMmaGemmSmemBytes = kMmaSmemBytes + 2 * kXBufferBytes;
+
+// 8 bytes global -> shared without registers (sm_80+), and the waits for this thread's copies.
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" : : "r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+template <typename TX, int NT>
+__global__ void __launch_bounds__(kGemmThreads, 1)
+    gemm_4bit_table_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed,
+                           Absmax am, int log2_bs, int quant_type, int tiles_per_split, float* __restrict__ partial,
+                           GemvEpilogue ep) {
+  static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
+  static_assert(8 * NT <= kMmaGemmMaxM, "x is staged for 64 batch rows");
+  extern __shared__ __align__(16) unsigned char mma_smem[];
+  TX* xs = reinterpret_cast<TX*>(mma_smem + kMmaSmemBytes);
+  const bool nested = am.q != nullptr;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int grp = lane >> 2, tid = lane & 3;
+  // This lane's B reads start at batch row grp, element 16 tid of a buffer (a shared-window address).
+  const uint32_t xs_lane = (uint32_t)__cvta_generic_to_shared(xs) + 2u * (uint32_t)(grp * kXStride + 16 * tid);
+  const int kt0 = (int)blockIdx.y * tiles_per_split;
+  const int kt1 = min((int)(K / kMmaTile), kt0 + tiles_per_split);
+  const int row = ((int)blockIdx.x * (kGemmThreads / 32) + warp) * 16 + grp;  // and row + 8
+
+  // Tile kt's bytes of rows row, row + 8 (32 q + 8 tid of each row's 128) and quarter tid's absmax of
+  // both, into a slot; rows past N keep the slot's zeros.
+  const int64_t row_bytes = K >> 1;
+  const uint8_t* wp = packed + (int64_t)row * row_bytes + 8 * tid;
+  const uint32_t scale_e0 = (uint32_t)row * (uint32_t)K + 64u * (uint32_t)tid, scale_e8 = 8u * (uint32_t)K;
+  auto fetch = [&](MmaBytes8& b, int kt) {
+    const uint8_t* p = wp + (int64_t)kt * (kMmaTile / 2);
+    if (row < N) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) b.w[0][q] = __ldcs(reinterpret_cast<const uint2*>(p + 32 * q));
+    }
+    if (row + 8 < N) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) b.w[1][q] = __ldcs(reinterpret_cast<const uint2*>(p + 8 * row_bytes + 32 * q));
+    }
+    const uint32_t e = scale_e0 + (uint32_t)kt * kMmaTile;
+    if (row + 8 < N)
+      mma_fetch_scales<false>(b, am, e >> log2_bs, (e + scale_e8) >> log2_bs);
+    else if (row < N)
+      mma_fetch_scales<false>(b, am, e >> log2_bs, e >> log2_bs);
+  };
+  // Tile kt's x, rows < M x 256, into buffer `buf` (8-byte pieces i = thread + 256 u); the rows past M
+  // stay the zeros written once below.
+  const uint32_t xs_at = (uint32_t)__cvta_generic_to_shared(xs);
+  auto copy_x = [&](int kt, int buf) {
+#pragma unroll
+    for (int u = 0; u < kXCopies; ++u) {
+      const int i = (int)threadIdx.x + kGemmThreads * u, m = i >> 6, c = (i & 63) * 4;
+      if (m < M)
+        cp_async8(xs_at + (uint32_t)(buf * kXBufferBytes + 2 * (m * kXStride + c)),
+                  x + (int64_t)m * K + (int64_t)kt * kMmaTile + c);
+    }
+    cp_async_commit();
+  };
+  for (int i = (int)threadIdx.x; i < 2 * kMmaGemmMaxM * kXStride / 2; i += kGemmThreads) {  // zero rows M.. of both
+    const int e = 2 * i, m = (e % (kMmaGemmMaxM * kXStride)) / kXStride;
+    if (m >= M) *reinterpret_cast<uint32_t*>(xs + e) = 0u;
+  }
+
+  MmaBytes8 ring[2] = {};
+  fetch(ring[0], kt0);
+  copy_x(kt0, 0);
+  const MmaTable tab = mma_build_table<TX>(mma_smem, quant_type, am);  // synced by the first tile's barrier
+  const float offset = nested ? __ldg(am.offset) : 0.0f;
+
+  // n-tile t: rows row, row + 8 x batch rows 8 t + 2 tid, 8 t + 2 tid + 1
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+  // Tile kt from x buffer `buf` (tiles alternate between the two from kt0).
+  auto tile = [&](int kt, int buf, const MmaBytes8& cur, MmaBytes8& nxt) {
+    cp_async_wait_all();  // this thread's copies of tile kt have landed
+    __syncthreads();      // everyone's have, and the other buffer's last tile is read (first: the table is built)
+    if (kt + 1 < kt1) {   // in flight while this tile is multiplied
+      copy_x(kt + 1, buf ^ 1);
+      fetch(nxt, kt + 1);
+    }
+    const uint32_t xs_buf = xs_lane + (uint32_t)(buf * kXBufferBytes);
+    const float s0 = mma_scale<false>(cur, 0, nested, tab.code_at, offset);
+    const float s8 = mma_scale<false>(cur, 1, nested, tab.code_at, offset);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      // The quarter's four A fragments (rows row, row + 8 x 64 k), decoded once for the NT n-tiles;
+      // each n-tile's four mma then go to one short-lived accumulator, scaled into acc.
+      uint32_t a[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        mma_a_from_table(a[i], i < 2 ? cur.w[0][q].x : cur.w[0][q].y, i < 2 ? cur.w[1][q].x : cur.w[1][q].y,
+                         (uint32_t)(2 * (i & 1)), tab.lane_entry);
+      const float q0 = __shfl_sync(0xffffffffu, s0, (lane & ~3) | q);
+      const float q8 = __shfl_sync(0xffffffffu, s8, (lane & ~3) | q);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          // x elements 64 q + 16 tid + 4 i .. + 3 of batch row 8 t + grp: the k slots of bytes 2 i, 2 i + 1
+          const uint2 v = lds_u64(xs_buf + 2u * (uint32_t)((8 * t) * kXStride + 64 * q + 4 * i));
+          const uint32_t b[2] = {v.x, v.y};
+          mma16816<TX>(c, a[i], b);
+        }
+        acc[t][0] = fmaf(c[0], q0, acc[t][0]);
+        acc[t][1] = fmaf(c[1], q0, acc[t][1]);
+        acc[t][2] = fmaf(c[2], q8, acc[t][2]);
+        acc[t][3] = fmaf(c[3], q8, acc[t][3]);
+      }
+    }
+  };
+  for (int kt = kt0; kt < kt1; kt += 2) {  // two ring slots and x buffers, named statically
+    tile(kt, 0, ring[0], ring[1]);
+    if (kt + 1 < kt1) tile(kt + 1, 1, ring[1], ring[0]);
+  }
+
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int m = 8 * t + 2 * tid + u, n = row + 8 * h;
+        if (m >= M || n >= N) continue;
+        if (gridDim.y == 1) {
+          float v = 0.0f;
+          v += acc[t][2 * h + u];  // as the finalize's sum starts
+          store_output<TX>(v, m, n, N, ep.bias, ep.lora_t, ep.lora_b, ep.r, static_cast<TX*>(ep.y));
+        } else {
+          partial[((int64_t)blockIdx.y * M + m) * N + n] = acc[t][2 * h + u];
+        }
+      }
+    }
+  }
+}
+
 // y[m, n] = T(sum_s partial[s, m, n] + bias[n] + sum_j lora_t[m, j] * lora_b[n, j]).
 template <typename TX>
 __global__ void __launch_bounds__(256)
@@ -1195,11 +1356,61 @@ int launch_gemv_mma(const void* x, int M, int N, int64_t K, const uint8_t* packe
   }
 }
 
+// The small-M table GEMM (kGemvMmaGemm): blocks of 128 rows x S K-splits of ceil(T / S) tiles (the
+// caller's S must give every split a tile: S == ceil(T / ceil(T / S))), n-tiles for M <= 32 or <= 64.
+template <typename TX, int NT>
+int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                               int quant_type, int S, float* partial, const GemvEpilogue& ep, cudaStream_t stream) {
+  constexpr auto kernel = gemm_4bit_table_kernel<TX, NT>;
+  constexpr int kMaxDevices = 64;
+  static bool granted[kMaxDevices] = {false};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return (int)e;
+  if (dev < 0 || dev >= kMaxDevices) return kUnsupported;
+  if (!granted[dev]) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaGemmSmemBytes);
+    if (e != cudaSuccess) return (int)e;
+    granted[dev] = true;
+  }
+  const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;  // S checked by launch_gemv
+  const int64_t blocks = (N + 16 * (kGemmThreads / 32) - 1) / (16 * (kGemmThreads / 32));
+  if (S > 65535 || blocks > 0x7fffffff) return kUnsupported;
+  kernel<<<dim3((unsigned)blocks, (unsigned)S), kGemmThreads, kMmaGemmSmemBytes, stream>>>(
+      x, M, N, K, packed, am, log2_bs, quant_type, (int)per_split, partial, ep);
+  return (int)cudaGetLastError();
+}
+
+template <typename TX>
+int launch_gemm_table(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                      int quant_type, int S, float* partial, const GemvEpilogue& ep, cudaStream_t stream) {
+  if constexpr (std::is_same<TX, float>::value) {
+    return kBadArgument;  // no fp32 mma fragments
+  } else {
+    const TX* xt = static_cast<const TX*>(x);
+    return M <= 32 ? launch_gemm_table_instance<TX, 4>(xt, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep,
+                                                       stream)
+                   : launch_gemm_table_instance<TX, 8>(xt, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep,
+                                                       stream);
+  }
+}
+
 template <typename TX>
 int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
                 int rows_per_warp, int depth, int options, int S, float* partial, const float* bias,
                 const float* lora_t, const float* lora_b, int r, void* y, cudaStream_t stream) {
   const bool pairs = (options & kGemvPairTable) != 0;
+  if ((options & kGemvMmaGemm) != 0) {
+    const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;
+    if (K % kMmaTile != 0 || log2_bs < 6 || S > tiles || (tiles + per_split - 1) / per_split != S ||
+        (options & ~kGemvWideFinalize) != kGemvMmaGemm ||
+        (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
+      return kBadArgument;
+    const int rc = launch_gemm_table<TX>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial,
+                                         GemvEpilogue{y, bias, lora_t, lora_b, r}, stream);
+    if (rc != 0 || S == 1) return rc;  // one split: the kernel wrote y
+    return launch_finalize_for<TX>(options, partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
+  }
   if ((options & kGemvMma) != 0) {
     const bool block_reduce = (options & kGemvMmaBlockReduce) != 0;
     if (K % kMmaTile != 0 || S != K / kMmaTile || log2_bs < 6 || (block_reduce && M != 1) ||
@@ -1260,10 +1471,10 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
               int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,
               const float* bias, const float* lora_t, const float* lora_b, int r, void* y, void* stream) {
-  if (M < 1 || M > ((options & kGemvMma) != 0 ? kMmaMaxM : kMaxM) || N < 1 || K < 32 || (K % 32) != 0)
-    return kUnsupported;
+  const int max_m = (options & kGemvMmaGemm) != 0 ? kMmaGemmMaxM : (options & kGemvMma) != 0 ? kMmaMaxM : kMaxM;
+  if (M < 1 || M > max_m || N < 1 || K < 32 || (K % 32) != 0) return kUnsupported;
   if ((options & ~(kGemvPairTable | kGemvDirect | kGemvStream | kGemvMma | kGemvWideFinalize | kGemvMmaTwoChains |
-                   kGemvMmaBlockReduce)) != 0)
+                   kGemvMmaBlockReduce | kGemvMmaGemm)) != 0)
     return kBadArgument;
   if ((options & (kGemvMmaTwoChains | kGemvMmaBlockReduce)) != 0 && (options & kGemvMma) == 0) return kBadArgument;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))

@@ -14,7 +14,8 @@ next backend serves the call (never a wrong answer).
 
 Matmul routing (per call, by M = rows of x):
   * M <= GEMV_MAX_M, or M <= GEMV_MMA_MAX_M where the tensor-core GEMV takes the call: decode
-    GEMV (packed W streamed once, split-K).
+    GEMV (packed W streamed once, split-K); with the experimental GEMV_MMA_GEMM on, M <= 64 on
+    its table decode too.
   * M <= FUSED_MAX_M, fp16/bf16: fused dequant-GEMM on tensor cores, LoRA and bias in the
     same output tile, or split-K with bias and LoRA in the finalize kernel when the output
     tiles alone leave SMs idle.  The backward uses the same kernel reading W transposed.
@@ -107,10 +108,20 @@ GEMV_MMA_TWO_CHAINS = os.environ.get("NF4KIT_CUDA_GEMV_MMA_TWO_CHAINS", "0") == 
 # 43.  Deterministic; the sum is bracketed by parts, so the bits differ from the plain finalize's.
 # Under 8 tiles (K < 2048), or where the row sums do not fit the shared memory, the plain kernel runs.
 GEMV_MMA_BLOCK_REDUCE = os.environ.get("NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE", "0") == "1"
+# Experimental, compiled but not yet run on a GPU (off; NF4KIT_CUDA_MMA_GEMM=1): M = 17..64 (fp16/bf16 x,
+# K % 256 == 0, blocksize >= 64) on the tensor-core GEMVs' table decode instead of the fused GEMM
+# (13.3 SASS instructions per weight; M = 64 on 14336x4096 took 73.1 us on the H100, 1.75x
+# bitsandbytes, issue 4's open case): one A fragment of W feeds 4 or 8 mma (one per 8 batch rows), x
+# staged per 256-wide tile in shared memory (cp.async, two buffers: 194 KB with the table, so sm_90/100
+# only) for the block's 8 warps (128 rows), K split (_mma_gemm_splits) so that the blocks fill the SMs.
+# GEMM_MMA_SPLITS overrides the splits.
+GEMV_MMA_GEMM = os.environ.get("NF4KIT_CUDA_MMA_GEMM", "0") == "1"
+GEMM_MMA_SPLITS: Optional[int] = None
+_MMA_GEMM_ROWS = 128  # rows per block (the C side's kGemmThreads / 32 x 16)
 # The C API's option bits (cuda_kernels.h).
 _GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA, _GEMV_WIDE_FINALIZE, _GEMV_MMA_TWO_CHAINS = \
     1, 2, 4, 8, 16, 32
-_GEMV_MMA_BLOCK_REDUCE = 64
+_GEMV_MMA_BLOCK_REDUCE, _GEMV_MMA_GEMM = 64, 128
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -267,38 +278,63 @@ def _gemm_splits(M: int, N_out: int, K_red: int, device: torch.device) -> int:
 
 
 # The tensor-core GEMVs' shared memory per block (the C side's kMmaSmemBytes: the 64 KB per-lane pair
-# table on a 64 KB boundary, then the nested absmax code).  sm_80/87 grant a block 163 KB and sm_90/100
-# 227 KB, but the consumer parts (sm_86, sm_89, sm_120: RTX 30/40/50, A10, L4, L40) only 99 KB: there
-# the other kernels run.
+# table on a 64 KB boundary, then the nested absmax code; the table GEMM adds two x buffers of 64
+# rows, kMmaGemmSmemBytes).  sm_80/87 grant a block 163 KB and sm_90/100 227 KB, but the consumer parts
+# (sm_86, sm_89, sm_120: RTX 30/40/50, A10, L4, L40) only 99 KB: there the other kernels run.
 _MMA_SMEM_BYTES = 2 * 65536 + 1024
-_MMA_SMEM_ARCHS = {(8, 0), (8, 7), (9, 0), (10, 0)}  # where torch does not report the opt-in limit
+_MMA_GEMM_SMEM_BYTES = _MMA_SMEM_BYTES + 2 * 64 * 260 * 2  # + two x buffers: sm_90/100 only
+# Where torch does not report the opt-in limit: the limit by arch (CUDA's tables), else 99 KB.
+_SMEM_OPTIN_BY_ARCH = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448, (10, 0): 232448}
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_fits(index: int) -> bool:
-    """Whether device `index` grants a block the tensor-core GEMVs' shared memory."""
+def _smem_optin(index: int) -> int:
+    """The shared memory device `index` grants one block (bytes)."""
     props = torch.cuda.get_device_properties(index)
     optin = getattr(props, "shared_memory_per_block_optin", None)
-    if optin is None:
-        return (props.major, props.minor) in _MMA_SMEM_ARCHS
-    return optin >= _MMA_SMEM_BYTES
+    return optin if optin is not None else _SMEM_OPTIN_BY_ARCH.get((props.major, props.minor), 101376)
+
+
+def _mma_fits(index: int, need: int = _MMA_SMEM_BYTES) -> bool:
+    """Whether device `index` grants a block `need` bytes of shared memory (the tensor-core GEMVs')."""
+    return _smem_optin(index) >= need
 
 
 def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int,
                  device: Optional[torch.device] = None) -> str:
     """Which decode GEMV takes x [M, K] (dtype) against W [N, K] at `blocksize` on `device`: "mma"
     (the tensor-core stream kernel, GEMV_MMA; where the device has its shared memory: _mma_fits, not
-    asked when device is None), "stream" (the memory-order kernel, GEMV_STREAM), "rows", or "none"
-    (M past every GEMV's limit)."""
-    if M <= GEMV_MMA_MAX_M and GEMV_MMA and dtype in _HALF_DTYPES and K % _MMA_TILE == 0 and blocksize >= 64 \
-            and N * K < 2**32 - _MMA_TILE and (device is None or _mma_fits(
-                device.index if device.index is not None else torch.cuda.current_device())):
+    asked when device is None), "mma-gemm" (the table GEMM for M = 17..64, GEMV_MMA_GEMM), "stream"
+    (the memory-order kernel, GEMV_STREAM), "rows", or "none" (M past every GEMV's limit: the fused
+    GEMM)."""
+    table = dtype in _HALF_DTYPES and K % _MMA_TILE == 0 and blocksize >= 64 and N * K < 2**32 - _MMA_TILE
+    index = None if device is None else device.index if device.index is not None else torch.cuda.current_device()
+    if table and M <= GEMV_MMA_MAX_M and GEMV_MMA and (index is None or _mma_fits(index)):
         return "mma"
+    if table and GEMV_MMA_MAX_M < M <= 64 and GEMV_MMA_GEMM and (index is None or _mma_fits(index,
+                                                                                           _MMA_GEMM_SMEM_BYTES)):
+        return "mma-gemm"
     if M > GEMV_MAX_M:
         return "none"  # matmul_4bit takes the fused GEMM
     if M == 1 and GEMV_STREAM and K % _STREAM_TILE == 0:
         return "stream"
     return "rows"
+
+
+def _mma_gemm_splits(N: int, K: int, device: torch.device) -> int:
+    """K-splits S of the table GEMM (GEMV_MMA_GEMM; GEMM_MMA_SPLITS if set): its blocks of 128 rows
+    (one per SM: the table's shared memory) alone leave SMs idle below N = 128 x SMs, so K splits into
+    as many blocks as fit in one wave, every split at least one 256-wide tile; S as the C side needs
+    it, S == ceil(T / ceil(T / S))."""
+    tiles = K // _MMA_TILE
+    if GEMM_MMA_SPLITS:
+        S = GEMM_MMA_SPLITS
+    else:
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        S = sms // -(-N // _MMA_GEMM_ROWS)  # a second, part-empty wave would cost a whole one
+    S = max(1, min(S, tiles))
+    per_split = -(-tiles // S)
+    return -(-tiles // per_split)
 
 
 def _mma_block_warps(tiles_per_row: int) -> int:
@@ -319,6 +355,8 @@ def _gemv_split_count(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int
     kernel = kernel or _gemv_kernel(M, N, K, dtype, blocksize)
     if kernel == "mma":
         return K // _MMA_TILE
+    if kernel == "mma-gemm":
+        return _mma_gemm_splits(N, K, device)
     if kernel == "stream":
         return K // _STREAM_TILE
     return min(GEMV_SPLITS, K // 32) if GEMV_SPLITS else _gemv_splits(N, K, device)
@@ -331,6 +369,8 @@ def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, sp
     the finalize kernel.  `kernel` as for _gemv_split_count."""
     kernel = kernel or _gemv_kernel(M, N, K, dtype, blocksize)
     wide = _GEMV_WIDE_FINALIZE if GEMV_WIDE_FINALIZE else 0
+    if kernel == "mma-gemm":
+        return 2, _GEMV_MMA_GEMM | wide
     if kernel == "mma":
         chains = _GEMV_MMA_TWO_CHAINS if GEMV_MMA_TWO_CHAINS and M == 1 and GEMV_MMA_DEPTH == 2 else 0
         block = _GEMV_MMA_BLOCK_REDUCE if GEMV_MMA_BLOCK_REDUCE and M == 1 else 0

@@ -354,7 +354,8 @@ def analyse_cubin(path: str, cuobjdump: str) -> tuple[dict[str, collections.Coun
 
 # The decode kernels whose main loop is summarised (instructions per weight and lane): the M = 1
 # stream kernels and the tensor-core batch kernel (M <= 16: its HMMA carry 8 batch rows at once).
-M1_LOOP_KERNELS = ("gemv_4bit_stream_kernel", "gemv_4bit_mma_kernel", "gemv_stream_m1", "gemv_4bit_mma_batch_kernel")
+M1_LOOP_KERNELS = ("gemv_4bit_stream_kernel", "gemv_4bit_mma_kernel", "gemv_stream_m1", "gemv_4bit_mma_batch_kernel",
+                   "gemm_4bit_table_kernel")
 
 
 def _last_template_int(kernel: str, name: str) -> int:
@@ -364,8 +365,10 @@ def _last_template_int(kernel: str, name: str) -> int:
 
 
 def mma_n_tiles(name: str) -> int:
-    """The n-tiles (8 batch rows each) of a tensor-core batch GEMV, its last template argument; 1 otherwise."""
-    return _last_template_int("gemv_4bit_mma_batch_kernel", name)
+    """The n-tiles (8 batch rows each) of a tensor-core batch GEMV or table GEMM, its last template
+    argument; 1 otherwise."""
+    kernel = "gemm_4bit_table_kernel" if "gemm_4bit_table_kernel" in name else "gemv_4bit_mma_batch_kernel"
+    return _last_template_int(kernel, name)
 
 
 def mma_chains(name: str) -> int:
@@ -859,7 +862,7 @@ def markdown(stats: list[KernelStat], notes: list[str], violations: list[Violati
     if loop_rows:
         lines += ["## Decode GEMVs: main-loop instructions per weight (static SASS)", "",
                   "The widest loop of each M = 1 decode kernel (and of the tensor-core batch kernel, "
-                  "M <= 16): its instructions (both sides of any branch inside it counted once) over the "
+                  "M <= 16, and table GEMM, M <= 64, experimental): its instructions (both sides of any branch inside it counted once) over the "
                   "weights one lane multiplies per iteration (8 per A fragment of HMMA m16n8k16; without "
                   "tensor cores one per FFMA, which slightly overcounts weights).  On the H100 the time "
                   "does not follow this count: the M = 1 stream kernels measured 22-28 us at 4.8-6.1 per "

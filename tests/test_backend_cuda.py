@@ -320,6 +320,26 @@ def _row_errors_within(y, x, W64, exp, bound):
     return bool(((y.double() - exp).abs() <= bound * scale).all())
 
 
+def _check_half_matmul_rows(M, N, K, bs, quant_type, nested, dt, seed):
+    """matmul_4bit on the cuda backend, x [M, K] in dt: with bias and LoRA against float64 (relative
+    error), and without, every output within the bf16/fp16 rounding of the code table (the tensor-core
+    kernels' table rounds the codes to x's precision)."""
+    st, W64 = _weight(N, K, bs, quant_type, nested, seed=N + K)
+    x = _rand((M, K), dt, seed + M)
+    bias = _rand((N,), torch.float32, seed + 1)
+    A, B = _rand((8, K), dt, seed + 2, 0.1), _rand((N, 8), dt, seed + 3, 0.1)
+    with nf4kit.use_backend("cuda"):
+        y = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, bias, A, B, 0.5)
+        y0 = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, None, None, None, 1.0)
+    _ran_cuda("matmul_4bit")
+    exp0 = x.double() @ W64.t()
+    exp = exp0 + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    assert y.shape == (M, N) and y.dtype == dt
+    assert _relerr(y, exp) < 1e-2
+    bound = 2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -9
+    assert _row_errors_within(y0, x, W64, exp0, bound)
+
+
 @pytest.mark.parametrize("M,depth,two_chains", [(1, 2, False), (1, 3, False), (1, 2, True), (3, 2, False),
                                                 (8, 3, False), (9, 2, False), (16, 3, False)])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
@@ -342,20 +362,7 @@ def test_gemv_mma(monkeypatch, M, depth, two_chains, dt, N, K, bs, quant_type, n
     chains_bit = cuda_backend._gemv_variant(M, N, K, dt, bs, K // 256)[1] & cuda_backend._GEMV_MMA_TWO_CHAINS
     assert bool(chains_bit) == two_chains
     assert cuda_backend._gemv_split_count(M, N, K, dt, bs, torch.device("cuda")) == K // 256
-    st, W64 = _weight(N, K, bs, quant_type, nested, seed=N + K)
-    x = _rand((M, K), dt, 91 + M)
-    bias = _rand((N,), torch.float32, 92)
-    A, B = _rand((8, K), dt, 93, 0.1), _rand((N, 8), dt, 94, 0.1)
-    with nf4kit.use_backend("cuda"):
-        y = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, bias, A, B, 0.5)
-        y0 = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, None, None, None, 1.0)
-    _ran_cuda("matmul_4bit")
-    exp0 = x.double() @ W64.t()
-    exp = exp0 + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
-    assert y.shape == (M, N) and y.dtype == dt
-    assert _relerr(y, exp) < 1e-2
-    bound = 2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -9
-    assert _row_errors_within(y0, x, W64, exp0, bound)
+    _check_half_matmul_rows(M, N, K, bs, quant_type, nested, dt, seed=91)
 
 
 @pytest.mark.parametrize("M,splits", [(17, None), (32, 1), (33, None), (64, 3), (64, None)])
@@ -376,20 +383,7 @@ def test_mma_gemm(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
     assert cuda_backend._gemv_kernel(M, N, K, dt, bs, dev) == "mma-gemm"
     S = cuda_backend._gemv_split_count(M, N, K, dt, bs, dev)
     assert 1 <= S <= K // 256 and (splits is None or S <= splits)
-    st, W64 = _weight(N, K, bs, quant_type, nested, seed=N + K)
-    x = _rand((M, K), dt, 121 + M)
-    bias = _rand((N,), torch.float32, 122)
-    A, B = _rand((8, K), dt, 123, 0.1), _rand((N, 8), dt, 124, 0.1)
-    with nf4kit.use_backend("cuda"):
-        y = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, bias, A, B, 0.5)
-        y0 = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, None, None, None, 1.0)
-    _ran_cuda("matmul_4bit")
-    exp0 = x.double() @ W64.t()
-    exp = exp0 + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
-    assert y.shape == (M, N) and y.dtype == dt
-    assert _relerr(y, exp) < 1e-2
-    bound = 2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -9
-    assert _row_errors_within(y0, x, W64, exp0, bound)
+    _check_half_matmul_rows(M, N, K, bs, quant_type, nested, dt, seed=121)
 
 
 def test_gemv_mma_leaves_other_inputs_to_the_other_kernels(monkeypatch):

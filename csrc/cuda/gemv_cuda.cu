@@ -714,6 +714,25 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   }
 }
 
+// A lane's accumulators in the tensor-core batch kernels: acc[t][2 h + u] is batch row 8 t + 2 tid + u
+// of W row `row` + 8 h (mma C fragments, W rows as M, batch rows as N); f(m, n, value) for those
+// inside M x N.
+template <int NT, typename F>
+__device__ __forceinline__ void for_each_batch_output(const float (&acc)[NT][4], int tid, int row, int M, int N,
+                                                      F&& f) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int m = 8 * t + 2 * tid + u, n = row + 8 * h;
+        if (m < M && n < N) f(m, n, acc[t][2 * h + u]);
+      }
+    }
+  }
+}
+
 // M = 2..16 on the same scheme (kGemvMma with M > 1): the batch rows are B's columns (NT n-tiles
 // of 8: NT = 2 for M > 8, on 256-thread blocks for the registers of its second x), so each
 // quarter keeps its own accumulators.  A visit loads, per lane (grp, tid), 8 bytes of rows grp and
@@ -817,17 +836,7 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
         acc[t][3] = fmaf(c[t][3], q8, acc[t][3]);
       }
     }
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const int m = 8 * t + 2 * tid + u, row = row0 + 8 * h;
-          if (m < M && row < N) out[(int64_t)m * N + row] = acc[t][2 * h + u];
-        }
-      }
-    }
+    for_each_batch_output(acc, tid, row0, M, N, [&](int m, int row, float v) { out[(int64_t)m * N + row] = v; });
   };
 
   mma_sweep(wa, ring, visit);
@@ -969,24 +978,15 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     if (kt + 1 < kt1) tile(kt + 1, 1, ring[1], ring[0]);
   }
 
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int m = 8 * t + 2 * tid + u, n = row + 8 * h;
-        if (m >= M || n >= N) continue;
-        if (gridDim.y == 1) {
-          float v = 0.0f;
-          v += acc[t][2 * h + u];  // as the finalize's sum starts
-          store_output<TX>(v, m, n, N, ep.bias, ep.lora_t, ep.lora_b, ep.r, static_cast<TX*>(ep.y));
-        } else {
-          partial[((int64_t)blockIdx.y * M + m) * N + n] = acc[t][2 * h + u];
-        }
-      }
+  for_each_batch_output(acc, tid, row, M, N, [&](int m, int n, float v) {
+    if (gridDim.y == 1) {
+      float sum = 0.0f;
+      sum += v;  // as the finalize's sum starts
+      store_output<TX>(sum, m, n, N, ep.bias, ep.lora_t, ep.lora_b, ep.r, static_cast<TX*>(ep.y));
+    } else {
+      partial[((int64_t)blockIdx.y * M + m) * N + n] = v;
     }
-  }
+  });
 }
 
 // y[m, n] = T(sum_s partial[s, m, n] + bias[n] + sum_j lora_t[m, j] * lora_b[n, j]).

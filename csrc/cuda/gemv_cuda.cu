@@ -855,7 +855,7 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
 // Output: y (one split: bias and LoRA added by store_output) or partial[split][m][n] for the finalize.
 constexpr int kXStride = kMmaTile + 4;  // elements per staged x row
 constexpr int kMmaGemmMaxM = 64;
-constexpr int kGemmThreads = 256;  // 8 warps, 128 rows: NT = 8 spills at 16 warps (128 registers) and 12 (170)
+constexpr int kGemmThreads = 256;  // 8 warps, 128 rows (with x staged through registers, NT = 8 spilled at 16 and 12)
 constexpr int kXCopies = kMmaGemmMaxM * kMmaTile / 4 / kGemmThreads;  // 8-byte cp.async of x a thread per tile
 constexpr int kXBufferBytes = kMmaGemmMaxM * kXStride * 2;
 constexpr int kMmaGemmSmemBytes = kMmaSmemBytes + 2 * kXBufferBytes;

@@ -467,19 +467,18 @@ __device__ __forceinline__ MmaWarp mma_warp(int N, int64_t K, int warps_used) {
 // b / row_parts, b / row_parts + R, ... with R = gridDim.x / row_parts.  An idle warp (its tile
 // past the row) gets no visits.
 struct MmaBlockPart {
-  int part, first_row_block, active_warps;
+  int part, row_parts, first_row_block, active_warps;
 };
 __device__ __forceinline__ MmaBlockPart mma_block_part(int64_t K) {
   const int tiles_per_row = (int)(K / kMmaTile), W = blockDim.x >> 5;
   const int row_parts = (tiles_per_row + W - 1) / W, part = blockIdx.x % row_parts;
-  return MmaBlockPart{part, (int)blockIdx.x / row_parts, min(W, tiles_per_row - part * W)};
+  return MmaBlockPart{part, row_parts, (int)blockIdx.x / row_parts, min(W, tiles_per_row - part * W)};
 }
-__device__ __forceinline__ MmaWarp mma_block_warp(int N, int64_t K, const MmaBlockPart& bp) {
-  const int tiles_per_row = (int)(K / kMmaTile), W = blockDim.x >> 5, warp = threadIdx.x >> 5;
-  const int row_parts = (tiles_per_row + W - 1) / W, row_blocks = (N + 15) >> 4;
+__device__ __forceinline__ MmaWarp mma_block_warp(int N, const MmaBlockPart& bp) {
+  const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, row_blocks = (N + 15) >> 4;
   const bool active = warp < bp.active_warps;
-  return MmaWarp{bp.part * W + warp, active ? bp.first_row_block : row_blocks, (int)gridDim.x / row_parts, row_blocks,
-                 active};
+  return MmaWarp{bp.part * W + warp, active ? bp.first_row_block : row_blocks, (int)gridDim.x / bp.row_parts,
+                 row_blocks, active};
 }
 
 // A ring of D visits' weight registers (Slot: one visit's bytes), zeroed, its first D - 1 fetched.
@@ -603,7 +602,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   const int lane = threadIdx.x & 31;
   const int grp = lane >> 2, tid = lane & 3;
   const MmaBlockPart bp = BR ? mma_block_part(K) : MmaBlockPart{};
-  const MmaWarp wa = BR ? mma_block_warp(N, K, bp) : mma_warp(N, K, warps_used);
+  const MmaWarp wa = BR ? mma_block_warp(N, bp) : mma_warp(N, K, warps_used);
   const int kt = wa.kt, R = wa.R, row_blocks = wa.row_blocks;
 
   // This lane's weight bytes: rows grp (+ 8) of the next row block to fetch, bytes 16 tid + 64 j of the tile.
@@ -700,13 +699,12 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     // Each row's sums over the block's active warps in warp order, from 0 as the finalize's sum starts.
     __syncthreads();
     const int visits = (row_blocks - bp.first_row_block + R - 1) / R;
-    const int row_parts = (int)gridDim.x / R;
     for (int t = threadIdx.x; t < visits * 16; t += blockDim.x) {
       const int v = t >> 4, row = (bp.first_row_block + v * R) * 16 + (t & 15);
       if (row >= N) continue;
       float sum = 0.0f;
       for (int k = 0; k < bp.active_warps; ++k) sum += red[(v * W + k) * 16 + (t & 15)];
-      if (row_parts == 1)
+      if (bp.row_parts == 1)
         store_output<TX>(sum, 0, row, N, ep.bias, ep.lora_t, ep.lora_b, ep.r, static_cast<TX*>(ep.y));
       else
         partial[(int64_t)bp.part * N + row] = sum;
@@ -729,6 +727,43 @@ __device__ __forceinline__ void for_each_batch_output(const float (&acc)[NT][4],
         const int m = 8 * t + 2 * tid + u, n = row + 8 * h;
         if (m < M && n < N) f(m, n, acc[t][2 * h + u]);
       }
+    }
+  }
+}
+
+// One 256-wide tile of the batch scheme (the batch kernel's visit, a table-GEMM tile) into acc: per
+// 64-wide quarter q, the A fragments of rows grp, grp + 8 from the table (cur: 8 bytes per quarter
+// and row, bytes 2 i and 2 i + 1 for mma i), NT mma each with B fragment b_frag(t, q, i, b) (batch
+// row 8 t + grp's x elements 64 q + 16 tid + 4 i .. + 3), then the quarter's scales: lane tid holds
+// quarter tid's absmax of both rows (s0, s8), shuffled to the group.
+template <typename TX, int NT, typename BFrag>
+__device__ __forceinline__ void mma_batch_tile(float (&acc)[NT][4], const MmaBytes8& cur, uint32_t lane_entry,
+                                               float s0, float s8, int lane, BFrag&& b_frag) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float c[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) c[t][0] = c[t][1] = c[t][2] = c[t][3] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint32_t a[4];
+      mma_a_from_table(a, i < 2 ? cur.w[0][q].x : cur.w[0][q].y, i < 2 ? cur.w[1][q].x : cur.w[1][q].y,
+                       (uint32_t)(2 * (i & 1)), lane_entry);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        uint32_t b[2];
+        b_frag(t, q, i, b);
+        mma16816<TX>(c[t], a, b);
+      }
+    }
+    const float q0 = __shfl_sync(0xffffffffu, s0, (lane & ~3) | q);
+    const float q8 = __shfl_sync(0xffffffffu, s8, (lane & ~3) | q);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      acc[t][0] = fmaf(c[t][0], q0, acc[t][0]);
+      acc[t][1] = fmaf(c[t][1], q0, acc[t][1]);
+      acc[t][2] = fmaf(c[t][2], q8, acc[t][2]);
+      acc[t][3] = fmaf(c[t][3], q8, acc[t][3]);
     }
   }
 }
@@ -813,29 +848,8 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
     float acc[NT][4];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      float c[NT][4];
-#pragma unroll
-      for (int t = 0; t < NT; ++t) c[t][0] = c[t][1] = c[t][2] = c[t][3] = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        uint32_t a[4];
-        mma_a_from_table(a, i < 2 ? cur.w[0][q].x : cur.w[0][q].y, i < 2 ? cur.w[1][q].x : cur.w[1][q].y,
-                         (uint32_t)(2 * (i & 1)), tab.lane_entry);
-#pragma unroll
-        for (int t = 0; t < NT; ++t) mma16816<TX>(c[t], a, xb[t][q][i]);
-      }
-      const float q0 = __shfl_sync(0xffffffffu, s0, (lane & ~3) | q);
-      const float q8 = __shfl_sync(0xffffffffu, s8, (lane & ~3) | q);
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        acc[t][0] = fmaf(c[t][0], q0, acc[t][0]);
-        acc[t][1] = fmaf(c[t][1], q0, acc[t][1]);
-        acc[t][2] = fmaf(c[t][2], q8, acc[t][2]);
-        acc[t][3] = fmaf(c[t][3], q8, acc[t][3]);
-      }
-    }
+    mma_batch_tile<TX>(acc, cur, tab.lane_entry, s0, s8, lane,
+                       [&](int t, int q, int i, uint32_t (&b)[2]) { b[0] = xb[t][q][i][0], b[1] = xb[t][q][i][1]; });
     for_each_batch_output(acc, tid, row0, M, N, [&](int m, int row, float v) { out[(int64_t)m * N + row] = v; });
   };
 
@@ -945,33 +959,11 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     const uint32_t xs_buf = xs_lane + (uint32_t)(buf * kXBufferBytes);
     const float s0 = mma_scale<false>(cur, 0, nested, tab.code_at, offset);
     const float s8 = mma_scale<false>(cur, 1, nested, tab.code_at, offset);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      // The quarter's four A fragments (rows row, row + 8 x 64 k), decoded once for the NT n-tiles;
-      // each n-tile's four mma then go to one short-lived accumulator, scaled into acc.
-      uint32_t a[4][4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        mma_a_from_table(a[i], i < 2 ? cur.w[0][q].x : cur.w[0][q].y, i < 2 ? cur.w[1][q].x : cur.w[1][q].y,
-                         (uint32_t)(2 * (i & 1)), tab.lane_entry);
-      const float q0 = __shfl_sync(0xffffffffu, s0, (lane & ~3) | q);
-      const float q8 = __shfl_sync(0xffffffffu, s8, (lane & ~3) | q);
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          // x elements 64 q + 16 tid + 4 i .. + 3 of batch row 8 t + grp: the k slots of bytes 2 i, 2 i + 1
-          const uint2 v = lds_u64(xs_buf + 2u * (uint32_t)((8 * t) * kXStride + 64 * q + 4 * i));
-          const uint32_t b[2] = {v.x, v.y};
-          mma16816<TX>(c, a[i], b);
-        }
-        acc[t][0] = fmaf(c[0], q0, acc[t][0]);
-        acc[t][1] = fmaf(c[1], q0, acc[t][1]);
-        acc[t][2] = fmaf(c[2], q8, acc[t][2]);
-        acc[t][3] = fmaf(c[3], q8, acc[t][3]);
-      }
-    }
+    // x elements 64 q + 16 tid + 4 i .. + 3 of batch row 8 t + grp
+    mma_batch_tile<TX>(acc, cur, tab.lane_entry, s0, s8, lane, [&](int t, int q, int i, uint32_t (&b)[2]) {
+      const uint2 v = lds_u64(xs_buf + 2u * (uint32_t)((8 * t) * kXStride + 64 * q + 4 * i));
+      b[0] = v.x, b[1] = v.y;
+    });
   };
   for (int kt = kt0; kt < kt1; kt += 2) {  // two ring slots and x buffers, named statically
     tile(kt, 0, ring[0], ring[1]);
@@ -1154,12 +1146,47 @@ int launch_gemv_rows(const void* x, int M, int N, int64_t K, const uint8_t* pack
   return kBadArgument;
 }
 
-// A persistent grid for `Kernel` (Threads per block, SmemBytes of dynamic shared memory, opted in
-// above the 48 KB default): as many blocks as fit on the device at once, read once per device and
-// kernel (the occupancy query costs a few microseconds).
+// Per-device caches below hold devices 0..kMaxDevices - 1 (others ask the runtime every time).
+constexpr int kMaxDevices = 64;
+
+// Device `dev`'s SM count and the shared memory one block may opt in to, read once per device.
+struct DeviceLimits {
+  int sms, smem_optin;
+};
+inline int device_limits(int dev, DeviceLimits* out) {
+  static DeviceLimits cached[kMaxDevices] = {};
+  const bool cacheable = dev >= 0 && dev < kMaxDevices;
+  if (cacheable && cached[dev].sms > 0) {
+    *out = cached[dev];
+    return 0;
+  }
+  DeviceLimits l{};
+  cudaError_t e = cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&l.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e != cudaSuccess) return (int)e;
+  if (cacheable) cached[dev] = l;
+  *out = l;
+  return 0;
+}
+
+// Lets `Kernel` launch on device `dev` with `bytes` of dynamic shared memory (opted in above the 48 KB
+// default), asking the runtime once per device and kernel for the largest size asked so far.
+template <auto Kernel>
+int grant_smem(int dev, int bytes) {
+  static int granted[kMaxDevices] = {0};
+  const bool cacheable = dev >= 0 && dev < kMaxDevices;
+  if (bytes <= 48 * 1024 || (cacheable && granted[dev] >= bytes)) return 0;
+  const cudaError_t e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return (int)e;
+  if (cacheable) granted[dev] = bytes;
+  return 0;
+}
+
+// A persistent grid for `Kernel` (Threads per block, SmemBytes of dynamic shared memory): as many
+// blocks as fit on the device at once, read once per device and kernel (the occupancy query costs a
+// few microseconds).
 template <auto Kernel, int Threads = kGemvThreads, int SmemBytes = 0>
 int persistent_blocks(int* blocks) {
-  constexpr int kMaxDevices = 64;
   static int cached[kMaxDevices] = {0};
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
@@ -1168,16 +1195,14 @@ int persistent_blocks(int* blocks) {
     *blocks = cached[dev];
     return 0;
   }
-  if (SmemBytes > 48 * 1024) {
-    e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes);
-    if (e != cudaSuccess) return (int)e;
-  }
-  int sms = 0, per_sm = 0;
-  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (e != cudaSuccess) return (int)e;
+  int rc = grant_smem<Kernel>(dev, SmemBytes);
+  DeviceLimits limits;
+  if (rc == 0) rc = device_limits(dev, &limits);
+  if (rc != 0) return rc;
+  int per_sm = 0;
   e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, Threads, SmemBytes);
   if (e != cudaSuccess) return (int)e;
-  *blocks = sms * (per_sm > 0 ? per_sm : 1);
+  *blocks = limits.sms * (per_sm > 0 ? per_sm : 1);
   if (dev >= 0 && dev < kMaxDevices) cached[dev] = *blocks;
   return 0;
 }
@@ -1262,32 +1287,25 @@ int launch_gemv_mma_block_reduce(const TX* x, int N, int64_t K, const uint8_t* p
                                  int quant_type, float* partial, const GemvEpilogue& ep, int* slices,
                                  cudaStream_t stream) {
   constexpr auto kernel = gemv_4bit_mma_kernel<TX, D, true, CH>;
-  constexpr int kMaxDevices = 64;
-  static int optin_smem[kMaxDevices] = {0}, sm_count[kMaxDevices] = {0};
   *slices = -1;
   int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  const cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return (int)e;
-  if (dev < 0 || dev >= kMaxDevices) return 0;
-  if (optin_smem[dev] == 0) {  // once per device: the opt-in limit, granted to the kernel
-    int smem = 0, sms = 0;
-    e = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (e == cudaSuccess) e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return (int)e;
-    sm_count[dev] = sms;
-    optin_smem[dev] = smem;
-  }
+  DeviceLimits limits;
+  int rc = device_limits(dev, &limits);
+  if (rc != 0) return rc;
   const int64_t tiles_per_row = K / kMmaTile;
   const int W = mma_block_warps(tiles_per_row);
   if (W == 0) return 0;
   const int64_t row_parts = (tiles_per_row + W - 1) / W, row_blocks = (N + 15) / 16;
-  int64_t R = sm_count[dev] / row_parts;  // row blocks in flight: one block per SM
+  int64_t R = limits.sms / row_parts;  // row blocks in flight: one block per SM
   R = R < row_blocks ? R : row_blocks;
   if (R < 1) return 0;
   const int64_t visits = (row_blocks + R - 1) / R;
   const int64_t smem = kMmaSmemBytes + visits * W * 16 * (int64_t)sizeof(float);
-  if (smem > optin_smem[dev]) return 0;
+  if (smem > limits.smem_optin) return 0;
+  rc = grant_smem<kernel>(dev, (int)smem);
+  if (rc != 0) return rc;
   kernel<<<(unsigned)(R * row_parts), W * 32, (size_t)smem, stream>>>(x, N, K, packed, am, log2_bs, quant_type, 0,
                                                                        partial, ep);
   *slices = row_parts == 1 ? 0 : (int)row_parts;
@@ -1362,17 +1380,11 @@ template <typename TX, int NT>
 int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                                int quant_type, int S, float* partial, const GemvEpilogue& ep, cudaStream_t stream) {
   constexpr auto kernel = gemm_4bit_table_kernel<TX, NT>;
-  constexpr int kMaxDevices = 64;
-  static bool granted[kMaxDevices] = {false};
   int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  const cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return (int)e;
-  if (dev < 0 || dev >= kMaxDevices) return kUnsupported;
-  if (!granted[dev]) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaGemmSmemBytes);
-    if (e != cudaSuccess) return (int)e;
-    granted[dev] = true;
-  }
+  const int rc = grant_smem<kernel>(dev, kMmaGemmSmemBytes);
+  if (rc != 0) return rc;
   const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;  // S checked by launch_gemv
   const int64_t blocks = (N + 16 * (kGemmThreads / 32) - 1) / (16 * (kGemmThreads / 32));
   if (S > 65535 || blocks > 0x7fffffff) return kUnsupported;

@@ -149,10 +149,15 @@ def _C():
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
+def _device_index(device: torch.device) -> int:
+    """The CUDA device index of `device` ("cuda" alone: the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _stream(device: torch.device) -> int:
     """The caller's current stream on `device`, as a raw cudaStream_t (Triton's launcher and Inductor
     use the same call; torch.cuda.current_stream() builds a Stream object per call)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     if _raw_stream is not None:
         return _raw_stream(index)
     return torch.cuda.current_stream(index).cuda_stream
@@ -260,7 +265,7 @@ def _gemv_splits(N: int, K: int, device: torch.device) -> int:
     """K-splits S of the decode GEMV: about one wave of warps (the kernel gives each warp 4 rows
     of one split; ~20 warps fit an SM at its 96 registers), each lane at least one chunk.  The
     factor 16 is the sweep's best on an H100 (4096x14336: S = 2, 26.6 us; S = 3, 30.6 us)."""
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _num_sms(_device_index(device))
     warps_per_split = -(-N // GEMV_ROWS)
     S = max(1, round(sms * 16 / warps_per_split))
     return max(1, min(S, K // 32 // 32, 64))
@@ -270,7 +275,7 @@ def _gemm_splits(M: int, N_out: int, K_red: int, device: torch.device) -> int:
     """K-splits of the fused GEMM for small M: output tiles (64 x 64) alone leave most SMs idle
     (M = 16, N = 4096: 64 CTAs on 132 SMs), so the reduction is split until ~4 CTAs per SM,
     keeping at least 4 k-tiles (of 64) per split."""
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _num_sms(_device_index(device))
     tiles = -(-N_out // 64) * -(-M // 64)
     if tiles >= sms * 2:
         return 1
@@ -308,7 +313,7 @@ def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int,
     (the memory-order kernel, GEMV_STREAM), "rows", or "none" (M past every GEMV's limit: the fused
     GEMM)."""
     table = dtype in _HALF_DTYPES and K % _MMA_TILE == 0 and blocksize >= 64 and N * K < 2**32 - _MMA_TILE
-    index = None if device is None else device.index if device.index is not None else torch.cuda.current_device()
+    index = None if device is None else _device_index(device)
     if table and M <= GEMV_MMA_MAX_M and GEMV_MMA and (index is None or _mma_fits(index)):
         return "mma"
     if table and GEMV_MMA_MAX_M < M <= 64 and GEMV_MMA_GEMM and (index is None or _mma_fits(index,
@@ -330,7 +335,7 @@ def _mma_gemm_splits(N: int, K: int, device: torch.device) -> int:
     if GEMM_MMA_SPLITS:
         S = GEMM_MMA_SPLITS
     else:
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        sms = _num_sms(_device_index(device))
         S = sms // -(-N // _MMA_GEMM_ROWS)  # a second, part-empty wave would cost a whole one
     S = max(1, min(S, tiles))
     per_split = -(-tiles // S)

@@ -1,0 +1,8 @@
+// The GEMV kernels and their launchers for fp32 activations (gemv_kernels.cuh).
+#include "cuda/gemv_kernels.cuh"
+
+namespace nf4kit {
+namespace cuda {
+template struct GemvLaunch<float>;
+}  // namespace cuda
+}  // namespace nf4kit

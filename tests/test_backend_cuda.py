@@ -548,6 +548,84 @@ def test_dequantize_cuda_graph_capture():
     assert torch.equal(out, ref.dequantize_4bit(*st, bs, "nf4", n, torch.bfloat16))
 
 
+class _OptionsSeen:
+    """Stands in for nf4kit._C's cuda module: records the option bits of every gemv_4bit call."""
+
+    def __init__(self, real):
+        self.real, self.options = real, []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def gemv_4bit(self, *args):
+        self.options.append(args[15])
+        return self.real.gemv_4bit(*args)
+
+
+@pytest.mark.parametrize("kernel,M,K,dt,settings", [
+    ("mma", 1, 14336, torch.bfloat16, {}),                              # S = 56
+    ("mma", 16, 4096 + 256, torch.float16, dict(GEMV_WIDE_FINALIZE=True)),  # batch kernel, wide finalize
+    ("mma", 1, 14336, torch.float16, dict(GEMV_MMA_BLOCK_REDUCE=True)),     # 4 slices left to the finalize
+    ("mma-gemm", 33, 7168, torch.bfloat16, dict(GEMV_MMA_GEMM=True)),       # table GEMM, the heuristic's splits
+    ("stream", 1, 3072, torch.bfloat16, dict(GEMV_MMA=False)),
+    ("rows", 5, 2048 + 96, torch.float32, {})])
+def test_gemv_pdl_finalize_gives_the_ordinary_launchs_bits(monkeypatch, kernel, M, K, dt, settings):
+    """The experimental programmatic dependent launch of the finalize (GEMV_PDL) runs the same kernels
+    in the same order: its output equals the ordinary launch's bit for bit, bias and LoRA included,
+    after every decode kernel.  The option reaches the C call only on sm_90 and up."""
+    N = 1000 + 37
+    for name, value in settings.items():
+        monkeypatch.setattr(cuda_backend, name, value)
+    need = {"mma": cuda_backend._MMA_SMEM_BYTES, "mma-gemm": cuda_backend._MMA_GEMM_SMEM_BYTES}.get(kernel, 0)
+    if not cuda_backend._mma_fits(torch.cuda.current_device(), need):
+        pytest.skip(f"this GPU does not grant the {kernel} kernel its {need} bytes of shared memory")
+    assert cuda_backend._gemv_kernel(M, N, K, dt, 64, torch.device(DEV)) == kernel
+    st, W64 = _weight(N, K, 64, "nf4", True, seed=K + M + 7)
+    x = _rand((M, K), dt, 111)
+    bias = _rand((N,), torch.float32, 112)
+    A, B = _rand((8, K), dt, 113, 0.1), _rand((N, 8), dt, 114, 0.1)
+    seen = _OptionsSeen(cuda_backend._C())
+    monkeypatch.setattr(cuda_backend, "_C", lambda: seen)
+    out = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(cuda_backend, "GEMV_PDL", pdl)
+        seen.options.clear()
+        with nf4kit.use_backend("cuda"):
+            out[pdl] = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, bias, A, B, 0.5)
+        _ran_cuda("matmul_4bit")
+        assert len(seen.options) == 1
+        assert bool(seen.options[0] & cuda_backend._GEMV_PDL) == (pdl and torch.cuda.get_device_capability()[0] >= 9)
+    torch.cuda.synchronize()
+    exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    assert _relerr(out[True], exp) < _tol(dt)
+    assert torch.equal(out[True], out[False])
+
+
+def test_gemv_pdl_finalize_in_a_cuda_graph(monkeypatch):
+    """Captured in a CUDA graph (the programmatic dependency becomes a graph edge), the PDL finalize
+    recomputes from a new input on replay and gives the eager call's bits."""
+    monkeypatch.setattr(cuda_backend, "GEMV_PDL", True)
+    K, N = 14336, 1000
+    st, W64 = _weight(N, K, 64, "nf4", True, seed=43)
+    x = _rand((1, K), torch.bfloat16, 44)
+    with torch.no_grad(), nf4kit.use_backend("cuda"):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, None, None, 1.0)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, None, None, 1.0)
+        _ran_cuda("matmul_4bit")
+        x.copy_(_rand((1, K), torch.bfloat16, 45))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, None, None, 1.0)
+    assert _relerr(y, x.double() @ W64.t()) < 1e-2
+    assert torch.equal(y, eager)
+
+
 def test_layer_decode_gemv_cuda_graph_capture_on_a_side_stream():
     """The M = 1 layer call (no grad: the path that skips the dispatcher) captured in a CUDA graph: the
     GEMV must launch on the capturing stream (the raw current-stream handle), and replay must

@@ -172,6 +172,33 @@ def test_cuda_gemv_launch_matches_the_binding_without_a_gpu():
                                   (None, None, None, 0), torch.empty(0), 0)
 
 
+def test_cuda_gemv_pdl_bit_follows_the_setting_and_the_device(monkeypatch):
+    """The programmatic-dependent-launch option (GEMV_PDL, experimental) reaches the C call only when
+    it is on and the device has compute capability 9.0+: on an A100 the setting is ignored rather
+    than passed to a launch attribute the card lacks.  The C call is a stand-in: this runs without a
+    GPU."""
+    from nf4kit.backends import cuda as cuda_backend
+
+    seen = []
+
+    class FakeC:
+        def gemv_4bit(self, *args):
+            seen.append(args[15])  # the option bits
+            return 0
+
+    monkeypatch.setattr(cuda_backend, "_C", lambda: FakeC())
+    monkeypatch.setattr(cuda_backend, "_device_index", lambda device: 0)
+    x = torch.empty((1, 2048), dtype=torch.bfloat16)
+    for pdl in (False, True):
+        for capable in (False, True):
+            monkeypatch.setattr(cuda_backend, "GEMV_PDL", pdl)
+            monkeypatch.setattr(cuda_backend, "_pdl_capable", lambda index, capable=capable: capable)
+            cuda_backend._launch_gemv(x, torch.empty(0, dtype=torch.uint8), (0, 0, 0, 0, 0), 64, 0, 64, 2048, 8,
+                                      torch.empty(0), (None, None, None, 0), torch.empty(0), 0, kernel="mma")
+            assert bool(seen[-1] & cuda_backend._GEMV_PDL) == (pdl and capable)
+            assert seen[-1] & cuda_backend._GEMV_MMA  # the kernel's own bits are kept
+
+
 @pytest.mark.skipif(not getattr(backends._native.load(), "has_cuda", False),
                     reason="nf4kit._C built without its CUDA kernels (NF4KIT_NO_CUDA or no nvcc)")
 def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
@@ -195,7 +222,8 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
     assert call(2, 2048, 2, stream) == -1             # M > 1
     assert call(1, 2048 + 32, 2, stream) == -1        # K % 1024 != 0
     assert call(1, 2048, 2, stream | cuda_backend._GEMV_DIRECT) == -1
-    assert call(1, 2048, 2, 32) == -1                 # an unknown option bit
+    assert call(1, 2048, 2, 32) == -1                 # an option bit the row kernel does not take
+    assert call(1, 2048, 2, stream | 512) == -1       # an unknown option bit
     wide = cuda_backend._GEMV_WIDE_FINALIZE
     assert call(1, 2048, 8, cuda_backend._GEMV_MMA | wide | stream, 2) == -1  # mma: only the wide finalize beside it
     chains = cuda_backend._GEMV_MMA_TWO_CHAINS          # two chains: M = 1, depth 2, fp16/bf16 only
@@ -238,6 +266,12 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
             assert call(M, 2048, S, gemm, 2) not in (0, -1, -2)
         assert call(64, 4096, 4, gemm | wide, 2) not in (0, -1, -2)
         assert call(1, 2048, 2, stream | wide) not in (0, -1, -2)
+        pdl = cuda_backend._GEMV_PDL                  # the finalize's programmatic launch: beside any kernel
+        assert call(1, 2048, 8, mma | pdl, 2) not in (0, -1, -2)
+        assert call(1, 14336, 56, mma | block | wide | pdl, 2) not in (0, -1, -2)
+        assert call(33, 2048, 8, gemm | pdl, 2) not in (0, -1, -2)
+        assert call(1, 2048, 2, stream | pdl) not in (0, -1, -2)
+        assert call(5, 2048, 4, pdl, 2) not in (0, -1, -2)
     old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA, cuda_backend.GEMV_WIDE_FINALIZE
     try:
         cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA = True, False

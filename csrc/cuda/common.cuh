@@ -134,6 +134,22 @@ template <> __device__ __forceinline__ void mma16816<__half>(float (&c)[4], cons
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Programmatic dependent launch (sm_90+; PTX griddepcontrol).  A kernel that calls
+// pdl_launch_dependents lets the next kernel on the stream, if that one was launched with
+// programmatic stream serialization, be scheduled before it has finished; that kernel calls pdl_wait
+// before touching memory, which returns once this grid has completed and its writes are visible.
+// Both are no-ops for an ordinary launch, and compile to nothing below sm_90.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 inline bool valid_4bit_blocksize(int blocksize) {
   return blocksize >= 32 && blocksize <= 4096 && log2_exact(blocksize) >= 0;
 }

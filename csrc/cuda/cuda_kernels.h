@@ -55,7 +55,7 @@ constexpr int kGemvPairTable = 1;
 constexpr int kGemvDirect = 2;
 constexpr int kGemvStream = 4;
 constexpr int kGemvMma = 8;  // the stream scheme on mma.sync (M <= 16, fp16/bf16 x, K % 256 == 0, blocksize >= 64,
-                             // S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit but the next three)
+                             // S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit but the next three and kGemvPdl)
 constexpr int kGemvWideFinalize = 16;  // experimental: the split-K sums with 8 warps per 32 outputs (any kernel)
 constexpr int kGemvMmaTwoChains = 32;  // experimental, with kGemvMma at M = 1, depth 2: two HMMA accumulator chains
 constexpr int kGemvMmaBlockReduce = 64;  // experimental, with kGemvMma at M = 1: each block sums its warps' K-tiles
@@ -63,6 +63,9 @@ constexpr int kGemvMmaBlockReduce = 64;  // experimental, with kGemvMma at M = 1
 constexpr int kGemvMmaGemm = 128;  // experimental, alone or with kGemvWideFinalize: M <= 64 (fp16/bf16 x, K % 256 == 0,
                                    // blocksize >= 64, N * K < 2^32 - 256) on the table decode with x staged in
                                    // shared memory, S K-splits (S == ceil(T / ceil(T / S)), T = K / 256)
+constexpr int kGemvPdl = 256;  // experimental, beside any kernel (sm_90+ only; the caller checks the device): the
+                               // finalize is launched with programmatic stream serialization, so its blocks are
+                               // scheduled while the GEMV runs and wait (griddepcontrol) for its partials
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
               int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,

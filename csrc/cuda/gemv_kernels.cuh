@@ -330,6 +330,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     gemv_4bit_stream_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
                             int log2_bs, int quant_type, int warps_used, float* __restrict__ partial) {
   static_assert(kDepth >= 2 && kDepth <= 8, "row tiles in a lane's load ring");
+  pdl_launch_dependents();  // a finalize launched with kGemvPdl may be scheduled now (no-op otherwise)
   __shared__ float table[16];
   __shared__ float code[256];
   __shared__ uint32_t pairs[kPairs ? 256 * 32 : 1];
@@ -602,6 +603,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     gemv_4bit_mma_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
                          int log2_bs, int quant_type, int warps_used, float* __restrict__ partial, GemvEpilogue ep) {
   static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
+  pdl_launch_dependents();  // a finalize launched with kGemvPdl may be scheduled now (no-op otherwise)
   extern __shared__ __align__(16) unsigned char mma_smem[];
   const bool nested = am.q != nullptr;
   const int lane = threadIdx.x & 31;
@@ -788,6 +790,7 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
     gemv_4bit_mma_batch_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed,
                                Absmax am, int log2_bs, int quant_type, int warps_used, float* __restrict__ partial) {
   static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
+  pdl_launch_dependents();  // a finalize launched with kGemvPdl may be scheduled now (no-op otherwise)
   extern __shared__ __align__(16) unsigned char mma_smem[];
   const bool nested = am.q != nullptr;
   const int lane = threadIdx.x & 31;
@@ -892,6 +895,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
                            GemvEpilogue ep) {
   static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
   static_assert(8 * NT <= kMmaGemmMaxM, "x is staged for 64 batch rows");
+  pdl_launch_dependents();  // a finalize launched with kGemvPdl may be scheduled now (no-op otherwise)
   extern __shared__ __align__(16) unsigned char mma_smem[];
   TX* xs = reinterpret_cast<TX*>(mma_smem + kMmaSmemBytes);
   const bool nested = am.q != nullptr;
@@ -991,6 +995,7 @@ __global__ void __launch_bounds__(256)
     splitk_finalize_kernel(const float* __restrict__ partial, int S, int M, int N, const float* __restrict__ bias,
                            const float* __restrict__ lora_t, const float* __restrict__ lora_b, int r,
                            TX* __restrict__ y) {
+  pdl_wait();  // launched with kGemvPdl: the GEMV's partials are complete and visible from here on
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (int64_t)M * N) return;
   const int m = (int)(idx / N), n = (int)(idx % N);
@@ -1012,14 +1017,39 @@ __global__ void __launch_bounds__(256)
   store_output<TX>(v, m, n, N, bias, lora_t, lora_b, r, y);
 }
 
+// Launches a finalize kernel: an ordinary launch, or (pdl) one with programmatic stream
+// serialization, so that its blocks may be scheduled while the GEMV before it still runs (the kernel
+// waits for the GEMV's partials in pdl_wait).
+template <typename TX>
+int launch_finalize_kernel(void (*kernel)(const float*, int, int, int, const float*, const float*, const float*, int,
+                                          TX*),
+                           unsigned blocks, unsigned threads, bool pdl, const float* partial, int S, int M, int N,
+                           const float* bias, const float* lora_t, const float* lora_b, int r, void* y,
+                           cudaStream_t stream) {
+  if (!pdl) {
+    kernel<<<blocks, threads, 0, stream>>>(partial, S, M, N, bias, lora_t, lora_b, r, static_cast<TX*>(y));
+    return (int)cudaGetLastError();
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return (int)cudaLaunchKernelEx(&config, kernel, partial, S, M, N, bias, lora_t, lora_b, r, static_cast<TX*>(y));
+}
+
 template <typename TX>
 int launch_finalize(const float* partial, int S, int M, int N, const float* bias, const float* lora_t,
-                    const float* lora_b, int r, void* y, cudaStream_t stream) {
+                    const float* lora_b, int r, void* y, cudaStream_t stream, bool pdl = false) {
   const int64_t outs = (int64_t)M * N;
   if ((outs + 255) / 256 > 0x7fffffff) return kUnsupported;
-  splitk_finalize_kernel<TX><<<(unsigned)((outs + 255) / 256), 256, 0, stream>>>(partial, S, M, N, bias, lora_t,
-                                                                                 lora_b, r, static_cast<TX*>(y));
-  return (int)cudaGetLastError();
+  return launch_finalize_kernel<TX>(splitk_finalize_kernel<TX>, (unsigned)((outs + 255) / 256), 256, pdl, partial, S,
+                                    M, N, bias, lora_t, lora_b, r, y, stream);
 }
 
 // The same sums with more threads (kGemvWideFinalize; experimental): the plain finalize gives each
@@ -1034,6 +1064,7 @@ __global__ void __launch_bounds__(32 * kWideGroups)
     splitk_finalize_wide_kernel(const float* __restrict__ partial, int S, int M, int N, const float* __restrict__ bias,
                                 const float* __restrict__ lora_t, const float* __restrict__ lora_b, int r,
                                 TX* __restrict__ y) {
+  pdl_wait();  // launched with kGemvPdl: the GEMV's partials are complete and visible from here on
   __shared__ float group_sum[kWideGroups][32];
   const int lane = threadIdx.x & 31, g = threadIdx.x >> 5;
   const int64_t idx = (int64_t)blockIdx.x * 32 + lane;
@@ -1063,21 +1094,21 @@ __global__ void __launch_bounds__(32 * kWideGroups)
 
 template <typename TX>
 int launch_finalize_wide(const float* partial, int S, int M, int N, const float* bias, const float* lora_t,
-                         const float* lora_b, int r, void* y, cudaStream_t stream) {
+                         const float* lora_b, int r, void* y, cudaStream_t stream, bool pdl) {
   const int64_t blocks = ((int64_t)M * N + 31) / 32;
   if (blocks > 0x7fffffff) return kUnsupported;
-  splitk_finalize_wide_kernel<TX><<<(unsigned)blocks, 32 * kWideGroups, 0, stream>>>(partial, S, M, N, bias, lora_t,
-                                                                                      lora_b, r, static_cast<TX*>(y));
-  return (int)cudaGetLastError();
+  return launch_finalize_kernel<TX>(splitk_finalize_wide_kernel<TX>, (unsigned)blocks, 32 * kWideGroups, pdl, partial,
+                                    S, M, N, bias, lora_t, lora_b, r, y, stream);
 }
 
 // The finalize the options ask for.
 template <typename TX>
 int launch_finalize_for(int options, const float* partial, int S, int M, int N, const float* bias,
                         const float* lora_t, const float* lora_b, int r, void* y, cudaStream_t stream) {
+  const bool pdl = (options & kGemvPdl) != 0;
   return (options & kGemvWideFinalize) != 0
-             ? launch_finalize_wide<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream)
-             : launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
+             ? launch_finalize_wide<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream, pdl)
+             : launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream, pdl);
 }
 
 template <typename TX, int MT, int RW, int D, bool P = false, bool Dir = false>
@@ -1419,7 +1450,7 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
   if ((options & kGemvMmaGemm) != 0) {
     const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;
     if (K % kMmaTile != 0 || log2_bs < 6 || S > tiles || (tiles + per_split - 1) / per_split != S ||
-        (options & ~kGemvWideFinalize) != kGemvMmaGemm ||
+        (options & ~(kGemvWideFinalize | kGemvPdl)) != kGemvMmaGemm ||
         (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
       return kBadArgument;
     const int rc = launch_gemm_table<TX>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial,
@@ -1430,7 +1461,7 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
   if ((options & kGemvMma) != 0) {
     const bool block_reduce = (options & kGemvMmaBlockReduce) != 0;
     if (K % kMmaTile != 0 || S != K / kMmaTile || log2_bs < 6 || (block_reduce && M != 1) ||
-        (options & ~(kGemvWideFinalize | kGemvMmaTwoChains | kGemvMmaBlockReduce)) != kGemvMma ||
+        (options & ~(kGemvWideFinalize | kGemvMmaTwoChains | kGemvMmaBlockReduce | kGemvPdl)) != kGemvMma ||
         (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
       return kBadArgument;
     int slices = S;

@@ -116,12 +116,19 @@ GEMV_MMA_BLOCK_REDUCE = os.environ.get("NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE", "0")
 # only) for the block's 8 warps (128 rows), K split (_mma_gemm_splits) so that the blocks fill the SMs.
 # GEMM_MMA_SPLITS overrides the splits.
 GEMV_MMA_GEMM = os.environ.get("NF4KIT_CUDA_MMA_GEMM", "0") == "1"
+# Experimental, compiled but not yet run on a GPU (off; NF4KIT_CUDA_GEMV_PDL=1; sm_90+ only, ignored
+# below): the split-K finalize after every decode GEMV is launched with programmatic dependent launch.
+# The GEMV kernels signal at their start (griddepcontrol.launch_dependents) and the finalize waits for
+# their partials (griddepcontrol.wait), so the finalize's launch and block scheduling overlap the GEMV
+# instead of following it: a few microseconds of the ~24 us M = 1 call at most.  Same kernels, same
+# sums: the output is bit-identical to the ordinary launch's.
+GEMV_PDL = os.environ.get("NF4KIT_CUDA_GEMV_PDL", "0") == "1"
 GEMM_MMA_SPLITS: Optional[int] = None
 _MMA_GEMM_ROWS = 128  # rows per block (the C side's kGemmThreads / 32 x 16)
 # The C API's option bits (cuda_kernels.h).
 _GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA, _GEMV_WIDE_FINALIZE, _GEMV_MMA_TWO_CHAINS = \
     1, 2, 4, 8, 16, 32
-_GEMV_MMA_BLOCK_REDUCE, _GEMV_MMA_GEMM = 64, 128
+_GEMV_MMA_BLOCK_REDUCE, _GEMV_MMA_GEMM, _GEMV_PDL = 64, 128, 256
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -300,6 +307,12 @@ def _smem_optin(index: int) -> int:
     return optin if optin is not None else _SMEM_OPTIN_BY_ARCH.get((props.major, props.minor), 101376)
 
 
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(index: int) -> bool:
+    """Whether device `index` has programmatic dependent launch (compute capability 9.0 and up)."""
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def _mma_fits(index: int, need: int = _MMA_SMEM_BYTES) -> bool:
     """Whether device `index` grants a block `need` bytes of shared memory (the tensor-core GEMVs')."""
     return _smem_optin(index) >= need
@@ -397,6 +410,8 @@ def _launch_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, blocksize:
     _fp32_epilogue, y [M, N] in x.dtype; the variant from the settings above (_gemv_variant)."""
     M = x.shape[0]
     depth, options = _gemv_variant(M, N, K, x.dtype, blocksize, splits, kernel)
+    if GEMV_PDL and _pdl_capable(_device_index(x.device)):
+        options |= _GEMV_PDL
     b, lt, lb, r = epilogue
     check(_C().gemv_4bit(ptr(x), DTYPE_CODES[x.dtype], M, N, K, ptr(packed), *state, blocksize, quant_type_code,
                          GEMV_ROWS, depth, options, splits, ptr(partial), ptr(b), ptr(lt), ptr(lb), r, ptr(y), stream),

@@ -272,6 +272,34 @@ def test_gemv_stream_kernel(N, K, bs, quant_type, nested, dtype, monkeypatch):
     assert _rel(y, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gemv_stream_pdl_reduction_gives_the_same_bits(dtype, monkeypatch):
+    """STREAM_PDL (experimental): the stream kernel's reduction launched with programmatic dependent
+    launch runs the same kernels in the same order, so its output equals the ordinary launch's bit for
+    bit, bias and LoRA included.  It is on only on a GPU of compute capability 9.0+ (and a Triton with
+    grid dependency control), never under the interpreter, where the setting is ignored."""
+    from nf4kit.triton_kernels import matmul as tkm
+
+    monkeypatch.setattr(tkm, "DEQUANT_GEMM_MIN_M", 0)
+    monkeypatch.setattr(tkm, "GEMV_STREAM", True)
+    if DEVICE == "cpu":  # small tiles for the interpreter
+        monkeypatch.setattr(tkm, "STREAM_CONFIG", dict(BLOCK_N=4, BLOCK_K=64, warps=4, programs_per_sm=2))
+    N, K = (1037, 3 * tkm.STREAM_CONFIG["BLOCK_K"]) if DEVICE == "cuda" else (21, 192)
+    packed, qs, Wq, x, b, A, B = _mm_case(1, N, K, 64, dtype, True, lora=True, bias=True, seed=N + K + 5)
+    hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    out = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(tkm, "STREAM_PDL", pdl)
+        assert tkm._stream_pdl(torch.device(DEVICE)) == (pdl and hopper and tkm._HAS_GDC)
+        out[pdl] = ops.matmul_4bit(x, fmt.packed_as_bytes(packed), *ops.state_args(qs), 64, "nf4", N, K, b, A, B,
+                                   0.5)
+        assert_ran("matmul_4bit", "triton")
+    want = x.double().cpu() @ Wq.t() + b.double().cpu() \
+        + 0.5 * (x.double().cpu() @ A.double().cpu().t()) @ B.double().cpu().t()
+    assert _rel(out[True], want) < TOL[dtype]
+    assert torch.equal(out[True], out[False])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_matmul_4bit_autograd_through_public_api(dtype, monkeypatch):
     """nf4kit.matmul_4bit with leading dims: forward and dx through the triton kernels,
@@ -365,6 +393,36 @@ _STATIC_CHECK = textwrap.dedent("""
             assert re.search(r"ld\\.global(\\.nc)?\\.v4", ptx) and "st.global.v4" in ptx, spec.name + ": 16-byte access"
     print("STATIC-OK")
 """)
+
+
+_PDL_CHECK = textwrap.dedent("""
+    from nf4kit.triton_kernels import registry
+    specs = {s.name: s for s in registry.kernel_specs(90)}
+    assert not any(name.endswith("_pdl") for name in (s.name for s in registry.kernel_specs(80)))
+    if "splitk_reduce_pdl" not in specs:
+        print("NO-GDC")
+        raise SystemExit(0)
+    wait = registry.compile_spec(specs["splitk_reduce_pdl"], 90)
+    signal = registry.compile_spec(specs["gemv_stream_m1_pdl"], 90)
+    plain = registry.compile_spec(specs["splitk_reduce"], 90)
+    assert "griddepcontrol.wait" in wait.asm["ptx"], "the PDL reduction does not wait"
+    assert "griddepcontrol.launch_dependents" in signal.asm["ptx"], "the PDL stream kernel does not signal"
+    assert "griddepcontrol" not in plain.asm["ptx"]
+    assert wait.metadata.launch_pdl and not plain.metadata.launch_pdl
+    print("PDL-OK")
+""")
+
+
+def test_stream_pdl_variants_compile_with_grid_dependency_control():
+    """STREAM_PDL's kernels, compiled for sm_90 here (no GPU needed): the reduction waits
+    (griddepcontrol.wait) and is built for a programmatic launch, the stream kernel signals, the
+    ordinary kernels carry neither; sm_80 gets no PDL variant."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _PDL_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if "NO-GDC" in proc.stdout:
+        pytest.skip("this triton has no grid dependency control (triton.language.extra.cuda.gdc_wait)")
+    assert "PDL-OK" in proc.stdout
 
 
 def test_bit_exact_kernels_compile_without_fma_or_approx_division():

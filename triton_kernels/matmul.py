@@ -30,6 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # grid dependency control (Triton 3.4+); without it STREAM_PDL stays off
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_GDC = True
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
+    _HAS_GDC = False
+
 from . import quant
 from ._common import (INTERPRET, _gather_f32, _deq_tile, _dot, _word_values_f32, _round_to, _tile_bytes, _tile_scales,
                       _tile_values, capability, device_constants, k_align, next_pow2, num_sms)
@@ -64,6 +71,12 @@ AUTOTUNE: bool = os.environ.get("NF4KIT_TRITON_AUTOTUNE", "1") != "0"
 # word path's 27.1-27.6; 14336x4096 22.4 us against 24.7; the fastest of 9 configs on both shapes.
 GEMV_STREAM: bool = os.environ.get("NF4KIT_TRITON_GEMV_STREAM", "1") != "0"
 STREAM_CONFIG: dict = dict(BLOCK_N=1, BLOCK_K=1024, warps=1, programs_per_sm=32)
+# Experimental, not yet run on a GPU (off; NF4KIT_TRITON_STREAM_PDL=1; sm_90+ only, never under the
+# interpreter): the stream kernel's split-K reduction is launched with programmatic dependent launch
+# (launch_pdl): the stream kernel signals at its start (gdc_launch_dependents) and the reduction waits
+# for its partials (gdc_wait), so the second launch overlaps the first instead of following it.  The
+# same kernels and sums: the output's bits do not change.
+STREAM_PDL: bool = os.environ.get("NF4KIT_TRITON_STREAM_PDL", "0") == "1"
 MAX_LORA_RANK = 256
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -257,13 +270,16 @@ def _gemv_kernel(
 @triton.jit
 def _gemv_stream_kernel(x_ptr, packed_ptr, absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, table_ptr, ws_ptr, N, K,
                         stride_wb, ROW_BLOCK_STEP, BS: tl.constexpr, NESTED: tl.constexpr, INTERP: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """M = 1 decode in memory order (experimental; K % BLOCK_K == 0, BS a multiple of 32):
     ws[kt, n] = x[kt-th BLOCK_K slice] · deq(W)[n, same slice] for every row n.  Program p owns the
     K-tile kt = p % (K / BLOCK_K), so its x slice is loaded once, and visits the row blocks
     p // (K / BLOCK_K) + j * ROW_BLOCK_STEP: with the grid persistent (ROW_BLOCK_STEP * K / BLOCK_K
     programs), the programs' loads at any moment cover one contiguous window of W, as a copy's do,
-    rather than thousands of separate row streams.  The word path's decode (as _gemv_kernel)."""
+    rather than thousands of separate row streams.  The word path's decode (as _gemv_kernel).
+    PDL: the reduction launched after it (STREAM_PDL) may be scheduled from the start."""
+    if PDL:
+        gdc_launch_dependents()
     p = tl.program_id(0)
     TPR = K // BLOCK_K
     kt = p % TPR
@@ -394,8 +410,12 @@ def _epilogue_row(acc, m, rn, nmask, bias_ptr, l_ptr, b_ptr, stride_lm, RANK, lo
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, l_ptr, b_ptr, out_ptr, M, N, stride_om, stride_lm, RANK, lora_scale,
                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-                          R_PAD: tl.constexpr, INTERP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[m, n] = sum_s ws[s, m, n] (fixed order) + s·L[m]·B[n]ᵀ + bias[n], in out's dtype."""
+                          R_PAD: tl.constexpr, INTERP: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    """out[m, n] = sum_s ws[s, m, n] (fixed order) + s·L[m]·B[n]ᵀ + bias[n], in out's dtype.
+    PDL (launched with launch_pdl): wait for the kernel that wrote ws before reading it."""
+    if PDL:
+        gdc_wait()
     m = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
@@ -625,16 +645,24 @@ def _stream_programs(N: int, K: int, device: torch.device) -> int:
     return max(tpr, progs - progs % tpr)
 
 
-def _splitk_reduce(ws, split, bias_t, L, B_t, r, lora_scale, r_pad, dummy, out) -> None:
+def _splitk_reduce(ws, split, bias_t, L, B_t, r, lora_scale, r_pad, dummy, out, pdl: bool = False) -> None:
     """out [M, N] = the `split` fp32 partial slices of ws [split, M, N] summed in order, + s·L·Bᵀ
-    + bias, in out's dtype (_splitk_reduce_kernel); absent operands as None (dummy is passed)."""
+    + bias, in out's dtype (_splitk_reduce_kernel); absent operands as None (dummy is passed).
+    pdl: a programmatic dependent launch (the kernel before it signals; sm_90+, not interpreted)."""
     M, N = out.shape
     bn = 128
+    launch = dict(PDL=True, launch_pdl=True) if pdl else {}
     _splitk_reduce_kernel[(M, triton.cdiv(N, bn))](
         ws, bias_t if bias_t is not None else dummy, L if L is not None else dummy, B_t if B_t is not None else dummy,
         out, M, N, out.stride(0), L.stride(0) if L is not None else 0, r, float(lora_scale), SPLIT_K=split,
         HAS_BIAS=bias_t is not None, HAS_LORA=L is not None, R_PAD=r_pad, INTERP=INTERPRET, BLOCK_N=bn,
-        num_warps=4)
+        num_warps=4, **launch)
+
+
+def _stream_pdl(device: torch.device) -> bool:
+    """Whether the stream path launches its reduction with programmatic dependent launch: STREAM_PDL,
+    on a GPU of compute capability 9.0+ (griddepcontrol), never under the interpreter."""
+    return STREAM_PDL and _HAS_GDC and not INTERPRET and capability(device)[0] >= 9
 
 
 def _gemv_stream(x, st, nested, blocksize, N, K, stride_wb, bias_t, L, B_t, r, lora_scale, common, out):
@@ -644,10 +672,11 @@ def _gemv_stream(x, st, nested, blocksize, N, K, stride_wb, bias_t, L, B_t, r, l
     tpr = K // cfg["BLOCK_K"]
     progs = _stream_programs(N, K, x.device)
     ws = torch.empty((tpr, 1, N), dtype=torch.float32, device=x.device)
+    pdl = _stream_pdl(x.device)
     _gemv_stream_kernel[(progs,)](x, *st[:6], ws, N, K, stride_wb, progs // tpr, BS=blocksize, NESTED=nested,
                                   INTERP=INTERPRET, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                  num_warps=cfg["warps"], num_stages=1)
-    _splitk_reduce(ws, tpr, bias_t, L, B_t, r, lora_scale, common["R_PAD"], st[5], out)
+                                  num_warps=cfg["warps"], num_stages=1, **(dict(PDL=True) if pdl else {}))
+    _splitk_reduce(ws, tpr, bias_t, L, B_t, r, lora_scale, common["R_PAD"], st[5], out, pdl=pdl)
     return out
 
 

@@ -103,14 +103,22 @@ def _matmul_specs(arch: int) -> list[KernelSpec]:
         "gemv_stream_m1", MM._gemv_stream_kernel,
         {"x_ptr": "*bf16", **state, "ws_ptr": "*fp32", "N": "i32", "K": "i32", "stride_wb": "i32",
          "ROW_BLOCK_STEP": "i32"},
-        {"BS": 64, "NESTED": True, "INTERP": False, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]},
+        {"BS": 64, "NESTED": True, "INTERP": False, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
+         "PDL": False},
         ("N", "K", "stride_wb"), {"num_warps": cfg["warps"], "num_stages": 1}))
     specs.append(KernelSpec(
         "splitk_reduce", MM._splitk_reduce_kernel,
         {"ws_ptr": "*fp32", "bias_ptr": "*bf16", "l_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32",
          "N": "i32", "stride_om": "i32", "stride_lm": "i32", "RANK": "i32", "lora_scale": "fp32"},
-        {"SPLIT_K": 2, "HAS_BIAS": True, "HAS_LORA": True, "R_PAD": 16, "INTERP": False, "BLOCK_N": 128},
+        {"SPLIT_K": 2, "HAS_BIAS": True, "HAS_LORA": True, "R_PAD": 16, "INTERP": False, "BLOCK_N": 128,
+         "PDL": False},
         ("N", "stride_om", "stride_lm", "RANK"), {"num_warps": 4}))
+    if arch >= 90 and MM._HAS_GDC:  # STREAM_PDL's variants (griddepcontrol is sm_90+)
+        stream, reduce = specs[-2], specs[-1]
+        specs.append(KernelSpec("gemv_stream_m1_pdl", stream.fn, stream.signature, {**stream.constexprs, "PDL": True},
+                                stream.divisible, stream.options))
+        specs.append(KernelSpec("splitk_reduce_pdl", reduce.fn, reduce.signature, {**reduce.constexprs, "PDL": True},
+                                reduce.divisible, {**reduce.options, "launch_pdl": True}))
     return specs
 
 

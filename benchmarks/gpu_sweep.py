@@ -116,6 +116,12 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                               GEMV_MMA_BLOCK_REDUCE=True):
                     point(f"cuda M=1 {shape} mma depth={depth}{' two chains' if chains else ''} block reduce", x, p,
                           q, exp, dev)
+            # The finalize on a programmatic dependent launch (experimental, sm_90+): after the plain
+            # kernel, the wide finalize and the block-reduced kernel (which has no finalize at K = 4096).
+            for label, values in (("mma", {}), ("mma wide finalize", dict(GEMV_WIDE_FINALIZE=True)),
+                                  ("mma block reduce", dict(GEMV_MMA_BLOCK_REDUCE=True))):
+                with settings(cb, GEMV_MMA=True, GEMV_PDL=True, **values):
+                    point(f"cuda M=1 {shape} {label} pdl finalize", x, p, q, exp, dev)
             # M = 4 and 8: the row kernel against the tensor-core batch kernel (one decode per batch
             # row); M = 12 and 16: the fused GEMM against its two-n-tile form.
             for M in (4, 8, 12, 16):
@@ -129,6 +135,8 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                 if M == 16:
                     with settings(cb, GEMV_MMA=True, GEMV_WIDE_FINALIZE=True):
                         point(f"cuda M={M} {shape} mma batch wide finalize", xm, p, q, em, dev)
+                    with settings(cb, GEMV_MMA=True, GEMV_PDL=True):
+                        point(f"cuda M={M} {shape} mma batch pdl finalize", xm, p, q, em, dev)
             # M = 32 and 64: the fused GEMM against the table GEMM (experimental), the heuristic's splits.
             for M in (32, 64):
                 xm = torch.randn(M, ref.shape[1], device=dev, dtype=torch.bfloat16)
@@ -285,6 +293,9 @@ def main() -> None:
                 for cfg in configs:
                     with settings(tm, GEMV_STREAM=True, STREAM_CONFIG=cfg):
                         point(f"triton M=1 {shape} stream {cfg}", xs, p, q, e, dev)
+                with settings(tm, GEMV_STREAM=True, STREAM_PDL=True):  # experimental: the reduction on PDL
+                    point(f"triton M=1 {shape} stream pdl reduction (on: {tm._stream_pdl(x.device)})", xs, p, q, e,
+                          dev)
         if "triton" not in sections:
             return
         for cfg in tm.gemv_configs(torch.cuda.get_device_capability(dev), True) + extra:

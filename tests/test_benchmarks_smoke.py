@@ -183,3 +183,37 @@ def test_settings_are_restored_even_when_the_step_raises():
         with settings(mod, GEMV_MAA=True):
             pass
     assert not hasattr(mod, "GEMV_MAA")
+
+
+def test_gpu_scripts_name_only_settings_that_exist():
+    """Every routing setting the GPU sweep, sanitizer and profile targets set (settings(cb, NAME=...),
+    dict(NAME=...) variants, gpu_profile_target.VARIANTS) is an attribute of the cuda backend or the
+    Triton matmul module.  On the GPU a misspelt one raises, but only after minutes of scarce device
+    time; here it fails in CI."""
+    import ast
+
+    from nf4kit.backends import cuda as cuda_backend
+    from nf4kit.triton_kernels import matmul as triton_matmul
+
+    from benchmarks import gpu_profile_target
+
+    modules = {"cb": cuda_backend, "tm": triton_matmul}
+    checked = 0
+    for script in ("gpu_sweep.py", "gpu_sanitize.py"):
+        tree = ast.parse(open(os.path.join(ROOT, "benchmarks", script)).read())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+                continue
+            names = [k.arg for k in node.keywords if k.arg is not None]
+            if node.func.id == "settings" and isinstance(node.args[0], ast.Name):
+                module = modules[node.args[0].id]
+                missing = [n for n in names if not hasattr(module, n)]
+            elif node.func.id == "dict" and names and all(n.isupper() for n in names):
+                missing = [n for n in names if not any(hasattr(m, n) for m in modules.values())]
+            else:
+                continue
+            assert not missing, f"benchmarks/{script}:{node.lineno}: no such setting {missing}"
+            checked += len(names)
+    for call, values in gpu_profile_target.VARIANTS.items():
+        assert all(hasattr(cuda_backend, n) for n in values), (call, values)
+    assert checked > 30  # the walk found the sweep's settings

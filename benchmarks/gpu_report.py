@@ -62,9 +62,9 @@ def junit_summary(path: str) -> dict:
 _SWEEP_POINT = re.compile(r"^(?P<label>.+?):\s+(?P<us>[0-9.]+) us\b")
 
 
-def sweep_fastest(log: str, per_group: int = 5) -> list[str]:
-    """The fastest points of benchmarks.gpu_sweep's output, per backend and weight shape (the
-    label's first words up to the shape, e.g. 'cuda M=1 4096x14336'), fastest first."""
+def _sweep_groups(log: str) -> dict[str, list[tuple[float, str]]]:
+    """benchmarks.gpu_sweep's timed points, per backend and weight shape (the label's first words up
+    to the shape, e.g. 'cuda M=1 4096x14336'), in the order they ran."""
     groups: dict[str, list[tuple[float, str]]] = {}
     for ln in log.splitlines():
         m = _SWEEP_POINT.match(ln.strip())
@@ -74,10 +74,22 @@ def sweep_fastest(log: str, per_group: int = 5) -> list[str]:
         shape = re.search(r"\d+x\d+", label)
         key = label[:shape.end()] if shape else label.split(" ")[0]
         groups.setdefault(key, []).append((float(m.group("us")), label))
+    return groups
+
+
+def sweep_fastest(log: str, per_group: int = 5) -> list[str]:
+    """The fastest points of each group, fastest first, each with its difference to the group's
+    baseline: the point labelled 'default' where the group has one, else the group's first point
+    (the kernel the tensor-core ones replaced, at M > 1).  A negative difference is a gain."""
     out = []
-    for key, pts in groups.items():
+    for key, pts in _sweep_groups(log).items():
+        base_us, base = next(((us, lb) for us, lb in pts if "default" in lb), pts[0])
         for us, label in sorted(pts)[:per_group]:
-            out.append(f"{us:8.1f} us  {label}")
+            if key.startswith("read floor"):  # floors, not variants of one call
+                mark = ""
+            else:
+                mark = "(baseline)" if label == base else f"{us - base_us:+6.1f} us"
+            out.append(f"{us:8.1f} us  {mark:>10}  {label}")
     return out
 
 
@@ -143,7 +155,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     md += ["```", "", "## Benchmarks", "", bench_md or "(no benchmark table)", ""]
     sweep_log = read(os.path.join(O, "sweep.log"))
     if sweep_log:
-        md += ["## M = 1 decode sweep (benchmarks.gpu_sweep; fastest first per group)", "", "```"]
+        md += ["## Decode sweep (benchmarks.gpu_sweep; fastest first per group, against the group's default "
+               "or first point)", "", "```"]
         md += sweep_fastest(sweep_log, per_group=10) + ["```", "", "Every point:", "", "```",
                                                         sweep_log.strip(), "```", ""]
     with open(os.path.join(O, "gpu_report.md"), "w") as f:

@@ -290,9 +290,9 @@ def main() -> None:
             for shape, (xs, p, q, e) in ((f"{N}x{K}", (x, packed, qs, exp)), (f"{K}x{N}", (xt, packed_t, qs_t, exp_t))):
                 with settings(tm, GEMV_STREAM=False):
                     point(f"triton M=1 {shape} word path (autotuned)", xs, p, q, e, dev)
-                for cfg in configs:
+                for i, cfg in enumerate(configs):  # the committed config first, labelled the default
                     with settings(tm, GEMV_STREAM=True, STREAM_CONFIG=cfg):
-                        point(f"triton M=1 {shape} stream {cfg}", xs, p, q, e, dev)
+                        point(f"triton M=1 {shape} stream {cfg}{' (default)' if i == 0 else ''}", xs, p, q, e, dev)
                 with settings(tm, GEMV_STREAM=True, STREAM_PDL=True):  # experimental: the reduction on PDL
                     point(f"triton M=1 {shape} stream pdl reduction (on: {tm._stream_pdl(x.device)})", xs, p, q, e,
                           dev)

@@ -217,3 +217,21 @@ def test_gpu_scripts_name_only_settings_that_exist():
     for call, values in gpu_profile_target.VARIANTS.items():
         assert all(hasattr(cuda_backend, n) for n in values), (call, values)
     assert checked > 30  # the walk found the sweep's settings
+
+
+def test_sweep_points_are_read_against_their_groups_default():
+    """gpu_report reads a sweep log per backend, M and shape: fastest first, each point's difference
+    to the group's point labelled default (else its first point); unparsable lines are skipped."""
+    log = "\n".join([
+        "cuda M=1 4096x14336 default (tensor-core stream, depth 2):     24.0 us  host  118.2 us  rel_err 2.7e-03",
+        "cuda M=1 4096x14336 mma depth=2 pdl finalize:     22.5 us  host  120.0 us  rel_err 2.7e-03",
+        "cuda M=1 4096x14336 mma wide finalize: RuntimeError: cuda.gemv_4bit failed",
+        "cuda M=16 4096x14336 fused GEMM:     58.1 us  host  138.5 us  rel_err 1.7e-03",
+        "cuda M=16 4096x14336 mma batch depth=2 (tensor cores):     32.4 us  host  150.1 us  rel_err 2.7e-03",
+        "triton M=1 4096x14336 word path (autotuned):     26.3 us  host  110.0 us  rel_err 2.3e-03",
+        "triton M=1 4096x14336 stream {'BLOCK_N': 1} (default):     23.2 us  host  100.0 us  rel_err 2.3e-03"])
+    lines = gpu_report.sweep_fastest(log, per_group=5)
+    assert [ln.split("us")[0].strip() for ln in lines] == ["22.5", "24.0", "32.4", "58.1", "23.2", "26.3"]
+    assert "-1.5 us" in lines[0] and "(baseline)" in lines[1]
+    assert "-25.7 us" in lines[2] and "(baseline)" in lines[3]   # no default: the first point
+    assert "(baseline)" in lines[4] and "+3.1 us" in lines[5]    # the default is not the first point

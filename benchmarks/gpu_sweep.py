@@ -83,68 +83,79 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
             x = torch.randn(1, ref.shape[1], device=dev, dtype=torch.bfloat16)
             exp = x.float() @ ref.t()
             kernel = cb._gemv_kernel(1, ref.shape[0], ref.shape[1], x.dtype, 64)
-            kind = {"mma": f"tensor-core stream, depth {cb.GEMV_MMA_DEPTH}",
+            mma_kind = (f"tensor-core stream, depth {cb.GEMV_MMA_DEPTH}"
+                        + (", block reduce" if cb.GEMV_MMA_BLOCK_REDUCE else "")
+                        + (", pdl finalize" if cb.GEMV_PDL else ""))
+            kind = {"mma": mma_kind,
                     "stream": f"stream, depth {cb.GEMV_STREAM_DEPTH}"}.get(
                 kernel, f"rows {default[0]}, depth {default[1]}, heuristic S")
             point(f"cuda M=1 {shape} default ({kind})", x, p, q, exp, dev)
-            with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
-                point(f"cuda M=1 {shape} row kernel (rows {default[0]}, depth {default[1]}, heuristic S)", x, p, q,
-                      exp, dev)
-            # The memory-order stream kernel: is the plateau the order in which W is read?
-            for depth in (4, 8):
-                for pairs in (False, True):
-                    with settings(cb, GEMV_STREAM=True, GEMV_MMA=False, GEMV_STREAM_DEPTH=depth,
-                                  GEMV_PAIR_TABLE=pairs):
-                        point(f"cuda M=1 {shape} stream depth={depth}{' pair table' if pairs else ''}", x, p, q,
-                              exp, dev)
-            # The tensor-core stream kernel, both load rings, and with the wide finalize (experimental).
-            for depth in (2, 3):
-                with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth):
-                    point(f"cuda M=1 {shape} mma depth={depth} (tensor-core stream)", x, p, q, exp, dev)
-            for label, values in (("mma", dict(GEMV_MMA=True)),
-                                  ("stream depth=4", dict(GEMV_MMA=False, GEMV_STREAM=True))):
-                with settings(cb, GEMV_WIDE_FINALIZE=True, **values):
-                    point(f"cuda M=1 {shape} {label} wide finalize", x, p, q, exp, dev)
-            # Two HMMA accumulator chains (experimental, depth 2), alone and with the wide finalize.
-            for wide in (False, True):
-                with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True, GEMV_WIDE_FINALIZE=wide):
-                    point(f"cuda M=1 {shape} mma depth=2 two chains{' wide finalize' if wide else ''}", x, p, q,
+            # Every point below names its options: the block reduce and the PDL finalize (on by default
+            # since results/gpu_h100_2026-11-27c) are off unless a point turns them on.
+            with settings(cb, GEMV_MMA_BLOCK_REDUCE=False, GEMV_PDL=False):
+                with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
+                    point(f"cuda M=1 {shape} row kernel (rows {default[0]}, depth {default[1]}, heuristic S)", x, p, q,
                           exp, dev)
-            # Each block sums its warps' K-tiles (experimental): no finalize at K = 4096, 4 slices at 14336.
-            for depth, chains in ((2, False), (3, False), (2, True)):
-                with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth, GEMV_MMA_TWO_CHAINS=chains,
-                              GEMV_MMA_BLOCK_REDUCE=True):
-                    point(f"cuda M=1 {shape} mma depth={depth}{' two chains' if chains else ''} block reduce", x, p,
-                          q, exp, dev)
-            # The finalize on a programmatic dependent launch (experimental, sm_90+): after the plain
-            # kernel, the wide finalize and the block-reduced kernel (which has no finalize at K = 4096).
-            for label, values in (("mma", {}), ("mma wide finalize", dict(GEMV_WIDE_FINALIZE=True)),
-                                  ("mma block reduce", dict(GEMV_MMA_BLOCK_REDUCE=True))):
-                with settings(cb, GEMV_MMA=True, GEMV_PDL=True, **values):
-                    point(f"cuda M=1 {shape} {label} pdl finalize", x, p, q, exp, dev)
-            # M = 4 and 8: the row kernel against the tensor-core batch kernel (one decode per batch
-            # row); M = 12 and 16: the fused GEMM against its two-n-tile form.
-            for M in (4, 8, 12, 16):
-                xm = torch.randn(M, ref.shape[1], device=dev, dtype=torch.bfloat16)
-                em = xm.float() @ ref.t()
-                with settings(cb, GEMV_MMA=False):
-                    point(f"cuda M={M} {shape} {'row kernel' if M <= 8 else 'fused GEMM'}", xm, p, q, em, dev)
-                for depth in ((2, 3) if M > 8 else (cb.GEMV_MMA_DEPTH,)):
+                # The memory-order stream kernel: is the plateau the order in which W is read?
+                for depth in (4, 8):
+                    for pairs in (False, True):
+                        with settings(cb, GEMV_STREAM=True, GEMV_MMA=False, GEMV_STREAM_DEPTH=depth,
+                                      GEMV_PAIR_TABLE=pairs):
+                            point(f"cuda M=1 {shape} stream depth={depth}{' pair table' if pairs else ''}", x, p, q,
+                                  exp, dev)
+                # The tensor-core stream kernel, both load rings, and with the wide finalize (experimental).
+                for depth in (2, 3):
                     with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth):
-                        point(f"cuda M={M} {shape} mma batch depth={depth} (tensor cores)", xm, p, q, em, dev)
-                if M == 16:
-                    with settings(cb, GEMV_MMA=True, GEMV_WIDE_FINALIZE=True):
-                        point(f"cuda M={M} {shape} mma batch wide finalize", xm, p, q, em, dev)
-                    with settings(cb, GEMV_MMA=True, GEMV_PDL=True):
-                        point(f"cuda M={M} {shape} mma batch pdl finalize", xm, p, q, em, dev)
-            # M = 32 and 64: the fused GEMM against the table GEMM (experimental), the heuristic's splits.
-            for M in (32, 64):
-                xm = torch.randn(M, ref.shape[1], device=dev, dtype=torch.bfloat16)
-                em = xm.float() @ ref.t()
-                for on in (False, True):
-                    with settings(cb, GEMV_MMA_GEMM=on):
-                        point(f"cuda M={M} {shape} {'table GEMM (tensor cores)' if on else 'fused GEMM'}", xm, p, q,
-                              em, dev)
+                        point(f"cuda M=1 {shape} mma depth={depth} (tensor-core stream)", x, p, q, exp, dev)
+                for label, values in (("mma", dict(GEMV_MMA=True)),
+                                      ("stream depth=4", dict(GEMV_MMA=False, GEMV_STREAM=True))):
+                    with settings(cb, GEMV_WIDE_FINALIZE=True, **values):
+                        point(f"cuda M=1 {shape} {label} wide finalize", x, p, q, exp, dev)
+                # Two HMMA accumulator chains (experimental, depth 2), alone and with the wide finalize.
+                for wide in (False, True):
+                    with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True,
+                                  GEMV_WIDE_FINALIZE=wide):
+                        point(f"cuda M=1 {shape} mma depth=2 two chains{' wide finalize' if wide else ''}", x, p, q,
+                              exp, dev)
+                # Each block sums its warps' K-tiles (the default): no finalize at K = 4096, 4 slices at 14336.
+                for depth, chains in ((2, False), (3, False), (2, True)):
+                    with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth, GEMV_MMA_TWO_CHAINS=chains,
+                                  GEMV_MMA_BLOCK_REDUCE=True):
+                        point(f"cuda M=1 {shape} mma depth={depth}{' two chains' if chains else ''} block reduce", x, p,
+                              q, exp, dev)
+                # The finalize on a programmatic dependent launch (the default on sm_90+): after the plain
+                # kernel, the wide finalize and the block-reduced kernel (which has no finalize at K = 4096).
+                for label, values in (("mma", {}), ("mma wide finalize", dict(GEMV_WIDE_FINALIZE=True)),
+                                      ("mma block reduce", dict(GEMV_MMA_BLOCK_REDUCE=True)),
+                                      ("mma block reduce wide finalize",
+                                       dict(GEMV_MMA_BLOCK_REDUCE=True, GEMV_WIDE_FINALIZE=True)),
+                                      ("mma depth=3 block reduce", dict(GEMV_MMA_BLOCK_REDUCE=True, GEMV_MMA_DEPTH=3))):
+                    with settings(cb, GEMV_MMA=True, GEMV_PDL=True, **values):
+                        point(f"cuda M=1 {shape} {label} pdl finalize", x, p, q, exp, dev)
+                # M = 4 and 8: the row kernel against the tensor-core batch kernel (one decode per batch
+                # row); M = 12 and 16: the fused GEMM against its two-n-tile form.
+                for M in (4, 8, 12, 16):
+                    xm = torch.randn(M, ref.shape[1], device=dev, dtype=torch.bfloat16)
+                    em = xm.float() @ ref.t()
+                    with settings(cb, GEMV_MMA=False):
+                        point(f"cuda M={M} {shape} {'row kernel' if M <= 8 else 'fused GEMM'}", xm, p, q, em, dev)
+                    for depth in ((2, 3) if M > 8 else (cb.GEMV_MMA_DEPTH,)):
+                        with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth):
+                            point(f"cuda M={M} {shape} mma batch depth={depth} (tensor cores)", xm, p, q, em, dev)
+                    if M == 16:
+                        with settings(cb, GEMV_MMA=True, GEMV_WIDE_FINALIZE=True):
+                            point(f"cuda M={M} {shape} mma batch wide finalize", xm, p, q, em, dev)
+                        with settings(cb, GEMV_MMA=True, GEMV_PDL=True):
+                            point(f"cuda M={M} {shape} mma batch pdl finalize", xm, p, q, em, dev)
+                # M = 32 and 64: the fused GEMM against the table GEMM (the default on sm_90), the heuristic's splits.
+                for M in (32, 64):
+                    xm = torch.randn(M, ref.shape[1], device=dev, dtype=torch.bfloat16)
+                    em = xm.float() @ ref.t()
+                    for on, pdl in ((False, False), (True, False), (True, True)):
+                        with settings(cb, GEMV_MMA_GEMM=on, GEMV_PDL=pdl):
+                            label = "table GEMM (tensor cores)" if on else "fused GEMM"
+                            label += " pdl finalize" if pdl else ""
+                            point(f"cuda M={M} {shape} {label}", xm, p, q, em, dev)
             if rows_too:
                 with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
                     _row_kernel_variants(shape, x, p, q, exp, dev)
@@ -220,7 +231,7 @@ def main() -> None:
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "
           f"M=64 {cb._gemm_splits(64, N, K, dev)}, M=256 {cb._gemm_splits(256, N, K, dev)}", flush=True)
     # The split sweeps below are the row kernel's (M = 1 included).
-    with nf4kit.use_backend("cuda"), settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
+    with nf4kit.use_backend("cuda"), settings(cb, GEMV_STREAM=False, GEMV_MMA=False, GEMV_MMA_GEMM=False):
         for rows in ((1, 2, 8) if "gemv" in sections else ()):
             cb.GEMV_ROWS = rows
             x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
@@ -252,7 +263,7 @@ def main() -> None:
                 cb.GEMM_SPLITS = v
                 point(f"cuda M=  64 {K}x{N} GEMM_SPLITS={v:3d}", x, packed_t, qs_t, exp, dev)
             cb.GEMM_SPLITS = None
-            # The table GEMM (experimental) at its splits, on this shape and the other.
+            # The table GEMM (the default on sm_90) at its splits, on this shape and the other.
             x_n = torch.randn(64, K, device=dev, dtype=torch.bfloat16)
             exp_n = x_n.float() @ W_ref.t()
             for label, (xs, p, q, e) in ((f"{K}x{N}", (x, packed_t, qs_t, exp)), (f"{N}x{K}", (x_n, packed, qs, exp_n))):
@@ -296,6 +307,14 @@ def main() -> None:
                 with settings(tm, GEMV_STREAM=True, STREAM_PDL=True):  # experimental: the reduction on PDL
                     point(f"triton M=1 {shape} stream pdl reduction (on: {tm._stream_pdl(x.device)})", xs, p, q, e,
                           dev)
+                # 2026-11-27c run1: -2.3 us on 4096x14336, +62 us on 14336x4096.  Again, and with half the
+                # programs per SM (is it the dependent grid's blocks taking the stream kernel's slots?).
+                for per_sm in (32, 16):
+                    cfg = dict(tm.STREAM_CONFIG, programs_per_sm=per_sm)
+                    with settings(tm, GEMV_STREAM=True, STREAM_PDL=True, STREAM_CONFIG=cfg):
+                        point(f"triton M=1 {shape} stream pdl reduction, {per_sm} programs per SM", xs, p, q, e, dev)
+                    with settings(tm, GEMV_STREAM=True, STREAM_CONFIG=cfg):
+                        point(f"triton M=1 {shape} stream, {per_sm} programs per SM", xs, p, q, e, dev)
         if "triton" not in sections:
             return
         for cfg in tm.gemv_configs(torch.cuda.get_device_capability(dev), True) + extra:

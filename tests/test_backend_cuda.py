@@ -152,6 +152,9 @@ MM_CASES = [  # (M, N, K, blocksize, nested)
     (16, 200, 2048, 64, True),  # fused GEMM split-K (8 splits), bias + LoRA in the finalize
     (40, 130, 1024, 256, False),  # fused GEMM split-K (4 splits), partial M and N tiles
 ]
+# The two fused-GEMM split-K cases above: the tensor-core GEMVs (M <= 16) and the table GEMM
+# (M = 17..64, sm_90/100) would take them by default, so the forward test keeps those off for them.
+FUSED_GEMM_CASES = {(16, 200, 2048, 64, True), (40, 130, 1024, 256, False)}
 
 
 @pytest.mark.parametrize("M,N,K,blocksize,nested", MM_CASES)
@@ -159,6 +162,10 @@ MM_CASES = [  # (M, N, K, blocksize, nested)
 @pytest.mark.parametrize("lora", [False, True])
 def test_matmul_forward(M, N, K, blocksize, nested, dt, lora, monkeypatch):
     monkeypatch.setattr(cuda_backend, "FUSED_MAX_M", 1024)  # M = 100, 257: the fused kernel's M tiles too
+    if (M, N, K, blocksize, nested) in FUSED_GEMM_CASES:
+        monkeypatch.setattr(cuda_backend, "GEMV_MMA", False)
+        monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", False)
+        assert cuda_backend._gemv_kernel(M, N, K, dt, blocksize) == "none"  # matmul_4bit's fused GEMM
     st, W64 = _weight(N, K, blocksize, "nf4", nested, seed=M + N)
     x = _rand((M, K), dt, 1)
     bias = _rand((N,), torch.float32, 2)
@@ -374,7 +381,7 @@ def test_gemv_mma(monkeypatch, M, depth, two_chains, dt, N, K, bs, quant_type, n
     (16, 512, 4096, "fp4", True),     # blocks span rows (blocksize > K)
     (4099, 7168, 64, "nf4", True)])   # 33 blocks, 28 tiles in the heuristic's 4 splits (H100)
 def test_mma_gemm(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
-    """The experimental table GEMM (GEMV_MMA_GEMM, M = 17..64): every output against the float64
+    """The table GEMM (GEMV_MMA_GEMM, M = 17..64; the default on sm_90/100): every output against the float64
     reference within the bf16/fp16 rounding of the code table, one split (bias and LoRA in the
     kernel) and several (in the finalize)."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", True)
@@ -441,7 +448,7 @@ def test_gemv_wide_finalize_matches_the_plain_one(monkeypatch, mma, stream, M, K
     (501, 11008),    # 43 tiles: W = 15, 3 parts, the last with 13 active warps (2 idle)
     (300, 1792)])    # 7 tiles: no block reduce, the plain kernel and finalize
 def test_gemv_mma_block_reduce_sums_the_plain_kernels_tiles(monkeypatch, depth, two_chains, dt, N, K):
-    """The experimental block-reduced M = 1 kernel (GEMV_MMA_BLOCK_REDUCE) adds the plain kernel's
+    """The block-reduced M = 1 kernel (GEMV_MMA_BLOCK_REDUCE, the default) adds the plain kernel's
     per-tile sums, bracketed by parts of W tiles (a part's tiles in order, then the parts in the
     finalize's order): bit for bit against that sum of the plain kernel's partial slices, bias
     included; with LoRA, against float64 and the plain result."""
@@ -563,14 +570,14 @@ class _OptionsSeen:
 
 
 @pytest.mark.parametrize("kernel,M,K,dt,settings", [
-    ("mma", 1, 14336, torch.bfloat16, {}),                              # S = 56
+    ("mma", 1, 14336, torch.bfloat16, dict(GEMV_MMA_BLOCK_REDUCE=False)),    # the plain kernel: S = 56
     ("mma", 16, 4096 + 256, torch.float16, dict(GEMV_WIDE_FINALIZE=True)),  # batch kernel, wide finalize
     ("mma", 1, 14336, torch.float16, dict(GEMV_MMA_BLOCK_REDUCE=True)),     # 4 slices left to the finalize
     ("mma-gemm", 33, 7168, torch.bfloat16, dict(GEMV_MMA_GEMM=True)),       # table GEMM, the heuristic's splits
     ("stream", 1, 3072, torch.bfloat16, dict(GEMV_MMA=False)),
     ("rows", 5, 2048 + 96, torch.float32, {})])
 def test_gemv_pdl_finalize_gives_the_ordinary_launchs_bits(monkeypatch, kernel, M, K, dt, settings):
-    """The experimental programmatic dependent launch of the finalize (GEMV_PDL) runs the same kernels
+    """The programmatic dependent launch of the finalize (GEMV_PDL, the default on sm_90+) runs the same kernels
     in the same order: its output equals the ordinary launch's bit for bit, bias and LoRA included,
     after every decode kernel.  The option reaches the C call only on sm_90 and up."""
     N = 1000 + 37

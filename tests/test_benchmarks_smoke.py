@@ -155,6 +155,11 @@ def test_gpu_report_assembles_a_report(tmp_path, capsys):
     assert "memcheck 0 error(s)" in rep
     printed = capsys.readouterr().out
     assert printed.rstrip().splitlines()[-1].startswith("report:")  # the summary is printed last
+    assert "CUT SHORT" not in rep  # the tests stage ended by itself (rc 1: a failure)
+    # A tests stage stopped at its limit: its XML counts only the tests pytest reached, and says so.
+    (work / "stages.tsv").write_text("tests\t124\t130\t120\t3 passed\n")
+    assert gpu_report.main(["--work", str(work), "--out", str(out)]) == 0
+    assert "of 3 (2 s); CUT SHORT at the stage limit" in (out / "gpu_report.md").read_text()
 
 
 def test_gpu_check_script_is_valid_bash():

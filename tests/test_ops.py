@@ -158,13 +158,16 @@ def test_flat_passes_ready_tensors_through_and_copies_the_rest():
 
 @pytest.mark.skipif(not getattr(backends._native.load(), "has_cuda", False),
                     reason="nf4kit._C built without its CUDA kernels (NF4KIT_NO_CUDA or no nvcc)")
-def test_cuda_gemv_launch_matches_the_binding_without_a_gpu():
+def test_cuda_gemv_launch_matches_the_binding_without_a_gpu(monkeypatch):
     """backends/cuda.py's GEMV launch passes the argument list the compiled binding takes (a
     mismatch is a TypeError from pybind11); with M = 0 the C entry point refuses before touching
     the GPU, and the status comes back as an error naming the kernel.  Runs in CI, which builds
     the CUDA sources without a GPU."""
     from nf4kit.backends import cuda as cuda_backend
 
+    # GEMV_PDL (on by default) asks the device's compute capability, which needs a GPU; the option
+    # bit's plumbing is the next test's.
+    monkeypatch.setattr(cuda_backend, "GEMV_PDL", False)
     x = torch.empty((0, 64), dtype=torch.bfloat16)
     packed = torch.zeros(2048, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="cuda.gemv_4bit"):
@@ -173,7 +176,7 @@ def test_cuda_gemv_launch_matches_the_binding_without_a_gpu():
 
 
 def test_cuda_gemv_pdl_bit_follows_the_setting_and_the_device(monkeypatch):
-    """The programmatic-dependent-launch option (GEMV_PDL, experimental) reaches the C call only when
+    """The programmatic-dependent-launch option (GEMV_PDL, on by default) reaches the C call only when
     it is on and the device has compute capability 9.0+: on an A100 the setting is ignored rather
     than passed to a launch attribute the card lacks.  The C call is a stand-in: this runs without a
     GPU."""
@@ -201,7 +204,7 @@ def test_cuda_gemv_pdl_bit_follows_the_setting_and_the_device(monkeypatch):
 
 @pytest.mark.skipif(not getattr(backends._native.load(), "has_cuda", False),
                     reason="nf4kit._C built without its CUDA kernels (NF4KIT_NO_CUDA or no nvcc)")
-def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
+def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     """The memory-order stream option of the GEMV takes M = 1, K % 1024 == 0 and exactly K / 1024
     partial slices, the tensor-core option M <= 16, fp16/bf16 x, K % 256 == 0, K / 256 slices,
     blocksize >= 64 and N * K < 2^32 - 256; anything else is refused as a bad argument before any
@@ -272,6 +275,10 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
         assert call(33, 2048, 8, gemm | pdl, 2) not in (0, -1, -2)
         assert call(1, 2048, 2, stream | pdl) not in (0, -1, -2)
         assert call(5, 2048, 4, pdl, 2) not in (0, -1, -2)
+    # The routing below is checked from a known start: the table GEMM and the block reduce off
+    # (each is switched on where its rules are checked); monkeypatch restores the defaults after.
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", False)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_BLOCK_REDUCE", False)
     old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA, cuda_backend.GEMV_WIDE_FINALIZE
     try:
         cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA = True, False
@@ -342,7 +349,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
             assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12) == (3, mma)
         finally:
             cuda_backend.GEMV_MMA_TWO_CHAINS, cuda_backend.GEMV_MMA_DEPTH = False, depth
-        # The table GEMM (experimental): M = 17..64 with half x, K % 256 == 0, blocksize >= 64; its splits
+        # The table GEMM: M = 17..64 with half x, K % 256 == 0, blocksize >= 64; its splits
         # fill the SMs (blocks of 192 rows) and always leave every split a tile.
         cuda_backend.GEMV_MMA_GEMM = True
         sms = cuda_backend._num_sms
@@ -363,7 +370,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu():
             assert cuda_backend._gemv_split_count(64, 14336, 4096, bf, 64, dev0) == 8  # 16 tiles: 2 a split
         finally:
             cuda_backend.GEMV_MMA_GEMM, cuda_backend.GEMM_MMA_SPLITS, cuda_backend._num_sms = False, None, sms
-        # The block-reduced kernel (experimental): M = 1 only, on any ring; its blocks of W warps,
+        # The block-reduced kernel: M = 1 only, on any ring; its blocks of W warps,
         # a row of K / 256 tiles in ceil(tiles / 16) even parts, none under 8 tiles.
         cuda_backend.GEMV_MMA_BLOCK_REDUCE = True
         try:

@@ -90,39 +90,44 @@ GEMV_MMA_MAX_M = 16  # its batch kernel: one n-tile of 8 batch rows up to M = 8,
 # ahead by 1.4 us on one shape.  Depth 2 also holds fewer registers (106 / 127 / 226 against 127 / 128 / 254).
 GEMV_MMA_DEPTH = 2
 _MMA_TILE = 256
-# Experimental, compiled but not yet run on a GPU (off; NF4KIT_CUDA_GEMV_WIDE_FINALIZE=1 turns it
-# on): the split-K sums with 8 warps per 32 outputs instead of one thread per output.  Nsight Compute
-# put the plain finalize at 6.5 us of the tensor-core M = 1 call on 4096x14336 (S = 56 slices, 16
-# blocks; results/gpu_h100_2026-11-27b).  Deterministic; a different summation order when S > 1.
+# Off (NF4KIT_CUDA_GEMV_WIDE_FINALIZE=1 turns it on): the split-K sums with 8 warps per 32 outputs
+# instead of one thread per output.  H100, bf16 (results/gpu_h100_2026-11-27c): M = 1 24.8 / 24.4 us
+# against the plain finalize's 25.3 / 24.3 on 4096x14336 / its transpose, 22.9 / 23.1 with the PDL
+# launch against the block-reduced default's 23.7 / 21.2; M = 16 33.7 / 36.8 against 32.3 / 31.3.
+# Deterministic; a different summation order when S > 1.
 GEMV_WIDE_FINALIZE = os.environ.get("NF4KIT_CUDA_GEMV_WIDE_FINALIZE", "0") == "1"
-# Experimental, compiled but not yet run on a GPU (off; NF4KIT_CUDA_GEMV_MMA_TWO_CHAINS=1): the M = 1
-# tensor-core kernel with two HMMA accumulator chains per visit instead of one chain of 16 (built at
-# ring depth 2 only; other depths keep one chain).  Nsight Compute put the kernel at one instruction
-# per 2.8 cycles per scheduler, latency-bound (116 registers against 106, no spills).
+# Off (NF4KIT_CUDA_GEMV_MMA_TWO_CHAINS=1): the M = 1 tensor-core kernel with two HMMA accumulator chains
+# per visit instead of one chain of 16 (built at ring depth 2 only; other depths keep one chain).  H100
+# (results/gpu_h100_2026-11-27c): 24.9 / 23.0 us against one chain's 24.3 / 24.1, and 25.2 / 21.3 with
+# the block reduce against its 25.3 / 21.4: within the run-to-run spread.
 GEMV_MMA_TWO_CHAINS = os.environ.get("NF4KIT_CUDA_GEMV_MMA_TWO_CHAINS", "0") == "1"
-# Experimental, compiled but not yet run on a GPU (off; NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE=1): the M = 1
-# tensor-core kernel on blocks of W warps that own W consecutive K-tiles of the same rows (a row of
-# K / 256 tiles in ceil(tiles / 16) parts, _mma_block_warps), so each block sums its warps' tiles in
-# shared memory.  Where one block spans the row (K <= 4096) it writes y itself, bias and LoRA added,
-# and the finalize launch is gone; K = 14336 leaves it 4 slices instead of 56, K = 11008 3 instead of
-# 43.  Deterministic; the sum is bracketed by parts, so the bits differ from the plain finalize's.
+# M = 1 (on by default; NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE=0 turns it off): the tensor-core kernel on
+# blocks of W warps that own W consecutive K-tiles of the same rows (a row of K / 256 tiles in
+# ceil(tiles / 16) parts, _mma_block_warps), so each block sums its warps' tiles in shared memory.
+# Where one block spans the row (K <= 4096) it writes y itself, bias and LoRA added, and the finalize
+# launch is gone; K = 14336 leaves it 4 slices instead of 56, K = 11008 3 instead of 43.
+# Deterministic; the sum is bracketed by parts, so the bits differ from the plain finalize's.
 # Under 8 tiles (K < 2048), or where the row sums do not fit the shared memory, the plain kernel runs.
-GEMV_MMA_BLOCK_REDUCE = os.environ.get("NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE", "0") == "1"
-# Experimental, compiled but not yet run on a GPU (off; NF4KIT_CUDA_MMA_GEMM=1): M = 17..64 (fp16/bf16 x,
-# K % 256 == 0, blocksize >= 64) on the tensor-core GEMVs' table decode instead of the fused GEMM
-# (13.3 SASS instructions per weight; M = 64 on 14336x4096 took 73.1 us on the H100, 1.75x
-# bitsandbytes, issue 4's open case): one A fragment of W feeds 4 or 8 mma (one per 8 batch rows), x
-# staged per 256-wide tile in shared memory (cp.async, two buffers: 194 KB with the table, so sm_90/100
-# only) for the block's 8 warps (128 rows), K split (_mma_gemm_splits) so that the blocks fill the SMs.
-# GEMM_MMA_SPLITS overrides the splits.
-GEMV_MMA_GEMM = os.environ.get("NF4KIT_CUDA_MMA_GEMM", "0") == "1"
-# Experimental, compiled but not yet run on a GPU (off; NF4KIT_CUDA_GEMV_PDL=1; sm_90+ only, ignored
-# below): the split-K finalize after every decode GEMV is launched with programmatic dependent launch.
-# The GEMV kernels signal at their start (griddepcontrol.launch_dependents) and the finalize waits for
-# their partials (griddepcontrol.wait), so the finalize's launch and block scheduling overlap the GEMV
-# instead of following it: a few microseconds of the ~24 us M = 1 call at most.  Same kernels, same
-# sums: the output is bit-identical to the ordinary launch's.
-GEMV_PDL = os.environ.get("NF4KIT_CUDA_GEMV_PDL", "0") == "1"
+# H100, bf16 (results/gpu_h100_2026-11-27c), with the PDL finalize below: 23.7 us on 4096x14336 and
+# 21.2 us on 14336x4096, against 25.3 / 24.3 us for the plain kernel and finalize.
+GEMV_MMA_BLOCK_REDUCE = os.environ.get("NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE", "1") != "0"
+# M = 17..64 (on by default where the device grants it 194 KB of shared memory: sm_90/100;
+# NF4KIT_CUDA_MMA_GEMM=0 turns it off): fp16/bf16 x, K % 256 == 0, blocksize >= 64, on the tensor-core
+# GEMVs' table decode instead of the fused GEMM (7.1 SASS instructions per weight at 64 batch rows
+# against the fused GEMM's 13.3): one A fragment of W feeds 4 or 8 mma (one per 8 batch rows), x
+# staged per 256-wide tile in shared memory (cp.async, two buffers) for the block's 8 warps (128
+# rows), K split (_mma_gemm_splits) so that the blocks fill the SMs.  GEMM_MMA_SPLITS overrides the
+# splits.  H100, bf16 (results/gpu_h100_2026-11-27c), 4096x14336 / 14336x4096: M = 32 48.9 / 50.2 us
+# against the fused GEMM's 59.8 / 68.1; M = 64 60.8 / 70.5 against 65.2 / 73.1.
+GEMV_MMA_GEMM = os.environ.get("NF4KIT_CUDA_MMA_GEMM", "1") != "0"
+# sm_90+ (on by default; NF4KIT_CUDA_GEMV_PDL=0 turns it off; ignored below sm_90): the split-K
+# finalize after every decode GEMV is launched with programmatic dependent launch.  The GEMV kernels
+# signal at their start (griddepcontrol.launch_dependents) and the finalize waits for their partials
+# (griddepcontrol.wait), so the finalize's launch and block scheduling overlap the GEMV instead of
+# following it.  Same kernels, same sums: the output is bit-identical to the ordinary launch's.  H100
+# (results/gpu_h100_2026-11-27c): M = 1 25.4 / 22.7 us against 25.3 / 24.3 (plain kernel), 23.7 against
+# 25.3 (block reduce, K = 14336: 4 slices left); M = 16 32.8 / 30.1 against 32.3 / 31.3.
+GEMV_PDL = os.environ.get("NF4KIT_CUDA_GEMV_PDL", "1") != "0"
 GEMM_MMA_SPLITS: Optional[int] = None
 _MMA_GEMM_ROWS = 128  # rows per block (the C side's kGemmThreads / 32 x 16)
 # The C API's option bits (cuda_kernels.h).

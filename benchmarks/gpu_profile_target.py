@@ -1,8 +1,8 @@
 """One M = 1 decode call that benchmarks/gpu_profile.sh puts under Nsight Compute, on the
 4096x14336 NF4 weight (bf16, double quant), made 4 times (ncu skips the first launches:
 compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CALL, CALL one of
-  cuda          the cuda backend's GEMV as committed (M = 1: the tensor-core stream kernel, ring depth 2;
-                cuda-rows: the row kernel)
+  cuda          the cuda backend's GEMV as committed (M = 1: the tensor-core stream kernel, ring depth 2,
+                block-reduced, its finalize on a PDL launch; cuda-rows: the row kernel)
   cuda-r2d4     its 2-rows-per-warp, 4-deep load ring variant (1 split)
   cuda-r4d4     its 4-rows-per-warp, 4-deep load ring variant (heuristic splits)
   cuda-r1d8     its 1-row-per-warp, 8-deep load ring variant (1 split)
@@ -11,8 +11,9 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda-r1d8-direct the 8-deep ring, 1 split, y written by the GEMV kernel (no finalize launch)
   cuda-stream   the memory-order stream GEMV (ring depth 4; cuda-stream8: 8; cuda-stream-pairs:
                 depth 4 with the pair table)
-  cuda-mma      the tensor-core stream GEMV with its 2-visit load ring (the default; cuda-mma3: 3 visits;
-                cuda-mma-wide: the experimental wide finalize; cuda-mma-2ch: two accumulator chains;
+  cuda-mma      the tensor-core stream GEMV with its 2-visit load ring, one slice per K-tile and an
+                ordinary finalize launch (the default before 2026-11-27c; cuda-mma3: 3 visits;
+                cuda-mma-wide: the wide finalize; cuda-mma-2ch: two accumulator chains;
                 cuda-mma-block: each block sums its warps' K-tiles, 4 slices left for the finalize)
   triton        the triton backend's GEMV as committed (M = 1: its memory-order stream kernel;
                 triton-word: the word path it replaced)
@@ -31,6 +32,7 @@ from . import anchors as anc
 # call -> the cuda backend's settings it changes
 _ROWS = dict(GEMV_STREAM=False, GEMV_MMA=False)  # the row kernel (the tensor-core one is the M = 1 default)
 _STREAM = dict(GEMV_STREAM=True, GEMV_MMA=False)
+_MMA = dict(GEMV_MMA=True, GEMV_MMA_BLOCK_REDUCE=False, GEMV_PDL=False)  # the plain tensor-core kernel
 VARIANTS = {"cuda-rows": _ROWS,
             "cuda-r2d4": dict(_ROWS, GEMV_ROWS=2, GEMV_DEPTH=4, GEMV_SPLITS=1),
             "cuda-r4d4": dict(_ROWS, GEMV_ROWS=4, GEMV_DEPTH=4),
@@ -41,11 +43,11 @@ VARIANTS = {"cuda-rows": _ROWS,
             "cuda-stream": dict(_STREAM, GEMV_STREAM_DEPTH=4),
             "cuda-stream8": dict(_STREAM, GEMV_STREAM_DEPTH=8),
             "cuda-stream-pairs": dict(_STREAM, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=True),
-            "cuda-mma": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2),
-            "cuda-mma3": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=3),
-            "cuda-mma-wide": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_WIDE_FINALIZE=True),
-            "cuda-mma-2ch": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True),
-            "cuda-mma-block": dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True)}
+            "cuda-mma": dict(_MMA, GEMV_MMA_DEPTH=2),
+            "cuda-mma3": dict(_MMA, GEMV_MMA_DEPTH=3),
+            "cuda-mma-wide": dict(_MMA, GEMV_MMA_DEPTH=2, GEMV_WIDE_FINALIZE=True),
+            "cuda-mma-2ch": dict(_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True),
+            "cuda-mma-block": dict(_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True)}
 
 
 def main(call: str) -> None:

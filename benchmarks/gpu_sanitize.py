@@ -96,15 +96,16 @@ def main(argv=None) -> int:
                     return nf4kit.matmul_4bit(x_s, pk_s, qs_s, bias=bias[:37])
 
             stream = dict(GEMV_MMA=False, GEMV_STREAM=True)
+            mma = dict(GEMV_MMA=True, GEMV_MMA_BLOCK_REDUCE=False, GEMV_PDL=False)  # the plain M = 1 kernel
             for label, values in (("stream d4", dict(stream, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=False)),
                                   ("stream d8 pairs", dict(stream, GEMV_STREAM_DEPTH=8, GEMV_PAIR_TABLE=True)),
-                                  ("mma d2", dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2)),
-                                  ("mma d3", dict(GEMV_MMA=True, GEMV_MMA_DEPTH=3)),
-                                  ("mma wide finalize", dict(GEMV_MMA=True, GEMV_WIDE_FINALIZE=True)),
-                                  ("mma two chains", dict(GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True)),
-                                  ("mma block reduce", dict(GEMV_MMA=True, GEMV_MMA_BLOCK_REDUCE=True)),
-                                  ("mma pdl finalize", dict(GEMV_MMA=True, GEMV_PDL=True)),
-                                  ("mma wide finalize pdl", dict(GEMV_MMA=True, GEMV_WIDE_FINALIZE=True, GEMV_PDL=True))):
+                                  ("mma d2", dict(mma, GEMV_MMA_DEPTH=2)),
+                                  ("mma d3", dict(mma, GEMV_MMA_DEPTH=3)),
+                                  ("mma wide finalize", dict(mma, GEMV_WIDE_FINALIZE=True)),
+                                  ("mma two chains", dict(mma, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True)),
+                                  ("mma block reduce", dict(mma, GEMV_MMA_BLOCK_REDUCE=True)),
+                                  ("mma pdl finalize", dict(mma, GEMV_PDL=True)),
+                                  ("mma wide finalize pdl", dict(mma, GEMV_WIDE_FINALIZE=True, GEMV_PDL=True))):
                 calls.append((f"matmul_4bit {label}", "matmul_4bit", lambda v=values: stream_gemv(**v), "same"))
             # The tensor-core batch kernel: one n-tile (M <= 8) and two (M <= 16).
             for m_rows in (3, 13):
@@ -115,7 +116,8 @@ def main(argv=None) -> int:
                         return nf4kit.matmul_4bit(x_b, pk_s, qs_s, bias=bias[:37])
 
                 calls.append((f"matmul_4bit mma batch M={m_rows}", "matmul_4bit", batch_gemv, "same"))
-            # The table GEMM (experimental): M = 33 in the heuristic's splits, M = 64 in one (y written).
+            # The table GEMM (the M = 17..64 default on sm_90): M = 33 in the heuristic's splits, M = 64
+            # in one (y written); and the fused GEMM it replaced there (still A100's, and the backward's).
             for m_rows, splits in ((33, None), (64, 1)):
                 x_g = rn(m_rows, 2048)
 
@@ -124,6 +126,13 @@ def main(argv=None) -> int:
                         return nf4kit.matmul_4bit(x_g, pk_s, qs_s, bias=bias[:37])
 
                 calls.append((f"matmul_4bit table GEMM M={m_rows}", "matmul_4bit", table_gemm, "same"))
+            x_f = rn(33, 2048)
+
+            def fused_gemm():
+                with settings(cb, GEMV_MMA_GEMM=False):
+                    return nf4kit.matmul_4bit(x_f, pk_s, qs_s, bias=bias[:37])
+
+            calls.append(("matmul_4bit fused GEMM M=33", "matmul_4bit", fused_gemm, "same"))
 
         for what, op, fn, ref in calls:
             B.last_backend.pop(op, None)

@@ -159,7 +159,8 @@ def test_gpu_report_assembles_a_report(tmp_path, capsys):
     # A tests stage stopped at its limit: its XML counts only the tests pytest reached, and says so.
     (work / "stages.tsv").write_text("tests\t124\t130\t120\t3 passed\n")
     assert gpu_report.main(["--work", str(work), "--out", str(out)]) == 0
-    assert "of 3 (2 s); CUT SHORT at the stage limit" in (out / "gpu_report.md").read_text()
+    assert "1 passed, 1 failed, 0 errors, 1 skipped of 3 (2 s); CUT SHORT at the stage limit" in \
+        (out / "gpu_report.md").read_text()
 
 
 def test_gpu_check_script_is_valid_bash():

@@ -14,8 +14,8 @@ next backend serves the call (never a wrong answer).
 
 Matmul routing (per call, by M = rows of x):
   * M <= GEMV_MAX_M, or M <= GEMV_MMA_MAX_M where the tensor-core GEMV takes the call: decode
-    GEMV (packed W streamed once, split-K); with the experimental GEMV_MMA_GEMM on, M <= 64 on
-    its table decode too.
+    GEMV (packed W streamed once, split-K); with GEMV_MMA_GEMM (on where a block gets its 194 KB
+    of shared memory: sm_90/100), M <= 64 on its table decode too.
   * M <= FUSED_MAX_M, fp16/bf16: fused dequant-GEMM on tensor cores, LoRA and bias in the
     same output tile, or split-K with bias and LoRA in the finalize kernel when the output
     tiles alone leave SMs idle.  The backward uses the same kernel reading W transposed.

@@ -248,3 +248,42 @@ def test_quiet_logger_silences_a_libraries_warnings_then_restores_it(caplog):
         log.warning("shown")
     assert [r.getMessage() for r in caplog.records] == ["shown"]
     assert logging.getLogger("nf4kit_test_quiet").level == logging.INFO
+
+
+def test_busy_cores_reads_what_other_processes_use_now(monkeypatch):
+    """busy_cores: the CPU time used over its window (not the 1-minute load average, which still
+    counts a build that just ended), scaled to the core count; where /proc/stat cannot be read, the
+    load average."""
+    from nf4kit import finetune
+
+    snaps = iter([(1000, 600), (1200, 700)])  # 200 ticks, 100 of them idle: half the cores busy
+    monkeypatch.setattr(finetune.os, "cpu_count", lambda: 4)
+    assert finetune.busy_cores(0.0, times=lambda: next(snaps)) == pytest.approx(2.0)
+
+    def unreadable():
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(finetune.os, "getloadavg", lambda: (1.5, 1.0, 0.5))
+    assert finetune.busy_cores(0.0, times=unreadable) == 1.5
+    all_ticks, idle = finetune._cpu_times()  # this machine's own /proc/stat (Linux, where CI runs)
+    assert all_ticks >= idle > 0
+
+
+def test_set_threads_leaves_busy_cores_alone(monkeypatch):
+    """n = 0: torch's threads less the cores in use (rounded), at least one; a busy machine is
+    reported; an explicit n is taken as given."""
+    from nf4kit import finetune
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(finetune.os, "cpu_count", lambda: 4)
+    logged = []
+    try:
+        torch.set_num_threads(2)  # torch's default here
+        assert finetune.set_threads(0, logged.append, busy=0.3) == 2 and logged == []
+        assert finetune.set_threads(0, logged.append, busy=2.6) == 1  # 3 of 4 cores taken
+        assert "2.6 cores in use: using 1 of 2" in logged[-1]
+        torch.set_num_threads(2)
+        assert finetune.set_threads(0, logged.append, busy=2.4) == 2  # 2 of 4 taken, 2 free
+        assert finetune.set_threads(3, logged.append) == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

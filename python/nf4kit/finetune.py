@@ -491,8 +491,35 @@ def train_lora(model: nn.Module, encs: Sequence[dict], pad_id: int, steps: int, 
 
 
 # ---------------------------------------------------------------------- the command
-def set_threads(n: int, log: Any = print) -> int:
-    """Intra-op CPU threads: `n`, or with n=0 as many as the cores other processes leave free.
+def _cpu_times(path: str = "/proc/stat") -> tuple[int, int]:
+    """(all, idle) CPU time in ticks since boot, summed over the cores (Linux /proc/stat)."""
+    with open(path) as f:
+        ticks = [int(t) for t in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), ticks[3] + ticks[4]
+
+
+def busy_cores(window_s: float = 0.5, times: Any = _cpu_times) -> float:
+    """How many cores other processes keep busy now: the CPU time they used over `window_s` (this
+    process sleeps meanwhile), from /proc/stat; where that cannot be read, the 1-minute load average.
+    The load average lags by a minute: right after `pip install` built the extension on every core it
+    still counts the compiler, and a QLoRA run started then took half the threads it could have."""
+    try:
+        all0, idle0 = times()
+        time.sleep(window_s)
+        all1, idle1 = times()
+        if all1 > all0:
+            return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / (all1 - all0))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+def set_threads(n: int, log: Any = print, busy: Optional[float] = None) -> int:
+    """Intra-op CPU threads: `n`, or with n=0 as many as the cores other processes leave free
+    (`busy`: the cores they use, measured by busy_cores when None).
 
     Why: OpenMP threads spin-wait at every barrier, so on an oversubscribed machine each GEMM
     waits for a descheduled thread — measured here (2 cores, another job running) a QLoRA step
@@ -500,13 +527,11 @@ def set_threads(n: int, log: Any = print) -> int:
     """
     if n <= 0:
         default = torch.get_num_threads()
-        try:
-            busy = os.getloadavg()[0]
-        except OSError:
-            busy = 0.0
-        n = max(1, min(default, (os.cpu_count() or default) - int(busy)))
+        busy = busy_cores() if busy is None else busy
+        n = max(1, min(default, (os.cpu_count() or default) - int(busy + 0.5)))
         if n < default:
-            log(f"(the machine is busy, load {busy:.1f}: using {n} of {default} CPU threads; --threads overrides)")
+            log(f"(the machine is busy, {busy:.1f} cores in use: using {n} of {default} CPU threads; "
+                "--threads overrides)")
     torch.set_num_threads(n)
     return n
 

@@ -250,7 +250,7 @@ def test_quiet_logger_silences_a_libraries_warnings_then_restores_it(caplog):
     assert logging.getLogger("nf4kit_test_quiet").level == logging.INFO
 
 
-def test_busy_cores_reads_what_other_processes_use_now(monkeypatch):
+def test_busy_cores_reads_what_other_processes_use_now(monkeypatch, tmp_path):
     """busy_cores: the CPU time used over its window (not the 1-minute load average, which still
     counts a build that just ended), scaled to the core count; where /proc/stat cannot be read, the
     load average."""
@@ -265,8 +265,10 @@ def test_busy_cores_reads_what_other_processes_use_now(monkeypatch):
 
     monkeypatch.setattr(finetune.os, "getloadavg", lambda: (1.5, 1.0, 0.5))
     assert finetune.busy_cores(0.0, times=unreadable) == 1.5
-    all_ticks, idle = finetune._cpu_times()  # this machine's own /proc/stat (Linux, where CI runs)
-    assert all_ticks >= idle > 0
+    # /proc/stat's first line: user nice system idle iowait irq softirq steal (guest ticks are not added)
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 20 30 400 50 6 7 8 9 10\ncpu0 5 10 15 200 25 3 3 4 4 5\n")
+    assert finetune._cpu_times(str(stat)) == (531, 450)
 
 
 def test_set_threads_leaves_busy_cores_alone(monkeypatch):

@@ -1,5 +1,6 @@
-# Sourced by gpu_profile.sh and gpu_check.sh (stage "profile"): Nsight Compute on two M = 1 decode
-# launches per call of benchmarks.gpu_profile_target (a split-K GEMV's kernel and its finalize):
+# Sourced by gpu_profile.sh and gpu_check.sh (stage "profile"): Nsight Compute on two decode
+# launches per call of benchmarks.gpu_profile_target (a split-K GEMV's kernel and its finalize, or the
+# table GEMM):
 # DRAM throughput, MIO pressure, stall reasons, occupancy.  ncu_decode CSV_OUT CALL...  appends
 # each call's CSV to CSV_OUT (one file: the device tool returns at most 8) and prints the telling
 # metrics.  NCU_CALL_S: limit per call (default 60).
@@ -9,7 +10,7 @@ ncu_decode() {
   if [ -z "$ncu" ]; then echo "ncu not found"; return 3; fi
   local call rc
   for call in "$@"; do
-    timeout "${NCU_CALL_S:-60}" "$ncu" --target-processes all --kernel-name "regex:gemv|splitk_finalize|kgemm_4bit_inference|gemm_4bit_simt" \
+    timeout "${NCU_CALL_S:-60}" "$ncu" --target-processes all --kernel-name "regex:gemv|gemm_4bit_table|splitk_finalize|kgemm_4bit_inference|gemm_4bit_simt" \
       --launch-skip 2 --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
       --csv --page details python3 -m benchmarks.gpu_profile_target "$call" > "/tmp/ncu_$call.csv" 2>> "/tmp/ncu.err"

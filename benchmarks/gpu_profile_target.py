@@ -1,5 +1,5 @@
-"""One M = 1 decode call that benchmarks/gpu_profile.sh puts under Nsight Compute, on the
-4096x14336 NF4 weight (bf16, double quant), made 4 times (ncu skips the first launches:
+"""One decode call that benchmarks/gpu_profile.sh puts under Nsight Compute, M = 1 on the
+4096x14336 NF4 weight (bf16, double quant) unless said below, made 4 times (ncu skips the first launches:
 compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CALL, CALL one of
   cuda          the cuda backend's GEMV as committed (M = 1: the tensor-core stream kernel, ring depth 2,
                 block-reduced, its finalize on a PDL launch; cuda-rows: the row kernel)
@@ -15,6 +15,8 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
                 ordinary finalize launch (the default before 2026-11-27c; cuda-mma3: 3 visits;
                 cuda-mma-wide: the wide finalize; cuda-mma-2ch: two accumulator chains;
                 cuda-mma-block: each block sums its warps' K-tiles, 4 slices left for the finalize)
+  cuda-gemm32   M = 32 on the 14336x4096 weight: the table GEMM as committed (one 8-warp block per SM;
+                cuda-gemm32-compact: its two-blocks-per-SM form)
   triton        the triton backend's GEMV as committed (M = 1: its memory-order stream kernel;
                 triton-word: the word path it replaced)
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
@@ -47,14 +49,19 @@ VARIANTS = {"cuda-rows": _ROWS,
             "cuda-mma3": dict(_MMA, GEMV_MMA_DEPTH=3),
             "cuda-mma-wide": dict(_MMA, GEMV_MMA_DEPTH=2, GEMV_WIDE_FINALIZE=True),
             "cuda-mma-2ch": dict(_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True),
-            "cuda-mma-block": dict(_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True)}
+            "cuda-mma-block": dict(_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True),
+            "cuda-gemm32": dict(GEMV_MMA_GEMM=True, GEMV_MMA_GEMM_COMPACT=False),
+            "cuda-gemm32-compact": dict(GEMV_MMA_GEMM=True, GEMV_MMA_GEMM_COMPACT=True)}
+# call -> (M, N, K) where it is not the M = 1 call on 4096x14336
+SHAPES = {"cuda-gemm32": (32, 14336, 4096), "cuda-gemm32-compact": (32, 14336, 4096)}
 
 
 def main(call: str) -> None:
     dev = torch.device("cuda")
-    W = torch.randn(4096, 14336, device=dev, dtype=torch.bfloat16)
+    M, N, K = SHAPES.get(call, (1, 4096, 14336))
+    W = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
     packed, qs = nf4kit.quantize_4bit(W, blocksize=64, compress_statistics=True)
-    x = torch.randn(1, 14336, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
     if call == "bnb":
         fn, name = anc.bnb_matmul(x, packed, qs)
         if fn is None:

@@ -118,14 +118,16 @@ def main(argv=None) -> int:
                 calls.append((f"matmul_4bit mma batch M={m_rows}", "matmul_4bit", batch_gemv, "same"))
             # The table GEMM (the M = 17..64 default on sm_90): M = 33 in the heuristic's splits, M = 64
             # in one (y written); and the fused GEMM it replaced there (still A100's, and the backward's).
-            for m_rows, splits in ((33, None), (64, 1)):
+            # Compact (experimental, M <= 32): the two-blocks-per-SM layout, with a finalize and without.
+            for m_rows, splits, compact in ((33, None, False), (64, 1, False), (17, 2, True), (32, 1, True)):
                 x_g = rn(m_rows, 2048)
 
-                def table_gemm(x_g=x_g, splits=splits):
-                    with settings(cb, GEMV_MMA_GEMM=True, GEMM_MMA_SPLITS=splits):
+                def table_gemm(x_g=x_g, splits=splits, compact=compact):
+                    with settings(cb, GEMV_MMA_GEMM=True, GEMM_MMA_SPLITS=splits, GEMV_MMA_GEMM_COMPACT=compact):
                         return nf4kit.matmul_4bit(x_g, pk_s, qs_s, bias=bias[:37])
 
-                calls.append((f"matmul_4bit table GEMM M={m_rows}", "matmul_4bit", table_gemm, "same"))
+                calls.append((f"matmul_4bit table GEMM{' compact' if compact else ''} M={m_rows}", "matmul_4bit",
+                              table_gemm, "same"))
             x_f = rn(33, 2048)
 
             def fused_gemm():

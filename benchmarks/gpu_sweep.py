@@ -151,11 +151,24 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                 for M in (32, 64):
                     xm = torch.randn(M, ref.shape[1], device=dev, dtype=torch.bfloat16)
                     em = xm.float() @ ref.t()
-                    for on, pdl in ((False, False), (True, False), (True, True)):
-                        with settings(cb, GEMV_MMA_GEMM=on, GEMV_PDL=pdl):
+                    # compact: the two-blocks-per-SM table GEMM (experimental, M <= 32), at its own splits
+                    # heuristic.
+                    for on, pdl, compact in ((False, False, False), (True, False, False), (True, True, False),
+                                             (True, True, True))[:4 if M <= 32 else 3]:
+                        with settings(cb, GEMV_MMA_GEMM=on, GEMV_PDL=pdl, GEMV_MMA_GEMM_COMPACT=compact):
                             label = "table GEMM (tensor cores)" if on else "fused GEMM"
+                            label += " compact" if compact else ""
                             label += " pdl finalize" if pdl else ""
+                            if compact:
+                                print(f"heuristic: compact table GEMM splits M={M} {shape}: "
+                                      f"{cb._gemv_split_count(M, em.shape[1], xm.shape[1], xm.dtype, 64, dev)}",
+                                      flush=True)
                             point(f"cuda M={M} {shape} {label}", xm, p, q, em, dev)
+                    if M <= 32:  # compact at the 8-warp kernel's splits: the layout alone, not the heuristic
+                        S8 = cb._mma_gemm_splits(64, em.shape[1], xm.shape[1], dev)
+                        with settings(cb, GEMV_MMA_GEMM=True, GEMV_PDL=True, GEMV_MMA_GEMM_COMPACT=True,
+                                      GEMM_MMA_SPLITS=S8):
+                            point(f"cuda M={M} {shape} table GEMM compact pdl finalize splits={S8}", xm, p, q, em, dev)
             if rows_too:
                 with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
                     _row_kernel_variants(shape, x, p, q, exp, dev)

@@ -365,10 +365,10 @@ def _last_template_int(kernel: str, name: str) -> int:
 
 
 def mma_n_tiles(name: str) -> int:
-    """The n-tiles (8 batch rows each) of a tensor-core batch GEMV or table GEMM, its last template
-    argument; 1 otherwise."""
-    kernel = "gemm_4bit_table_kernel" if "gemm_4bit_table_kernel" in name else "gemv_4bit_mma_batch_kernel"
-    return _last_template_int(kernel, name)
+    """The n-tiles (8 batch rows each) of a tensor-core batch GEMV (its last template argument) or a
+    table GEMM (its second: <TX, NT, compact>); 1 otherwise."""
+    m = re.search(r"gemm_4bit_table_kernel<[^<>,]*,\s*(\d+)", name)
+    return int(m.group(1)) if m else _last_template_int("gemv_4bit_mma_batch_kernel", name)
 
 
 def mma_chains(name: str) -> int:

@@ -393,6 +393,51 @@ def test_mma_gemm(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
     _check_half_matmul_rows(M, N, K, bs, quant_type, nested, dt, seed=121)
 
 
+@pytest.mark.parametrize("M,splits", [(17, None), (24, 1), (32, 3)])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,bs,quant_type,nested", [
+    (77, 3072, 64, "nf4", True),      # odd N, one block (128 rows), part-empty warps
+    (1000, 4096, 128, "nf4", True),   # blocksize 128: two quarters share a block
+    (3001, 1280, 256, "fp4", False),  # 24 blocks, 5 tiles
+    (16, 512, 4096, "fp4", True),     # blocks span rows (blocksize > K)
+    (4099, 7168, 64, "nf4", True)])   # 33 blocks, 28 tiles
+def test_mma_gemm_compact_gives_the_table_gemms_bits(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
+    """The compact table GEMM (GEMV_MMA_GEMM_COMPACT, M <= 32, experimental: the table at the window's
+    dynamic base, x buffer 0 in the table's unused bytes, two blocks per SM) computes the same mma in
+    the same order as the 8-warp layout: at the same splits its output equals that kernel's bit for
+    bit, bias and LoRA included, and agrees with the float64 reference; its option bit reaches the C
+    call, and M = 33 keeps the 8-warp kernel."""
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", True)
+    monkeypatch.setattr(cuda_backend, "GEMM_MMA_SPLITS", splits)
+    dev = torch.device(DEV)
+    st, W64 = _weight(N, K, bs, quant_type, nested, seed=N + K + 5)
+    x = _rand((M, K), dt, 131 + M)
+    bias = _rand((N,), torch.float32, 132)
+    A, B = _rand((8, K), dt, 133, 0.1), _rand((N, 8), dt, 134, 0.1)
+    seen = _OptionsSeen(cuda_backend._C())
+    monkeypatch.setattr(cuda_backend, "_C", lambda: seen)
+    if not cuda_backend._mma_fits(torch.cuda.current_device(), cuda_backend._MMA_GEMM_SMEM_BYTES):
+        pytest.skip("this GPU does not grant the 8-warp table GEMM its shared memory to compare against")
+    S = None
+    out = {}
+    for compact in (True, False):  # compact first: its splits (the heuristic's differ) are pinned for both
+        monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM_COMPACT", compact)
+        assert cuda_backend._gemv_kernel(M, N, K, dt, bs, dev) == "mma-gemm"
+        S = S or cuda_backend._gemv_split_count(M, N, K, dt, bs, dev)
+        monkeypatch.setattr(cuda_backend, "GEMM_MMA_SPLITS", S)
+        seen.options.clear()
+        with nf4kit.use_backend("cuda"):
+            out[compact] = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, bias, A, B, 0.5)
+        _ran_cuda("matmul_4bit")
+        assert len(seen.options) == 1
+        assert bool(seen.options[0] & cuda_backend._GEMV_MMA_GEMM_COMPACT) == compact
+    torch.cuda.synchronize()
+    exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    assert _relerr(out[True], exp) < 1e-2
+    assert torch.equal(out[True], out[False])
+    assert not cuda_backend._gemv_variant(33, N, K, dt, bs, S)[1] & cuda_backend._GEMV_MMA_GEMM_COMPACT
+
+
 def test_gemv_mma_leaves_other_inputs_to_the_other_kernels(monkeypatch):
     """With GEMV_MMA on, fp32 x, M > 16, K % 256 != 0 and blocksize 32 take the other kernels, and
     still agree with the reference."""

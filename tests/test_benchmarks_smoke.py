@@ -222,6 +222,7 @@ def test_gpu_scripts_name_only_settings_that_exist():
             checked += len(names)
     for call, values in gpu_profile_target.VARIANTS.items():
         assert all(hasattr(cuda_backend, n) for n in values), (call, values)
+    assert set(gpu_profile_target.SHAPES) <= set(gpu_profile_target.VARIANTS)
     assert checked > 30  # the walk found the sweep's settings
 
 

@@ -226,7 +226,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     assert call(1, 2048 + 32, 2, stream) == -1        # K % 1024 != 0
     assert call(1, 2048, 2, stream | cuda_backend._GEMV_DIRECT) == -1
     assert call(1, 2048, 2, 32) == -1                 # an option bit the row kernel does not take
-    assert call(1, 2048, 2, stream | 512) == -1       # an unknown option bit
+    assert call(1, 2048, 2, stream | 1024) == -1      # an unknown option bit
     wide = cuda_backend._GEMV_WIDE_FINALIZE
     assert call(1, 2048, 8, cuda_backend._GEMV_MMA | wide | stream, 2) == -1  # mma: only the wide finalize beside it
     chains = cuda_backend._GEMV_MMA_TWO_CHAINS          # two chains: M = 1, depth 2, fp16/bf16 only
@@ -242,6 +242,11 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     assert call(32, 2048, 2, gemm, 2, dtype=DTYPE_CODES[torch.float32]) == -1
     assert call(32, 2048, 2, gemm | cuda_backend._GEMV_MMA, 2) == -1  # alone, or with the wide finalize
     assert call(32, 2048, 2, gemm, 2, N=1 << 21) == -1  # N * K = 2^32
+    compact = cuda_backend._GEMV_MMA_GEMM_COMPACT     # the compact table GEMM: a form of the table GEMM only
+    assert call(1, 2048, 2, compact, 2) == -1
+    assert call(1, 2048, 8, cuda_backend._GEMV_MMA | compact, 2) == -1
+    assert call(32, 2048, 9, gemm | compact, 2) == -1  # the table GEMM's rules still hold
+    assert call(33, 2048, 8, gemm | compact, 2) == -1  # 32 batch rows at most
     block = cuda_backend._GEMV_MMA_BLOCK_REDUCE       # the block-reduced kernel: M = 1 with mma only
     assert call(1, 2048, 2, stream | block) == -1
     assert call(3, 2048, 8, cuda_backend._GEMV_MMA | block, 2) == -1
@@ -268,6 +273,8 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
         for M, S in ((17, 1), (32, 3), (33, 8), (64, 2)):
             assert call(M, 2048, S, gemm, 2) not in (0, -1, -2)
         assert call(64, 4096, 4, gemm | wide, 2) not in (0, -1, -2)
+        for M, S in ((17, 1), (32, 8)):
+            assert call(M, 2048, S, gemm | compact, 2) not in (0, -1, -2)
         assert call(1, 2048, 2, stream | wide) not in (0, -1, -2)
         pdl = cuda_backend._GEMV_PDL                  # the finalize's programmatic launch: beside any kernel
         assert call(1, 2048, 8, mma | pdl, 2) not in (0, -1, -2)
@@ -278,6 +285,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     # The routing below is checked from a known start: the table GEMM and the block reduce off
     # (each is switched on where its rules are checked); monkeypatch restores the defaults after.
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", False)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM_COMPACT", False)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_BLOCK_REDUCE", False)
     old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA, cuda_backend.GEMV_WIDE_FINALIZE
     try:
@@ -368,8 +376,28 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
                     ((14336, 4096), (4096, 14336), (512, 1024))] == [1, 4, 4]
             cuda_backend.GEMM_MMA_SPLITS = 15
             assert cuda_backend._gemv_split_count(64, 14336, 4096, bf, 64, dev0) == 8  # 16 tiles: 2 a split
+            # The compact form (experimental, M <= 32): its option bit, two blocks an SM in the
+            # heuristic (14336x4096: 264 slots / 112 blocks = 2 splits; 4096x14336: 8, 7 tiles each),
+            # and its 83200 bytes, which an RTX 4090's 101376 grant (the 8-warp form's 198656 do not).
+            # M = 33..64 keeps the 8-warp form, its splits and its shared memory.
+            cuda_backend.GEMM_MMA_SPLITS = None
+            cuda_backend.GEMV_MMA_GEMM_COMPACT = True
+            assert cuda_backend._gemv_variant(32, 64, 3072, bf, 64, 3) == (2, gemm | compact)
+            assert cuda_backend._gemv_variant(33, 64, 3072, bf, 64, 3) == (2, gemm)
+            assert [cuda_backend._gemv_split_count(M, N, K, bf, 64, dev0) for M, N, K in
+                    ((32, 14336, 4096), (17, 4096, 14336), (32, 512, 1024), (64, 14336, 4096))] == [2, 8, 4, 1]
+            fits = cuda_backend._mma_fits
+            try:
+                for grants, want in ((101376, ("mma-gemm", "none")), (83199, ("none", "none")),
+                                     (232448, ("mma-gemm", "mma-gemm"))):
+                    cuda_backend._mma_fits = lambda index, need, grants=grants: grants >= need
+                    assert (cuda_backend._gemv_kernel(32, 64, 3072, bf, 64, dev0),
+                            cuda_backend._gemv_kernel(33, 64, 3072, bf, 64, dev0)) == want
+            finally:
+                cuda_backend._mma_fits = fits
         finally:
             cuda_backend.GEMV_MMA_GEMM, cuda_backend.GEMM_MMA_SPLITS, cuda_backend._num_sms = False, None, sms
+            cuda_backend.GEMV_MMA_GEMM_COMPACT = False
         # The block-reduced kernel: M = 1 only, on any ring; its blocks of W warps,
         # a row of K / 256 tiles in ceil(tiles / 16) even parts, none under 8 tiles.
         cuda_backend.GEMV_MMA_BLOCK_REDUCE = True

@@ -425,6 +425,13 @@ __device__ __forceinline__ uint2 lds_u64(uint32_t addr) {
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
   return v;
 }
+// The word at addr + kOff, the constant folded into the instruction (LDS [R + imm]).
+template <uint32_t kOff>
+__device__ __forceinline__ uint32_t lds_u32_at(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1+%2];\n" : "=r"(v) : "r"(addr), "n"(kOff));
+  return v;
+}
 __device__ __forceinline__ float lds_f32(uint32_t addr) {
   float v;
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
@@ -440,17 +447,21 @@ struct MmaTable {
 // The per-lane pair table on the first 64 KB boundary of the dynamic shared memory (entry v of lane
 // L at table + v * 256 + 4 L) and, after it, the nested absmax code; returns this lane's addresses
 // in them.  The caller synchronises before the first lookup.
+// The per-lane pair entries at `table` (entry v of lane L at table + v * 256 + 4 L; bytes 128..255
+// of each 256 are left alone) and, for double quant, the nested absmax code at `code`.
+template <typename TX>
+__device__ __forceinline__ void mma_fill_table(unsigned char* table, float* code, int quant_type, const Absmax& am) {
+  for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x)
+    *reinterpret_cast<uint32_t*>(table + (i >> 5) * 256 + 4 * (i & 31)) = pair_entry_of<TX>(quant_type, (uint32_t)i >> 5);
+  if (am.q != nullptr)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = __ldg(am.code + i);
+}
 template <typename TX>
 __device__ __forceinline__ MmaTable mma_build_table(unsigned char* smem, int quant_type, const Absmax& am) {
   const uint32_t smem0 = (uint32_t)__cvta_generic_to_shared(smem);
   const uint32_t table_at = (smem0 + (kMmaTableBytes - 1)) & ~(uint32_t)(kMmaTableBytes - 1);
   unsigned char* table = smem + (table_at - smem0);
-  for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x)
-    *reinterpret_cast<uint32_t*>(table + (i >> 5) * 256 + 4 * (i & 31)) = pair_entry_of<TX>(quant_type, (uint32_t)i >> 5);
-  if (am.q != nullptr) {
-    float* code = reinterpret_cast<float*>(table + kMmaTableBytes);
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = __ldg(am.code + i);
-  }
+  mma_fill_table<TX>(table, reinterpret_cast<float*>(table + kMmaTableBytes), quant_type, am);
   return MmaTable{table_at | ((threadIdx.x & 31u) * 4u), table_at + kMmaTableBytes};
 }
 
@@ -516,13 +527,23 @@ __device__ __forceinline__ void mma_sweep(const MmaWarp& w, Slot (&ring)[D], Vis
 // An mma A fragment from the table: bytes lo and lo + 1 of word r0 (row grp) and of word r1 (row
 // grp + 8) as k slots tid and tid + 4.  Each byte written into bits 8-15 of lane_entry (selectors
 // 4, 6, 7 keep lane_entry's other bytes) is the shared address of its code pair: PRMT + LDS.
+// kTableOff (the compact table GEMM's table, not on a 64 KB boundary): a constant added by the LDS
+// itself (its immediate offset), so the lookup stays PRMT + LDS.
+template <uint32_t kTableOff = 0>
 __device__ __forceinline__ void mma_a_from_table(uint32_t (&a)[4], uint32_t r0, uint32_t r1, uint32_t lo,
                                                  uint32_t lane_entry) {
   const uint32_t sel_lo = 0x7604u | (lo << 4), sel_hi = 0x7604u | ((lo + 1u) << 4);
-  a[0] = lds_u32(__byte_perm(r0, lane_entry, sel_lo));
-  a[1] = lds_u32(__byte_perm(r1, lane_entry, sel_lo));
-  a[2] = lds_u32(__byte_perm(r0, lane_entry, sel_hi));
-  a[3] = lds_u32(__byte_perm(r1, lane_entry, sel_hi));
+  if constexpr (kTableOff == 0) {
+    a[0] = lds_u32(__byte_perm(r0, lane_entry, sel_lo));
+    a[1] = lds_u32(__byte_perm(r1, lane_entry, sel_lo));
+    a[2] = lds_u32(__byte_perm(r0, lane_entry, sel_hi));
+    a[3] = lds_u32(__byte_perm(r1, lane_entry, sel_hi));
+  } else {
+    a[0] = lds_u32_at<kTableOff>(__byte_perm(r0, lane_entry, sel_lo));
+    a[1] = lds_u32_at<kTableOff>(__byte_perm(r1, lane_entry, sel_lo));
+    a[2] = lds_u32_at<kTableOff>(__byte_perm(r0, lane_entry, sel_hi));
+    a[3] = lds_u32_at<kTableOff>(__byte_perm(r1, lane_entry, sel_hi));
+  }
 }
 
 // This lane's read position in W: rows `row` and `row + 8` of the warp's next visit, at byte
@@ -743,7 +764,7 @@ __device__ __forceinline__ void for_each_batch_output(const float (&acc)[NT][4],
 // and row, bytes 2 i and 2 i + 1 for mma i), NT mma each with B fragment b_frag(t, q, i, b) (batch
 // row 8 t + grp's x elements 64 q + 16 tid + 4 i .. + 3), then the quarter's scales: lane tid holds
 // quarter tid's absmax of both rows (s0, s8), shuffled to the group.
-template <typename TX, int NT, typename BFrag>
+template <typename TX, uint32_t kTableOff = 0, int NT, typename BFrag>
 __device__ __forceinline__ void mma_batch_tile(float (&acc)[NT][4], const MmaBytes8& cur, uint32_t lane_entry,
                                                float s0, float s8, int lane, BFrag&& b_frag) {
 #pragma unroll
@@ -754,8 +775,8 @@ __device__ __forceinline__ void mma_batch_tile(float (&acc)[NT][4], const MmaByt
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       uint32_t a[4];
-      mma_a_from_table(a, i < 2 ? cur.w[0][q].x : cur.w[0][q].y, i < 2 ? cur.w[1][q].x : cur.w[1][q].y,
-                       (uint32_t)(2 * (i & 1)), lane_entry);
+      mma_a_from_table<kTableOff>(a, i < 2 ? cur.w[0][q].x : cur.w[0][q].y,
+                                  i < 2 ? cur.w[1][q].x : cur.w[1][q].y, (uint32_t)(2 * (i & 1)), lane_entry);
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         uint32_t b[2];
@@ -875,11 +896,58 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
 // meanwhile.  Its 194 KB of shared memory leave it to sm_90 (A100: 163 KB).  A visit is the batch kernel's: lane
 // (grp, tid) holds 8 bytes per quarter of rows grp and grp + 8 and quarter tid's absmax of both.
 // Output: y (one split: bias and LoRA added by store_output) or partial[split][m][n] for the finalize.
+//
+// kCompact (kGemvMmaGemmCompact, experimental, not yet run on a GPU; M <= 32, NT = 4): the same
+// arithmetic in 81 KB of shared memory and at most 128 registers (sm_90+), so that two blocks share
+// an SM (16 warps instead of 8).  The 8-warp kernel is latency-bound: at M = 32 on 14336x4096 it took
+// 50 us on the H100, where streaming W at 3 TB/s takes 10 and its mma at the bf16 peak 4.  Its 194 KB
+// are mostly waste: the table must sit on a 64 KB boundary of the shared window (the PRMT writes the
+// byte into address bits 8-15), the dynamic window starts at 0x400 on sm_90+, so 63 KB go to
+// padding, and half of every 256-byte table row is unused.  Here the table starts at the window's
+// dynamic base and the LDS adds that base as its immediate offset (kTableOff: still PRMT + LDS);
+// x buffer 0 lives in the table rows' unused upper halves and buffer 1 after the table
+// (CompactLayout).  NT = 8 (M > 32) does not fit 128 registers: ptxas spilled 16-80 bytes in every
+// arrangement tried (a one-slot W ring refilled per quarter, the code table and offset re-read per
+// tile), so M > 32 keeps the 8-warp kernel.
 constexpr int kXStride = kMmaTile + 4;  // elements per staged x row
 constexpr int kGemmThreads = 256;  // 8 warps, 128 rows (with x staged through registers, NT = 8 spilled at 16 and 12)
 constexpr int kXCopies = kMmaGemmMaxM * kMmaTile / 4 / kGemmThreads;  // 8-byte cp.async of x a thread per tile
 constexpr int kXBufferBytes = kMmaGemmMaxM * kXStride * 2;
 constexpr int kMmaGemmSmemBytes = kMmaSmemBytes + 2 * kXBufferBytes;
+
+// The compact kernel's shared memory from the dynamic base D (32 batch rows): table entry v of lane L
+// at D + 256 v + 4 L; x buffer 0 in the table rows' upper halves: quarter-row j = 4 m + q (batch row
+// m, elements 64 q .. 64 q + 63: 128 bytes) at D + 256 j + 128, its 8-byte piece p at piece
+// p ^ (m & 3), so that a half-warp's B loads (rows grp 0..3 x tid 0..3, one i) hit 16 distinct bank
+// pairs; x buffer 1 after the table in the 8-warp kernel's padded rows (row m at
+// D + 65536 + 2 kXStride m); then the nested absmax code.
+struct CompactLayout {
+  static constexpr int kRows = 32;
+  static constexpr uint32_t kBuf0 = 128, kStride0 = 256, kBuf1 = kMmaTableBytes, kRow1 = 2 * (kMmaTile + 4);
+  static constexpr uint32_t kCode = kBuf1 + kRows * kRow1;
+  static constexpr int kBytes = (int)kCode + 256 * (int)sizeof(float);  // 83200
+};
+
+// Two compact blocks an SM where the registers allow it without spilling (sm_90: 128; sm_80 code
+// spills at 128, and an A100's 164 KB take one 81 KB block and a half anyway).
+__host__ __device__ constexpr int compact_min_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  return 1;
+#else
+  return 2;
+#endif
+}
+
+// Where the dynamic shared memory starts in a block's shared window when the kernel has no static
+// shared variables: 0x400 from sm_90 on (1 KB reserved for the system), 0 before (nvcc 13's
+// placement, checked at the compact kernel's start).
+__device__ __forceinline__ constexpr uint32_t dynamic_smem_low() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return 0x400u;
+#else
+  return 0u;
+#endif
+}
 
 // 8 bytes global -> shared without registers (sm_80+), and the waits for this thread's copies.
 __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
@@ -888,21 +956,31 @@ __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
-template <typename TX, int NT>
-__global__ void __launch_bounds__(kGemmThreads, 1)
+template <typename TX, int NT, bool kCompact = false>
+__global__ void __launch_bounds__(kGemmThreads, kCompact ? compact_min_blocks() : 1)
     gemm_4bit_table_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed,
                            Absmax am, int log2_bs, int quant_type, int tiles_per_split, float* __restrict__ partial,
                            GemvEpilogue ep) {
   static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
   static_assert(8 * NT <= kMmaGemmMaxM, "x is staged for 64 batch rows");
+  static_assert(!kCompact || 8 * NT == CompactLayout::kRows, "the compact layout stages 32 batch rows");
+  using Layout = CompactLayout;
+  constexpr uint32_t kTableOff = kCompact ? dynamic_smem_low() : 0u;
   pdl_launch_dependents();  // a finalize launched with kGemvPdl may be scheduled now (no-op otherwise)
   extern __shared__ __align__(16) unsigned char mma_smem[];
+  const uint32_t smem0 = (uint32_t)__cvta_generic_to_shared(mma_smem);
+  if constexpr (kCompact) {
+    if ((smem0 & 0xffffu) != kTableOff) __trap();  // the table's LDS offset assumes this base
+  }
   TX* xs = reinterpret_cast<TX*>(mma_smem + kMmaSmemBytes);
   const bool nested = am.q != nullptr;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int grp = lane >> 2, tid = lane & 3;
   // This lane's B reads start at batch row grp, element 16 tid of a buffer (a shared-window address).
   const uint32_t xs_lane = (uint32_t)__cvta_generic_to_shared(xs) + 2u * (uint32_t)(grp * kXStride + 16 * tid);
+  // Compact: quarter-row 4 grp of each buffer, this lane's piece 4 tid + i at 4 tid + (i ^ (grp & 3)).
+  const uint32_t xs0_lane = smem0 + Layout::kBuf0 + 4u * Layout::kStride0 * grp + 32u * tid;
+  const uint32_t xs1_lane = smem0 + Layout::kBuf1 + Layout::kRow1 * grp + 32u * tid;
   const int kt0 = (int)blockIdx.y * tiles_per_split;
   const int kt1 = min((int)(K / kMmaTile), kt0 + tiles_per_split);
   const int row = ((int)blockIdx.x * (kGemmThreads / 32) + warp) * 16 + grp;  // and row + 8
@@ -933,23 +1011,46 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   const uint32_t xs_at = (uint32_t)__cvta_generic_to_shared(xs);
   auto copy_x = [&](int kt, int buf) {
 #pragma unroll
-    for (int u = 0; u < kXCopies; ++u) {
+    for (int u = 0; u < (kCompact ? 8 * NT * 64 / kGemmThreads : kXCopies); ++u) {
       const int i = (int)threadIdx.x + kGemmThreads * u, m = i >> 6, c = (i & 63) * 4;
-      if (m < M)
-        cp_async8(xs_at + (uint32_t)(buf * kXBufferBytes + 2 * (m * kXStride + c)),
-                  x + (int64_t)m * K + (int64_t)kt * kMmaTile + c);
+      if (m < M) {
+        const TX* src = x + (int64_t)m * K + (int64_t)kt * kMmaTile + c;
+        if constexpr (kCompact) {
+          const uint32_t j = 4u * m + ((i >> 4) & 3), piece = (uint32_t)((i & 15) ^ (m & 3));
+          cp_async8(buf == 0 ? smem0 + Layout::kBuf0 + Layout::kStride0 * j + 8u * piece
+                             : smem0 + Layout::kBuf1 + Layout::kRow1 * m + 2u * c, src);
+        } else {
+          cp_async8(xs_at + (uint32_t)(buf * kXBufferBytes + 2 * (m * kXStride + c)), src);
+        }
+      }
     }
     cp_async_commit();
   };
-  for (int i = (int)threadIdx.x; i < 2 * kMmaGemmMaxM * kXStride / 2; i += kGemmThreads) {  // zero rows M.. of both
-    const int e = 2 * i, m = (e % (kMmaGemmMaxM * kXStride)) / kXStride;
-    if (m >= M) *reinterpret_cast<uint32_t*>(xs + e) = 0u;
+  if constexpr (kCompact) {  // zero rows M .. 8 NT - 1 of both buffers (32-bit words)
+    for (int i = (int)threadIdx.x; i < 8 * NT * 4 * 32; i += kGemmThreads) {  // quarter-row i / 32 of buffer 0
+      if (i / 128 >= M) *reinterpret_cast<uint32_t*>(mma_smem + Layout::kBuf0 + Layout::kStride0 * (i / 32) + 4 * (i % 32)) = 0u;
+    }
+    for (int i = (int)threadIdx.x; i < 8 * NT * (int)Layout::kRow1 / 4; i += kGemmThreads) {  // buffer 1's rows
+      if (i / ((int)Layout::kRow1 / 4) >= M) *reinterpret_cast<uint32_t*>(mma_smem + Layout::kBuf1 + 4 * i) = 0u;
+    }
+  } else {
+    for (int i = (int)threadIdx.x; i < 2 * kMmaGemmMaxM * kXStride / 2; i += kGemmThreads) {  // zero rows M.. of both
+      const int e = 2 * i, m = (e % (kMmaGemmMaxM * kXStride)) / kXStride;
+      if (m >= M) *reinterpret_cast<uint32_t*>(xs + e) = 0u;
+    }
   }
 
   MmaBytes8 ring[2] = {};
   fetch(ring[0], kt0);
   copy_x(kt0, 0);
-  const MmaTable tab = mma_build_table<TX>(mma_smem, quant_type, am);  // synced by the first tile's barrier
+  MmaTable tab;  // synced by the first tile's barrier
+  if constexpr (kCompact) {
+    mma_fill_table<TX>(mma_smem, reinterpret_cast<float*>(mma_smem + Layout::kCode), quant_type, am);
+    // The high half of the base (the cluster's CTA bits) and the lane; bits 8-15 take the byte.
+    tab = MmaTable{(smem0 & 0xffff0000u) | ((uint32_t)lane * 4u), smem0 + Layout::kCode};
+  } else {
+    tab = mma_build_table<TX>(mma_smem, quant_type, am);
+  }
   const float offset = nested ? __ldg(am.offset) : 0.0f;
 
   // n-tile t: rows row, row + 8 x batch rows 8 t + 2 tid, 8 t + 2 tid + 1
@@ -968,10 +1069,17 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     const float s0 = mma_scale<false>(cur, 0, nested, tab.code_at, offset);
     const float s8 = mma_scale<false>(cur, 1, nested, tab.code_at, offset);
     // x elements 64 q + 16 tid + 4 i .. + 3 of batch row 8 t + grp
-    mma_batch_tile<TX>(acc, cur, tab.lane_entry, s0, s8, lane, [&](int t, int q, int i, uint32_t (&b)[2]) {
-      const uint2 v = lds_u64(xs_buf + 2u * (uint32_t)((8 * t) * kXStride + 64 * q + 4 * i));
+    auto b_frag = [&](int t, int q, int i, uint32_t (&b)[2]) {
+      uint2 v;
+      if constexpr (kCompact) {  // buffer 0: quarter-row 4 (8 t + grp) + q, piece 4 tid + (i ^ (grp & 3))
+        v = buf == 0 ? lds_u64(xs0_lane + 8u * (uint32_t)(i ^ (grp & 3)) + Layout::kStride0 * (32u * t + q))
+                     : lds_u64(xs1_lane + Layout::kRow1 * 8u * t + 128u * q + 8u * i);
+      } else {
+        v = lds_u64(xs_buf + 2u * (uint32_t)((8 * t) * kXStride + 64 * q + 4 * i));
+      }
       b[0] = v.x, b[1] = v.y;
-    });
+    };
+    mma_batch_tile<TX, kTableOff>(acc, cur, tab.lane_entry, s0, s8, lane, b_frag);
   };
   for (int kt = kt0; kt < kt1; kt += 2) {  // two ring slots and x buffers, named statically
     tile(kt, 0, ring[0], ring[1]);
@@ -1409,36 +1517,57 @@ int launch_gemv_mma(const void* x, int M, int N, int64_t K, const uint8_t* packe
   }
 }
 
+// Asks for the largest shared-memory carveout for `Kernel` once per device: the compact table GEMM's
+// two blocks per SM need 2 x 82 KB, more than a carveout sized for one block leaves.
+template <auto Kernel>
+int prefer_max_smem(int dev) {
+  static bool asked[kMaxDevices] = {false};
+  const bool cacheable = dev >= 0 && dev < kMaxDevices;
+  if (cacheable && asked[dev]) return 0;
+  const cudaError_t e =
+      cudaFuncSetAttribute(Kernel, cudaFuncAttributePreferredSharedMemoryCarveout, (int)cudaSharedmemCarveoutMaxShared);
+  if (e != cudaSuccess) return (int)e;
+  if (cacheable) asked[dev] = true;
+  return 0;
+}
+
 // The small-M table GEMM (kGemvMmaGemm): blocks of 128 rows x S K-splits of ceil(T / S) tiles (the
-// caller's S must give every split a tile: S == ceil(T / ceil(T / S))), n-tiles for M <= 32 or <= 64.
-template <typename TX, int NT>
+// caller's S must give every split a tile: S == ceil(T / ceil(T / S))), n-tiles for M <= 32 or <= 64;
+// kCompact: the two-blocks-per-SM layout (kGemvMmaGemmCompact).
+template <typename TX, int NT, bool kCompact>
 int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                                int quant_type, int S, float* partial, const GemvEpilogue& ep, cudaStream_t stream) {
-  constexpr auto kernel = gemm_4bit_table_kernel<TX, NT>;
+  constexpr auto kernel = gemm_4bit_table_kernel<TX, NT, kCompact>;
+  constexpr int smem = kCompact ? CompactLayout::kBytes : kMmaGemmSmemBytes;
   int dev = 0;
   const cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return (int)e;
-  const int rc = grant_smem<kernel>(dev, kMmaGemmSmemBytes);
+  int rc = grant_smem<kernel>(dev, smem);
+  if (rc == 0 && kCompact) rc = prefer_max_smem<kernel>(dev);
   if (rc != 0) return rc;
   const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;  // S checked by launch_gemv
   const int64_t blocks = (N + 16 * (kGemmThreads / 32) - 1) / (16 * (kGemmThreads / 32));
   if (S > 65535 || blocks > 0x7fffffff) return kUnsupported;
-  kernel<<<dim3((unsigned)blocks, (unsigned)S), kGemmThreads, kMmaGemmSmemBytes, stream>>>(
-      x, M, N, K, packed, am, log2_bs, quant_type, (int)per_split, partial, ep);
+  kernel<<<dim3((unsigned)blocks, (unsigned)S), kGemmThreads, smem, stream>>>(x, M, N, K, packed, am, log2_bs,
+                                                                             quant_type, (int)per_split, partial, ep);
   return (int)cudaGetLastError();
 }
 
 template <typename TX>
 int launch_gemm_table(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                      int quant_type, int S, float* partial, const GemvEpilogue& ep, cudaStream_t stream) {
+                      int quant_type, bool compact, int S, float* partial, const GemvEpilogue& ep,
+                      cudaStream_t stream) {
   if constexpr (std::is_same<TX, float>::value) {
     return kBadArgument;  // no fp32 mma fragments
   } else {
     const TX* xt = static_cast<const TX*>(x);
-    return M <= 32 ? launch_gemm_table_instance<TX, 4>(xt, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep,
-                                                       stream)
-                   : launch_gemm_table_instance<TX, 8>(xt, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep,
-                                                       stream);
+    if (compact)  // M <= 32, checked by launch_gemv
+      return launch_gemm_table_instance<TX, 4, true>(xt, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep,
+                                                     stream);
+    return M <= 32 ? launch_gemm_table_instance<TX, 4, false>(xt, M, N, K, packed, am, log2_bs, quant_type, S, partial,
+                                                              ep, stream)
+                   : launch_gemm_table_instance<TX, 8, false>(xt, M, N, K, packed, am, log2_bs, quant_type, S, partial,
+                                                              ep, stream);
   }
 }
 
@@ -1450,10 +1579,12 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
   if ((options & kGemvMmaGemm) != 0) {
     const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;
     if (K % kMmaTile != 0 || log2_bs < 6 || S > tiles || (tiles + per_split - 1) / per_split != S ||
-        (options & ~(kGemvWideFinalize | kGemvPdl)) != kGemvMmaGemm ||
+        (options & ~(kGemvWideFinalize | kGemvPdl | kGemvMmaGemmCompact)) != kGemvMmaGemm ||
+        ((options & kGemvMmaGemmCompact) != 0 && M > CompactLayout::kRows) ||
         (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
       return kBadArgument;
-    const int rc = launch_gemm_table<TX>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial,
+    const int rc = launch_gemm_table<TX>(x, M, N, K, packed, am, log2_bs, quant_type,
+                                         (options & kGemvMmaGemmCompact) != 0, S, partial,
                                          GemvEpilogue{y, bias, lora_t, lora_b, r}, stream);
     if (rc != 0 || S == 1) return rc;  // one split: the kernel wrote y
     return launch_finalize_for<TX>(options, partial, S, M, N, bias, lora_t, lora_b, r, y, stream);

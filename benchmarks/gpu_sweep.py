@@ -19,13 +19,14 @@ from ._settings import settings
 from ._timing import bench
 
 
-def point(label: str, x, packed, qs, exp, dev) -> None:
-    """Time nf4kit.matmul_4bit(x) under the current settings and print one line (time, host
+def point(label: str, x, packed, qs, exp, dev, fn=None) -> None:
+    """Time nf4kit.matmul_4bit(x) (or fn()) under the current settings and print one line (time, host
     time, error vs `exp`); an exception is printed, not raised: a sweep point is not a test."""
+    fn = fn or (lambda: nf4kit.matmul_4bit(x, packed, qs))
     try:
-        y = nf4kit.matmul_4bit(x, packed, qs)
+        y = fn()
         err = ((y.float() - exp).norm() / exp.norm()).item()
-        t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
+        t = bench(fn, dev)
         print(f"{label}: {t.median_s * 1e6:8.1f} us  host {t.host_s * 1e6:6.1f} us  rel_err {err:.1e}", flush=True)
     except Exception as e:
         print(f"{label}: {type(e).__name__}: {e}", flush=True)
@@ -169,6 +170,11 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                         with settings(cb, GEMV_MMA_GEMM=True, GEMV_PDL=True, GEMV_MMA_GEMM_COMPACT=True,
                                       GEMM_MMA_SPLITS=S8):
                             point(f"cuda M={M} {shape} table GEMM compact pdl finalize splits={S8}", xm, p, q, em, dev)
+                    else:  # M = 64 as two compact calls of 32 rows (the second reads W from L2): worth routing?
+                        halves = (xm[:32], xm[32:])
+                        with settings(cb, GEMV_MMA_GEMM=True, GEMV_PDL=True, GEMV_MMA_GEMM_COMPACT=True):
+                            point(f"cuda M={M} {shape} table GEMM compact 2x32 rows", xm, p, q, em, dev,
+                                  fn=lambda h=halves, p=p, q=q: torch.cat([nf4kit.matmul_4bit(xh, p, q) for xh in h]))
             if rows_too:
                 with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
                     _row_kernel_variants(shape, x, p, q, exp, dev)

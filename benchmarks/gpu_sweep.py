@@ -152,10 +152,10 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                 for M in (32, 64):
                     xm = torch.randn(M, ref.shape[1], device=dev, dtype=torch.bfloat16)
                     em = xm.float() @ ref.t()
-                    # compact: the two-blocks-per-SM table GEMM (experimental, M <= 32), at its own splits
+                    # compact: the table GEMM with twice the warps an SM (experimental), at its own splits
                     # heuristic.
                     for on, pdl, compact in ((False, False, False), (True, False, False), (True, True, False),
-                                             (True, True, True))[:4 if M <= 32 else 3]:
+                                             (True, True, True)):
                         with settings(cb, GEMV_MMA_GEMM=on, GEMV_PDL=pdl, GEMV_MMA_GEMM_COMPACT=compact):
                             label = "table GEMM (tensor cores)" if on else "fused GEMM"
                             label += " compact" if compact else ""

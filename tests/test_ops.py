@@ -246,7 +246,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     assert call(1, 2048, 2, compact, 2) == -1
     assert call(1, 2048, 8, cuda_backend._GEMV_MMA | compact, 2) == -1
     assert call(32, 2048, 9, gemm | compact, 2) == -1  # the table GEMM's rules still hold
-    assert call(33, 2048, 8, gemm | compact, 2) == -1  # 32 batch rows at most
+    assert call(65, 2048, 8, gemm | compact, 2) == -2  # past its 64 batch rows
     block = cuda_backend._GEMV_MMA_BLOCK_REDUCE       # the block-reduced kernel: M = 1 with mma only
     assert call(1, 2048, 2, stream | block) == -1
     assert call(3, 2048, 8, cuda_backend._GEMV_MMA | block, 2) == -1
@@ -273,7 +273,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
         for M, S in ((17, 1), (32, 3), (33, 8), (64, 2)):
             assert call(M, 2048, S, gemm, 2) not in (0, -1, -2)
         assert call(64, 4096, 4, gemm | wide, 2) not in (0, -1, -2)
-        for M, S in ((17, 1), (32, 8)):
+        for M, S in ((17, 1), (32, 8), (33, 2), (64, 1)):  # two 8-warp blocks an SM, then one of 16 warps
             assert call(M, 2048, S, gemm | compact, 2) not in (0, -1, -2)
         assert call(1, 2048, 2, stream | wide) not in (0, -1, -2)
         pdl = cuda_backend._GEMV_PDL                  # the finalize's programmatic launch: beside any kernel
@@ -376,20 +376,21 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
                     ((14336, 4096), (4096, 14336), (512, 1024))] == [1, 4, 4]
             cuda_backend.GEMM_MMA_SPLITS = 15
             assert cuda_backend._gemv_split_count(64, 14336, 4096, bf, 64, dev0) == 8  # 16 tiles: 2 a split
-            # The compact form (experimental, M <= 32): its option bit, two blocks an SM in the
+            # The compact form (experimental): its option bit; at M <= 32 two blocks an SM in the
             # heuristic (14336x4096: 264 slots / 112 blocks = 2 splits; 4096x14336: 8, 7 tiles each),
-            # and its 83200 bytes, which an RTX 4090's 101376 grant (the 8-warp form's 198656 do not).
-            # M = 33..64 keeps the 8-warp form, its splits and its shared memory.
+            # one above (its 16-warp block: the 8-warp form's splits); 83200 / 99840 bytes, which an
+            # RTX 4090's 101376 grant (the 8-warp form's 198656 do not).
             cuda_backend.GEMM_MMA_SPLITS = None
             cuda_backend.GEMV_MMA_GEMM_COMPACT = True
             assert cuda_backend._gemv_variant(32, 64, 3072, bf, 64, 3) == (2, gemm | compact)
-            assert cuda_backend._gemv_variant(33, 64, 3072, bf, 64, 3) == (2, gemm)
+            assert cuda_backend._gemv_variant(33, 64, 3072, bf, 64, 3) == (2, gemm | compact)
             assert [cuda_backend._gemv_split_count(M, N, K, bf, 64, dev0) for M, N, K in
-                    ((32, 14336, 4096), (17, 4096, 14336), (32, 512, 1024), (64, 14336, 4096))] == [2, 8, 4, 1]
+                    ((32, 14336, 4096), (17, 4096, 14336), (32, 512, 1024), (64, 14336, 4096),
+                     (64, 4096, 14336))] == [2, 8, 4, 1, 4]
             fits = cuda_backend._mma_fits
             try:
-                for grants, want in ((101376, ("mma-gemm", "none")), (83199, ("none", "none")),
-                                     (232448, ("mma-gemm", "mma-gemm"))):
+                for grants, want in ((101376, ("mma-gemm", "mma-gemm")), (99839, ("mma-gemm", "none")),
+                                     (83199, ("none", "none"))):
                     cuda_backend._mma_fits = lambda index, need, grants=grants: grants >= need
                     assert (cuda_backend._gemv_kernel(32, 64, 3072, bf, 64, dev0),
                             cuda_backend._gemv_kernel(33, 64, 3072, bf, 64, dev0)) == want

@@ -742,17 +742,17 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 
 // A lane's accumulators in the tensor-core batch kernels: acc[t][2 h + u] is batch row 8 t + 2 tid + u
 // of W row `row` + 8 h (mma C fragments, W rows as M, batch rows as N); f(m, n, value) for those
-// inside M x N.
+// inside M x N.  m0: the batch row of the lane's first n-tile (the compact kernel's second half).
 template <int NT, typename F>
 __device__ __forceinline__ void for_each_batch_output(const float (&acc)[NT][4], int tid, int row, int M, int N,
-                                                      F&& f) {
+                                                      F&& f, int m0 = 0) {
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
-        const int m = 8 * t + 2 * tid + u, n = row + 8 * h;
+        const int m = m0 + 8 * t + 2 * tid + u, n = row + 8 * h;
         if (m < M && n < N) f(m, n, acc[t][2 * h + u]);
       }
     }
@@ -897,35 +897,39 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
 // (grp, tid) holds 8 bytes per quarter of rows grp and grp + 8 and quarter tid's absmax of both.
 // Output: y (one split: bias and LoRA added by store_output) or partial[split][m][n] for the finalize.
 //
-// kCompact (kGemvMmaGemmCompact, experimental, not yet run on a GPU; M <= 32, NT = 4): the same
-// arithmetic in 81 KB of shared memory and at most 128 registers (sm_90+), so that two blocks share
-// an SM (16 warps instead of 8).  The 8-warp kernel is latency-bound: at M = 32 on 14336x4096 it took
-// 50 us on the H100, where streaming W at 3 TB/s takes 10 and its mma at the bf16 peak 4.  Its 194 KB
-// are mostly waste: the table must sit on a 64 KB boundary of the shared window (the PRMT writes the
-// byte into address bits 8-15), the dynamic window starts at 0x400 on sm_90+, so 63 KB go to
-// padding, and half of every 256-byte table row is unused.  Here the table starts at the window's
-// dynamic base and the LDS adds that base as its immediate offset (kTableOff: still PRMT + LDS);
-// x buffer 0 lives in the table rows' unused upper halves and buffer 1 after the table
-// (CompactLayout).  NT = 8 (M > 32) does not fit 128 registers: ptxas spilled 16-80 bytes in every
-// arrangement tried (a one-slot W ring refilled per quarter, the code table and offset re-read per
-// tile), so M > 32 keeps the 8-warp kernel.
+// kCompact (kGemvMmaGemmCompact, experimental, not yet run on a GPU): the same arithmetic with twice
+// the warps per SM, each at NT = 4 in at most 128 registers.  The 8-warp kernel is latency-bound: at
+// M = 32 on 14336x4096 it took 50 us on the H100, where streaming W at 3 TB/s takes 10 and its mma at
+// the bf16 peak 4.  Its 194 KB are mostly waste: the table must sit on a 64 KB boundary of the shared
+// window (the PRMT writes the byte into address bits 8-15), the dynamic window starts at 0x400 on
+// sm_90+, so 63 KB go to padding, and half of every 256-byte table row is unused.  Here the table
+// starts at the window's dynamic base and the LDS adds that base as its immediate offset (kTableOff:
+// still PRMT + LDS); x buffer 0 lives in the table rows' unused upper halves and buffer 1 after the
+// table (CompactLayout).  M <= 32: 81 KB, two 8-warp blocks per SM on sm_90 (one on sm_80, whose
+// code spills at 128 registers).  NT = 8 did not fit 128 registers (ptxas spilled 16-80 bytes in
+// every arrangement tried: a one-slot W ring refilled per quarter, the code table and offset re-read
+// per tile), so M = 33..64 runs kHalves = 2: 16 warps of NT = 4 in one 512-thread block of 98 KB,
+// warps w and w + 8 on the same 16 W rows for batch rows 0..31 and 32..63 (each decodes its own A
+// fragments; W is read twice, the second time mostly from cache).
 constexpr int kXStride = kMmaTile + 4;  // elements per staged x row
 constexpr int kGemmThreads = 256;  // 8 warps, 128 rows (with x staged through registers, NT = 8 spilled at 16 and 12)
 constexpr int kXCopies = kMmaGemmMaxM * kMmaTile / 4 / kGemmThreads;  // 8-byte cp.async of x a thread per tile
 constexpr int kXBufferBytes = kMmaGemmMaxM * kXStride * 2;
 constexpr int kMmaGemmSmemBytes = kMmaSmemBytes + 2 * kXBufferBytes;
 
-// The compact kernel's shared memory from the dynamic base D (32 batch rows): table entry v of lane L
-// at D + 256 v + 4 L; x buffer 0 in the table rows' upper halves: quarter-row j = 4 m + q (batch row
-// m, elements 64 q .. 64 q + 63: 128 bytes) at D + 256 j + 128, its 8-byte piece p at piece
-// p ^ (m & 3), so that a half-warp's B loads (rows grp 0..3 x tid 0..3, one i) hit 16 distinct bank
-// pairs; x buffer 1 after the table in the 8-warp kernel's padded rows (row m at
+// The compact kernel's shared memory from the dynamic base D for Rows (32 or 64) batch rows: table
+// entry v of lane L at D + 256 v + 4 L; x buffer 0 in the table rows' upper halves: quarter-row
+// j = 4 m + q (batch row m, elements 64 q .. 64 q + 63: 128 bytes) at D + 256 j + 128, its 8-byte
+// piece p at piece p ^ (m & 3), so that a half-warp's B loads (rows grp 0..3 x tid 0..3, one i) hit
+// 16 distinct bank pairs; x buffer 1 after the table in the 8-warp kernel's padded rows (row m at
 // D + 65536 + 2 kXStride m); then the nested absmax code.
+template <int Rows>
 struct CompactLayout {
-  static constexpr int kRows = 32;
+  static_assert(Rows == 32 || Rows == 64, "256 table rows hold 64 batch rows of quarter-rows");
+  static constexpr int kRows = Rows;
   static constexpr uint32_t kBuf0 = 128, kStride0 = 256, kBuf1 = kMmaTableBytes, kRow1 = 2 * (kMmaTile + 4);
   static constexpr uint32_t kCode = kBuf1 + kRows * kRow1;
-  static constexpr int kBytes = (int)kCode + 256 * (int)sizeof(float);  // 83200
+  static constexpr int kBytes = (int)kCode + 256 * (int)sizeof(float);  // 32 rows: 83200, 64: 99840
 };
 
 // Two compact blocks an SM where the registers allow it without spilling (sm_90: 128; sm_80 code
@@ -956,15 +960,17 @@ __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
-template <typename TX, int NT, bool kCompact = false>
-__global__ void __launch_bounds__(kGemmThreads, kCompact ? compact_min_blocks() : 1)
+template <typename TX, int NT, bool kCompact = false, int kHalves = 1>
+__global__ void __launch_bounds__(kGemmThreads * kHalves, kCompact && kHalves == 1 ? compact_min_blocks() : 1)
     gemm_4bit_table_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed,
                            Absmax am, int log2_bs, int quant_type, int tiles_per_split, float* __restrict__ partial,
                            GemvEpilogue ep) {
   static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
   static_assert(8 * NT <= kMmaGemmMaxM, "x is staged for 64 batch rows");
-  static_assert(!kCompact || 8 * NT == CompactLayout::kRows, "the compact layout stages 32 batch rows");
-  using Layout = CompactLayout;
+  static_assert(!kCompact || NT == 4, "the compact kernel's warps hold 4 n-tiles (128 registers)");
+  static_assert(kHalves == 1 || (kCompact && kHalves == 2), "batch halves: the compact kernel's 16 warps");
+  using Layout = CompactLayout<8 * NT * kHalves>;
+  constexpr int kThreads = kGemmThreads * kHalves;
   constexpr uint32_t kTableOff = kCompact ? dynamic_smem_low() : 0u;
   pdl_launch_dependents();  // a finalize launched with kGemvPdl may be scheduled now (no-op otherwise)
   extern __shared__ __align__(16) unsigned char mma_smem[];
@@ -974,13 +980,14 @@ __global__ void __launch_bounds__(kGemmThreads, kCompact ? compact_min_blocks() 
   }
   TX* xs = reinterpret_cast<TX*>(mma_smem + kMmaSmemBytes);
   const bool nested = am.q != nullptr;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = kHalves == 1 ? threadIdx.x >> 5 : (threadIdx.x >> 5) % (kGemmThreads / 32);
   const int grp = lane >> 2, tid = lane & 3;
+  const int m0 = kHalves == 1 ? 0 : 8 * NT * (int)(threadIdx.x / kGemmThreads);  // this warp's first batch row
   // This lane's B reads start at batch row grp, element 16 tid of a buffer (a shared-window address).
   const uint32_t xs_lane = (uint32_t)__cvta_generic_to_shared(xs) + 2u * (uint32_t)(grp * kXStride + 16 * tid);
-  // Compact: quarter-row 4 grp of each buffer, this lane's piece 4 tid + i at 4 tid + (i ^ (grp & 3)).
-  const uint32_t xs0_lane = smem0 + Layout::kBuf0 + 4u * Layout::kStride0 * grp + 32u * tid;
-  const uint32_t xs1_lane = smem0 + Layout::kBuf1 + Layout::kRow1 * grp + 32u * tid;
+  // Compact: quarter-row 4 (m0 + grp) of each buffer, this lane's piece 4 tid + i at 4 tid + (i ^ (grp & 3)).
+  const uint32_t xs0_lane = smem0 + Layout::kBuf0 + 4u * Layout::kStride0 * (m0 + grp) + 32u * tid;
+  const uint32_t xs1_lane = smem0 + Layout::kBuf1 + Layout::kRow1 * (m0 + grp) + 32u * tid;
   const int kt0 = (int)blockIdx.y * tiles_per_split;
   const int kt1 = min((int)(K / kMmaTile), kt0 + tiles_per_split);
   const int row = ((int)blockIdx.x * (kGemmThreads / 32) + warp) * 16 + grp;  // and row + 8
@@ -1011,8 +1018,8 @@ __global__ void __launch_bounds__(kGemmThreads, kCompact ? compact_min_blocks() 
   const uint32_t xs_at = (uint32_t)__cvta_generic_to_shared(xs);
   auto copy_x = [&](int kt, int buf) {
 #pragma unroll
-    for (int u = 0; u < (kCompact ? 8 * NT * 64 / kGemmThreads : kXCopies); ++u) {
-      const int i = (int)threadIdx.x + kGemmThreads * u, m = i >> 6, c = (i & 63) * 4;
+    for (int u = 0; u < (kCompact ? Layout::kRows * 64 / kThreads : kXCopies); ++u) {
+      const int i = (int)threadIdx.x + kThreads * u, m = i >> 6, c = (i & 63) * 4;
       if (m < M) {
         const TX* src = x + (int64_t)m * K + (int64_t)kt * kMmaTile + c;
         if constexpr (kCompact) {
@@ -1026,11 +1033,11 @@ __global__ void __launch_bounds__(kGemmThreads, kCompact ? compact_min_blocks() 
     }
     cp_async_commit();
   };
-  if constexpr (kCompact) {  // zero rows M .. 8 NT - 1 of both buffers (32-bit words)
-    for (int i = (int)threadIdx.x; i < 8 * NT * 4 * 32; i += kGemmThreads) {  // quarter-row i / 32 of buffer 0
+  if constexpr (kCompact) {  // zero rows M .. kRows - 1 of both buffers (32-bit words)
+    for (int i = (int)threadIdx.x; i < Layout::kRows * 4 * 32; i += kThreads) {  // quarter-row i / 32 of buffer 0
       if (i / 128 >= M) *reinterpret_cast<uint32_t*>(mma_smem + Layout::kBuf0 + Layout::kStride0 * (i / 32) + 4 * (i % 32)) = 0u;
     }
-    for (int i = (int)threadIdx.x; i < 8 * NT * (int)Layout::kRow1 / 4; i += kGemmThreads) {  // buffer 1's rows
+    for (int i = (int)threadIdx.x; i < Layout::kRows * (int)Layout::kRow1 / 4; i += kThreads) {  // buffer 1's rows
       if (i / ((int)Layout::kRow1 / 4) >= M) *reinterpret_cast<uint32_t*>(mma_smem + Layout::kBuf1 + 4 * i) = 0u;
     }
   } else {
@@ -1051,7 +1058,8 @@ __global__ void __launch_bounds__(kGemmThreads, kCompact ? compact_min_blocks() 
   } else {
     tab = mma_build_table<TX>(mma_smem, quant_type, am);
   }
-  const float offset = nested ? __ldg(am.offset) : 0.0f;
+  // kHalves = 2 re-reads the offset a tile (an L1 hit) rather than hold it: sm_80 code spilled a register.
+  const float offset = nested && kHalves == 1 ? __ldg(am.offset) : 0.0f;
 
   // n-tile t: rows row, row + 8 x batch rows 8 t + 2 tid, 8 t + 2 tid + 1
   float acc[NT][4];
@@ -1066,8 +1074,9 @@ __global__ void __launch_bounds__(kGemmThreads, kCompact ? compact_min_blocks() 
       fetch(nxt, kt + 1);
     }
     const uint32_t xs_buf = xs_lane + (uint32_t)(buf * kXBufferBytes);
-    const float s0 = mma_scale<false>(cur, 0, nested, tab.code_at, offset);
-    const float s8 = mma_scale<false>(cur, 1, nested, tab.code_at, offset);
+    const float off = kHalves == 1 ? offset : nested ? __ldg(am.offset) : 0.0f;
+    const float s0 = mma_scale<false>(cur, 0, nested, tab.code_at, off);
+    const float s8 = mma_scale<false>(cur, 1, nested, tab.code_at, off);
     // x elements 64 q + 16 tid + 4 i .. + 3 of batch row 8 t + grp
     auto b_frag = [&](int t, int q, int i, uint32_t (&b)[2]) {
       uint2 v;
@@ -1094,7 +1103,7 @@ __global__ void __launch_bounds__(kGemmThreads, kCompact ? compact_min_blocks() 
     } else {
       partial[((int64_t)blockIdx.y * M + m) * N + n] = v;
     }
-  });
+  }, kHalves == 1 ? 0 : 8 * NT * (int)(threadIdx.x / kGemmThreads));  // m0 again: not live through the loop
 }
 
 // y[m, n] = T(sum_s partial[s, m, n] + bias[n] + sum_j lora_t[m, j] * lora_b[n, j]).
@@ -1518,7 +1527,7 @@ int launch_gemv_mma(const void* x, int M, int N, int64_t K, const uint8_t* packe
 }
 
 // Asks for the largest shared-memory carveout for `Kernel` once per device: the compact table GEMM's
-// two blocks per SM need 2 x 82 KB, more than a carveout sized for one block leaves.
+// two blocks per SM (M <= 32) need 2 x 82 KB, more than a carveout sized for one block leaves.
 template <auto Kernel>
 int prefer_max_smem(int dev) {
   static bool asked[kMaxDevices] = {false};
@@ -1534,11 +1543,11 @@ int prefer_max_smem(int dev) {
 // The small-M table GEMM (kGemvMmaGemm): blocks of 128 rows x S K-splits of ceil(T / S) tiles (the
 // caller's S must give every split a tile: S == ceil(T / ceil(T / S))), n-tiles for M <= 32 or <= 64;
 // kCompact: the two-blocks-per-SM layout (kGemvMmaGemmCompact).
-template <typename TX, int NT, bool kCompact>
+template <typename TX, int NT, bool kCompact, int kHalves = 1>
 int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                                int quant_type, int S, float* partial, const GemvEpilogue& ep, cudaStream_t stream) {
-  constexpr auto kernel = gemm_4bit_table_kernel<TX, NT, kCompact>;
-  constexpr int smem = kCompact ? CompactLayout::kBytes : kMmaGemmSmemBytes;
+  constexpr auto kernel = gemm_4bit_table_kernel<TX, NT, kCompact, kHalves>;
+  constexpr int smem = kCompact ? CompactLayout<8 * NT * kHalves>::kBytes : kMmaGemmSmemBytes;
   int dev = 0;
   const cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return (int)e;
@@ -1548,8 +1557,8 @@ int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8
   const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;  // S checked by launch_gemv
   const int64_t blocks = (N + 16 * (kGemmThreads / 32) - 1) / (16 * (kGemmThreads / 32));
   if (S > 65535 || blocks > 0x7fffffff) return kUnsupported;
-  kernel<<<dim3((unsigned)blocks, (unsigned)S), kGemmThreads, smem, stream>>>(x, M, N, K, packed, am, log2_bs,
-                                                                             quant_type, (int)per_split, partial, ep);
+  kernel<<<dim3((unsigned)blocks, (unsigned)S), kGemmThreads * kHalves, smem, stream>>>(
+      x, M, N, K, packed, am, log2_bs, quant_type, (int)per_split, partial, ep);
   return (int)cudaGetLastError();
 }
 
@@ -1561,9 +1570,11 @@ int launch_gemm_table(const void* x, int M, int N, int64_t K, const uint8_t* pac
     return kBadArgument;  // no fp32 mma fragments
   } else {
     const TX* xt = static_cast<const TX*>(x);
-    if (compact)  // M <= 32, checked by launch_gemv
-      return launch_gemm_table_instance<TX, 4, true>(xt, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep,
-                                                     stream);
+    if (compact)  // two 8-warp blocks an SM for M <= 32; 16 warps, two per 16 W rows, for M <= 64
+      return M <= 32 ? launch_gemm_table_instance<TX, 4, true>(xt, M, N, K, packed, am, log2_bs, quant_type, S,
+                                                               partial, ep, stream)
+                     : launch_gemm_table_instance<TX, 4, true, 2>(xt, M, N, K, packed, am, log2_bs, quant_type, S,
+                                                                  partial, ep, stream);
     return M <= 32 ? launch_gemm_table_instance<TX, 4, false>(xt, M, N, K, packed, am, log2_bs, quant_type, S, partial,
                                                               ep, stream)
                    : launch_gemm_table_instance<TX, 8, false>(xt, M, N, K, packed, am, log2_bs, quant_type, S, partial,
@@ -1580,7 +1591,6 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
     const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;
     if (K % kMmaTile != 0 || log2_bs < 6 || S > tiles || (tiles + per_split - 1) / per_split != S ||
         (options & ~(kGemvWideFinalize | kGemvPdl | kGemvMmaGemmCompact)) != kGemvMmaGemm ||
-        ((options & kGemvMmaGemmCompact) != 0 && M > CompactLayout::kRows) ||
         (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
       return kBadArgument;
     const int rc = launch_gemm_table<TX>(x, M, N, K, packed, am, log2_bs, quant_type,

@@ -121,13 +121,14 @@ GEMV_MMA_BLOCK_REDUCE = os.environ.get("NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE", "1")
 # against the fused GEMM's 59.8 / 68.1; M = 64 60.8 / 70.5 against 65.2 / 73.1.
 GEMV_MMA_GEMM = os.environ.get("NF4KIT_CUDA_MMA_GEMM", "1") != "0"
 # Experimental, off (NF4KIT_CUDA_MMA_GEMM_COMPACT=1 turns it on; compiled, not yet run on a GPU): the
-# table GEMM above at M = 17..32 in 81 KB of shared memory and at most 128 registers on sm_90+, so
-# two blocks share an SM and the split heuristic fills two per SM.  The 8-warp kernel runs one block
-# per SM (174 registers at M <= 32, 194 KB) and is latency-bound: 50.3 us at M = 32 on 14336x4096,
-# where streaming W at 3 TB/s takes 10 and its mma at the bf16 peak 4.  Its 194 KB are mostly
-# padding (the table on a 64 KB boundary) and unused table bytes; here x buffer 0 lives in those
-# bytes.  The same sums in the same order: bit-identical to the 8-warp kernel's output.  M > 32
-# keeps the 8-warp kernel (its 8 n-tiles spill within 128 registers).
+# table GEMM above with twice the warps per SM.  The 8-warp kernel runs one block per SM (194 KB of
+# shared memory, 174 / 243 registers) and is latency-bound: 50.3 us at M = 32 on 14336x4096, where
+# streaming W at 3 TB/s takes 10 and its mma at the bf16 peak 4.  Its 194 KB are mostly padding (the
+# table on a 64 KB boundary) and unused table bytes; the compact form keeps x buffer 0 in those bytes
+# and each warp at 4 n-tiles in 128 registers: M <= 32 in 81 KB, two 8-warp blocks an SM (the split
+# heuristic counts both); M = 33..64 in 98 KB, one 16-warp block whose warps w and w + 8 share 16 W
+# rows, batch rows 0..31 and 32..63.  The same sums in the same order: bit-identical to the 8-warp
+# kernel's output.
 GEMV_MMA_GEMM_COMPACT = os.environ.get("NF4KIT_CUDA_MMA_GEMM_COMPACT", "0") == "1"
 # sm_90+ (on by default; NF4KIT_CUDA_GEMV_PDL=0 turns it off; ignored below sm_90): the split-K
 # finalize after every decode GEMV is launched with programmatic dependent launch.  The GEMV kernels
@@ -309,11 +310,9 @@ def _gemm_splits(M: int, N_out: int, K_red: int, device: torch.device) -> int:
 # (sm_86, sm_89, sm_120: RTX 30/40/50, A10, L4, L40) only 99 KB: there the other kernels run.
 _MMA_SMEM_BYTES = 2 * 65536 + 1024
 _MMA_GEMM_SMEM_BYTES = _MMA_SMEM_BYTES + 2 * 64 * 260 * 2  # + two x buffers: sm_90/100 only
-# The compact table GEMM (GEMV_MMA_GEMM_COMPACT, M <= 32; C side CompactLayout): the table and x
-# buffer 0 interleaved in 64 KB, x buffer 1 (32 padded rows of 260 halves), the nested code; two
-# blocks a H100 SM.
-_MMA_GEMM_COMPACT_SMEM_BYTES = 65536 + 32 * 260 * 2 + 1024
-_MMA_GEMM_COMPACT_MAX_M = 32
+# The compact table GEMM (GEMV_MMA_GEMM_COMPACT; C side CompactLayout<32 or 64>): the table and x
+# buffer 0 interleaved in 64 KB, x buffer 1 (32 or 64 padded rows of 260 halves), the nested code.
+_MMA_GEMM_COMPACT_SMEM_BYTES = {32: 65536 + 32 * 260 * 2 + 1024, 64: 65536 + 64 * 260 * 2 + 1024}
 # Where torch does not report the opt-in limit: the limit by arch (CUDA's tables), else 99 KB.
 _SMEM_OPTIN_BY_ARCH = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448, (10, 0): 232448}
 
@@ -348,7 +347,8 @@ def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int,
     index = None if device is None else _device_index(device)
     if table and M <= GEMV_MMA_MAX_M and GEMV_MMA and (index is None or _mma_fits(index)):
         return "mma"
-    gemm_smem = _MMA_GEMM_COMPACT_SMEM_BYTES if _compact_gemm(M) else _MMA_GEMM_SMEM_BYTES
+    gemm_smem = (_MMA_GEMM_COMPACT_SMEM_BYTES[32 if M <= 32 else 64] if GEMV_MMA_GEMM_COMPACT
+                 else _MMA_GEMM_SMEM_BYTES)
     if table and GEMV_MMA_MAX_M < M <= 64 and GEMV_MMA_GEMM and (index is None or _mma_fits(index, gemm_smem)):
         return "mma-gemm"
     if M > GEMV_MAX_M:
@@ -358,21 +358,16 @@ def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int,
     return "rows"
 
 
-def _compact_gemm(M: int) -> bool:
-    """Whether the table GEMM for M batch rows takes its compact form (GEMV_MMA_GEMM_COMPACT, M <= 32)."""
-    return GEMV_MMA_GEMM_COMPACT and M <= _MMA_GEMM_COMPACT_MAX_M
-
-
 def _mma_gemm_splits(M: int, N: int, K: int, device: torch.device) -> int:
     """K-splits S of the table GEMM (GEMV_MMA_GEMM; GEMM_MMA_SPLITS if set): its blocks of 128 rows
-    (one per SM: the table's shared memory; two in the compact form) alone leave SMs idle below
+    (one per SM: the table's shared memory; two in the compact form at M <= 32) alone leave SMs idle below
     N = 128 x SMs, so K splits into as many blocks as fit in one wave, every split at least one
     256-wide tile; S as the C side needs it, S == ceil(T / ceil(T / S))."""
     tiles = K // _MMA_TILE
     if GEMM_MMA_SPLITS:
         S = GEMM_MMA_SPLITS
     else:
-        slots = _num_sms(_device_index(device)) * (2 if _compact_gemm(M) else 1)
+        slots = _num_sms(_device_index(device)) * (2 if GEMV_MMA_GEMM_COMPACT and M <= 32 else 1)
         S = slots // -(-N // _MMA_GEMM_ROWS)  # a second, part-empty wave would cost a whole one
     S = max(1, min(S, tiles))
     per_split = -(-tiles // S)
@@ -412,7 +407,7 @@ def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, sp
     kernel = kernel or _gemv_kernel(M, N, K, dtype, blocksize)
     wide = _GEMV_WIDE_FINALIZE if GEMV_WIDE_FINALIZE else 0
     if kernel == "mma-gemm":
-        return 2, _GEMV_MMA_GEMM | wide | (_GEMV_MMA_GEMM_COMPACT if _compact_gemm(M) else 0)
+        return 2, _GEMV_MMA_GEMM | wide | (_GEMV_MMA_GEMM_COMPACT if GEMV_MMA_GEMM_COMPACT else 0)
     if kernel == "mma":
         chains = _GEMV_MMA_TWO_CHAINS if GEMV_MMA_TWO_CHAINS and M == 1 and GEMV_MMA_DEPTH == 2 else 0
         block = _GEMV_MMA_BLOCK_REDUCE if GEMV_MMA_BLOCK_REDUCE and M == 1 else 0

@@ -372,14 +372,18 @@ def test_gemv_mma(monkeypatch, M, depth, two_chains, dt, N, K, bs, quant_type, n
     _check_half_matmul_rows(M, N, K, bs, quant_type, nested, dt, seed=91)
 
 
-@pytest.mark.parametrize("M,splits", [(17, None), (32, 1), (33, None), (64, 3), (64, None)])
-@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,K,bs,quant_type,nested", [
+# The table GEMM's weights (both forms): N, K, blocksize, quant type, double quant.
+_TABLE_GEMM_WEIGHTS = [
     (77, 3072, 64, "nf4", True),      # odd N, one block (128 rows), part-empty warps
     (1000, 4096, 128, "nf4", True),   # blocksize 128: two quarters share a block
     (3001, 1280, 256, "fp4", False),  # 24 blocks, 5 tiles
     (16, 512, 4096, "fp4", True),     # blocks span rows (blocksize > K)
-    (4099, 7168, 64, "nf4", True)])   # 33 blocks, 28 tiles in the heuristic's 4 splits (H100)
+    (4099, 7168, 64, "nf4", True)]    # 33 blocks, 28 tiles in the heuristic's 4 splits (H100)
+
+
+@pytest.mark.parametrize("M,splits", [(17, None), (32, 1), (33, None), (64, 3), (64, None)])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,bs,quant_type,nested", _TABLE_GEMM_WEIGHTS)
 def test_mma_gemm(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
     """The table GEMM (GEMV_MMA_GEMM, M = 17..64; the default on sm_90/100): every output against the float64
     reference within the bf16/fp16 rounding of the code table, one split (bias and LoRA in the
@@ -395,12 +399,7 @@ def test_mma_gemm(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
 
 @pytest.mark.parametrize("M,splits", [(17, None), (32, 3), (33, 1), (64, None)])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,K,bs,quant_type,nested", [
-    (77, 3072, 64, "nf4", True),      # odd N, one block (128 rows), part-empty warps
-    (1000, 4096, 128, "nf4", True),   # blocksize 128: two quarters share a block
-    (3001, 1280, 256, "fp4", False),  # 24 blocks, 5 tiles
-    (16, 512, 4096, "fp4", True),     # blocks span rows (blocksize > K)
-    (4099, 7168, 64, "nf4", True)])   # 33 blocks, 28 tiles
+@pytest.mark.parametrize("N,K,bs,quant_type,nested", _TABLE_GEMM_WEIGHTS)
 def test_mma_gemm_compact_gives_the_table_gemms_bits(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
     """The compact table GEMM (GEMV_MMA_GEMM_COMPACT, experimental: the table at the window's dynamic
     base, x buffer 0 in the table's unused bytes; M <= 32 two 8-warp blocks per SM, M > 32 one block

@@ -932,8 +932,8 @@ struct CompactLayout {
   static constexpr int kBytes = (int)kCode + 256 * (int)sizeof(float);  // 32 rows: 83200, 64: 99840
 };
 
-// Two compact blocks an SM where the registers allow it without spilling (sm_90: 128; sm_80 code
-// spills at 128, and an A100's 164 KB take one 81 KB block and a half anyway).
+// Two compact 8-warp blocks an SM where 128 registers do without a spill (sm_90; sm_80 code spills
+// there, and an A100's 164 KB hold one 82 KB block, not two).
 __host__ __device__ constexpr int compact_min_blocks() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   return 1;
@@ -980,8 +980,8 @@ __global__ void __launch_bounds__(kGemmThreads * kHalves, kCompact && kHalves ==
   }
   TX* xs = reinterpret_cast<TX*>(mma_smem + kMmaSmemBytes);
   const bool nested = am.q != nullptr;
-  const int lane = threadIdx.x & 31, warp = kHalves == 1 ? threadIdx.x >> 5 : (threadIdx.x >> 5) % (kGemmThreads / 32);
-  const int grp = lane >> 2, tid = lane & 3;
+  const int lane = threadIdx.x & 31, grp = lane >> 2, tid = lane & 3;
+  const int warp = kHalves == 1 ? threadIdx.x >> 5 : (threadIdx.x >> 5) % (kGemmThreads / 32);  // its 16 W rows
   const int m0 = kHalves == 1 ? 0 : 8 * NT * (int)(threadIdx.x / kGemmThreads);  // this warp's first batch row
   // This lane's B reads start at batch row grp, element 16 tid of a buffer (a shared-window address).
   const uint32_t xs_lane = (uint32_t)__cvta_generic_to_shared(xs) + 2u * (uint32_t)(grp * kXStride + 16 * tid);
@@ -1035,7 +1035,8 @@ __global__ void __launch_bounds__(kGemmThreads * kHalves, kCompact && kHalves ==
   };
   if constexpr (kCompact) {  // zero rows M .. kRows - 1 of both buffers (32-bit words)
     for (int i = (int)threadIdx.x; i < Layout::kRows * 4 * 32; i += kThreads) {  // quarter-row i / 32 of buffer 0
-      if (i / 128 >= M) *reinterpret_cast<uint32_t*>(mma_smem + Layout::kBuf0 + Layout::kStride0 * (i / 32) + 4 * (i % 32)) = 0u;
+      if (i / 128 >= M)
+        *reinterpret_cast<uint32_t*>(mma_smem + Layout::kBuf0 + Layout::kStride0 * (i / 32) + 4 * (i % 32)) = 0u;
     }
     for (int i = (int)threadIdx.x; i < Layout::kRows * (int)Layout::kRow1 / 4; i += kThreads) {  // buffer 1's rows
       if (i / ((int)Layout::kRow1 / 4) >= M) *reinterpret_cast<uint32_t*>(mma_smem + Layout::kBuf1 + 4 * i) = 0u;
@@ -1542,7 +1543,7 @@ int prefer_max_smem(int dev) {
 
 // The small-M table GEMM (kGemvMmaGemm): blocks of 128 rows x S K-splits of ceil(T / S) tiles (the
 // caller's S must give every split a tile: S == ceil(T / ceil(T / S))), n-tiles for M <= 32 or <= 64;
-// kCompact: the two-blocks-per-SM layout (kGemvMmaGemmCompact).
+// kCompact (kGemvMmaGemmCompact): 4 n-tiles a warp, kHalves warps per 16 W rows.
 template <typename TX, int NT, bool kCompact, int kHalves = 1>
 int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                                int quant_type, int S, float* partial, const GemvEpilogue& ep, cudaStream_t stream) {

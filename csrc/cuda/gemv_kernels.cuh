@@ -414,22 +414,17 @@ constexpr int kMmaTableBytes = 256 * 256;
 // The table on the first 64 KB boundary of the block's shared window, then the nested absmax code.
 constexpr int kMmaSmemBytes = 2 * kMmaTableBytes + 256 * (int)sizeof(float);
 
-// 32-bit words at 32-bit shared-window addresses.
+// 32-bit words at 32-bit shared-window addresses; lds_u32 adds kOff in the instruction itself
+// (LDS [R + imm]: the compact table GEMM's table base).
+template <uint32_t kOff = 0>
 __device__ __forceinline__ uint32_t lds_u32(uint32_t addr) {
   uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  asm volatile("ld.shared.b32 %0, [%1+%2];\n" : "=r"(v) : "r"(addr), "n"(kOff));
   return v;
 }
 __device__ __forceinline__ uint2 lds_u64(uint32_t addr) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
-  return v;
-}
-// The word at addr + kOff, the constant folded into the instruction (LDS [R + imm]).
-template <uint32_t kOff>
-__device__ __forceinline__ uint32_t lds_u32_at(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1+%2];\n" : "=r"(v) : "r"(addr), "n"(kOff));
   return v;
 }
 __device__ __forceinline__ float lds_f32(uint32_t addr) {
@@ -533,17 +528,10 @@ template <uint32_t kTableOff = 0>
 __device__ __forceinline__ void mma_a_from_table(uint32_t (&a)[4], uint32_t r0, uint32_t r1, uint32_t lo,
                                                  uint32_t lane_entry) {
   const uint32_t sel_lo = 0x7604u | (lo << 4), sel_hi = 0x7604u | ((lo + 1u) << 4);
-  if constexpr (kTableOff == 0) {
-    a[0] = lds_u32(__byte_perm(r0, lane_entry, sel_lo));
-    a[1] = lds_u32(__byte_perm(r1, lane_entry, sel_lo));
-    a[2] = lds_u32(__byte_perm(r0, lane_entry, sel_hi));
-    a[3] = lds_u32(__byte_perm(r1, lane_entry, sel_hi));
-  } else {
-    a[0] = lds_u32_at<kTableOff>(__byte_perm(r0, lane_entry, sel_lo));
-    a[1] = lds_u32_at<kTableOff>(__byte_perm(r1, lane_entry, sel_lo));
-    a[2] = lds_u32_at<kTableOff>(__byte_perm(r0, lane_entry, sel_hi));
-    a[3] = lds_u32_at<kTableOff>(__byte_perm(r1, lane_entry, sel_hi));
-  }
+  a[0] = lds_u32<kTableOff>(__byte_perm(r0, lane_entry, sel_lo));
+  a[1] = lds_u32<kTableOff>(__byte_perm(r1, lane_entry, sel_lo));
+  a[2] = lds_u32<kTableOff>(__byte_perm(r0, lane_entry, sel_hi));
+  a[3] = lds_u32<kTableOff>(__byte_perm(r1, lane_entry, sel_hi));
 }
 
 // This lane's read position in W: rows `row` and `row + 8` of the warp's next visit, at byte

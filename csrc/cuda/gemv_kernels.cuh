@@ -1558,16 +1558,14 @@ int launch_gemm_table(const void* x, int M, int N, int64_t K, const uint8_t* pac
   if constexpr (std::is_same<TX, float>::value) {
     return kBadArgument;  // no fp32 mma fragments
   } else {
-    const TX* xt = static_cast<const TX*>(x);
+    const auto launch = [&](auto instance) {
+      return instance(static_cast<const TX*>(x), M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
+    };
     if (compact)  // two 8-warp blocks an SM for M <= 32; 16 warps, two per 16 W rows, for M <= 64
-      return M <= 32 ? launch_gemm_table_instance<TX, 4, true>(xt, M, N, K, packed, am, log2_bs, quant_type, S,
-                                                               partial, ep, stream)
-                     : launch_gemm_table_instance<TX, 4, true, 2>(xt, M, N, K, packed, am, log2_bs, quant_type, S,
-                                                                  partial, ep, stream);
-    return M <= 32 ? launch_gemm_table_instance<TX, 4, false>(xt, M, N, K, packed, am, log2_bs, quant_type, S, partial,
-                                                              ep, stream)
-                   : launch_gemm_table_instance<TX, 8, false>(xt, M, N, K, packed, am, log2_bs, quant_type, S, partial,
-                                                              ep, stream);
+      return M <= 32 ? launch(launch_gemm_table_instance<TX, 4, true>)
+                     : launch(launch_gemm_table_instance<TX, 4, true, 2>);
+    return M <= 32 ? launch(launch_gemm_table_instance<TX, 4, false>)
+                   : launch(launch_gemm_table_instance<TX, 8, false>);
   }
 }
 

@@ -6,6 +6,11 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 
+# The cuda backend's plain M = 1 tensor-core kernel: its split-K finalize on an ordinary launch, with
+# the block reduce and the PDL launch (the defaults since results/gpu_h100_2026-11-27c) off.
+PLAIN_MMA = dict(GEMV_MMA=True, GEMV_MMA_BLOCK_REDUCE=False, GEMV_PDL=False)
+
+
 @contextmanager
 def settings(module: object, **values: Any) -> Iterator[None]:
     """Set module.NAME = value for each keyword while the block runs; a name the module does not

@@ -30,11 +30,11 @@ import nf4kit
 from nf4kit.backends import cuda as cb
 
 from . import anchors as anc
+from ._settings import PLAIN_MMA
 
 # call -> the cuda backend's settings it changes
 _ROWS = dict(GEMV_STREAM=False, GEMV_MMA=False)  # the row kernel (the tensor-core one is the M = 1 default)
 _STREAM = dict(GEMV_STREAM=True, GEMV_MMA=False)
-_MMA = dict(GEMV_MMA=True, GEMV_MMA_BLOCK_REDUCE=False, GEMV_PDL=False)  # the plain tensor-core kernel
 VARIANTS = {"cuda-rows": _ROWS,
             "cuda-r2d4": dict(_ROWS, GEMV_ROWS=2, GEMV_DEPTH=4, GEMV_SPLITS=1),
             "cuda-r4d4": dict(_ROWS, GEMV_ROWS=4, GEMV_DEPTH=4),
@@ -45,11 +45,11 @@ VARIANTS = {"cuda-rows": _ROWS,
             "cuda-stream": dict(_STREAM, GEMV_STREAM_DEPTH=4),
             "cuda-stream8": dict(_STREAM, GEMV_STREAM_DEPTH=8),
             "cuda-stream-pairs": dict(_STREAM, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=True),
-            "cuda-mma": dict(_MMA, GEMV_MMA_DEPTH=2),
-            "cuda-mma3": dict(_MMA, GEMV_MMA_DEPTH=3),
-            "cuda-mma-wide": dict(_MMA, GEMV_MMA_DEPTH=2, GEMV_WIDE_FINALIZE=True),
-            "cuda-mma-2ch": dict(_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True),
-            "cuda-mma-block": dict(_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True),
+            "cuda-mma": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2),
+            "cuda-mma3": dict(PLAIN_MMA, GEMV_MMA_DEPTH=3),
+            "cuda-mma-wide": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_WIDE_FINALIZE=True),
+            "cuda-mma-2ch": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True),
+            "cuda-mma-block": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True),
             "cuda-gemm32": dict(GEMV_MMA_GEMM=True, GEMV_MMA_GEMM_COMPACT=False),
             "cuda-gemm32-compact": dict(GEMV_MMA_GEMM=True, GEMV_MMA_GEMM_COMPACT=True)}
 # call -> (M, N, K) where it is not the M = 1 call on 4096x14336

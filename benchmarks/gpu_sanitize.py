@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from ._settings import settings
+from ._settings import PLAIN_MMA, settings
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,16 +96,15 @@ def main(argv=None) -> int:
                     return nf4kit.matmul_4bit(x_s, pk_s, qs_s, bias=bias[:37])
 
             stream = dict(GEMV_MMA=False, GEMV_STREAM=True)
-            mma = dict(GEMV_MMA=True, GEMV_MMA_BLOCK_REDUCE=False, GEMV_PDL=False)  # the plain M = 1 kernel
             for label, values in (("stream d4", dict(stream, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=False)),
                                   ("stream d8 pairs", dict(stream, GEMV_STREAM_DEPTH=8, GEMV_PAIR_TABLE=True)),
-                                  ("mma d2", dict(mma, GEMV_MMA_DEPTH=2)),
-                                  ("mma d3", dict(mma, GEMV_MMA_DEPTH=3)),
-                                  ("mma wide finalize", dict(mma, GEMV_WIDE_FINALIZE=True)),
-                                  ("mma two chains", dict(mma, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True)),
-                                  ("mma block reduce", dict(mma, GEMV_MMA_BLOCK_REDUCE=True)),
-                                  ("mma pdl finalize", dict(mma, GEMV_PDL=True)),
-                                  ("mma wide finalize pdl", dict(mma, GEMV_WIDE_FINALIZE=True, GEMV_PDL=True))):
+                                  ("mma d2", dict(PLAIN_MMA, GEMV_MMA_DEPTH=2)),
+                                  ("mma d3", dict(PLAIN_MMA, GEMV_MMA_DEPTH=3)),
+                                  ("mma wide finalize", dict(PLAIN_MMA, GEMV_WIDE_FINALIZE=True)),
+                                  ("mma two chains", dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True)),
+                                  ("mma block reduce", dict(PLAIN_MMA, GEMV_MMA_BLOCK_REDUCE=True)),
+                                  ("mma pdl finalize", dict(PLAIN_MMA, GEMV_PDL=True)),
+                                  ("mma wide finalize pdl", dict(PLAIN_MMA, GEMV_WIDE_FINALIZE=True, GEMV_PDL=True))):
                 calls.append((f"matmul_4bit {label}", "matmul_4bit", lambda v=values: stream_gemv(**v), "same"))
             # The tensor-core batch kernel: one n-tile (M <= 8) and two (M <= 16).
             for m_rows in (3, 13):

@@ -651,6 +651,19 @@ def test_gemv_pdl_finalize_gives_the_ordinary_launchs_bits(monkeypatch, kernel, 
     assert torch.equal(out[True], out[False])
 
 
+def _captured(fn):
+    """fn() warmed up on a side stream, then captured in a CUDA graph: (the graph, fn's output)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # warm up off the default stream
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fn()
+    return graph, y
+
+
 def test_gemv_pdl_finalize_in_a_cuda_graph(monkeypatch):
     """Captured in a CUDA graph (the programmatic dependency becomes a graph edge), the PDL finalize
     recomputes from a new input on replay and gives the eager call's bits."""
@@ -659,14 +672,7 @@ def test_gemv_pdl_finalize_in_a_cuda_graph(monkeypatch):
     st, W64 = _weight(N, K, 64, "nf4", True, seed=43)
     x = _rand((1, K), torch.bfloat16, 44)
     with torch.no_grad(), nf4kit.use_backend("cuda"):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, None, None, 1.0)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, None, None, 1.0)
+        graph, y = _captured(lambda: ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, None, None, 1.0))
         _ran_cuda("matmul_4bit")
         x.copy_(_rand((1, K), torch.bfloat16, 45))
         graph.replay()
@@ -684,14 +690,7 @@ def test_layer_decode_gemv_cuda_graph_capture_on_a_side_stream():
     layer = nf4kit.nn.Linear4bit.from_linear(torch.nn.Linear(K, N, bias=True), compute_dtype=torch.bfloat16).to(DEV)
     x = _rand((1, K), torch.bfloat16, 41)
     with torch.no_grad(), nf4kit.use_backend("cuda"):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            layer(x)  # warm up off the default stream
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = layer(x)
+        graph, y = _captured(lambda: layer(x))
         _ran_cuda("matmul_4bit")
         x.copy_(_rand((1, K), torch.bfloat16, 42))
         graph.replay()

@@ -385,10 +385,12 @@ _TABLE_GEMM_WEIGHTS = [
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,bs,quant_type,nested", _TABLE_GEMM_WEIGHTS)
 def test_mma_gemm(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
-    """The table GEMM (GEMV_MMA_GEMM, M = 17..64; the default on sm_90/100): every output against the float64
-    reference within the bf16/fp16 rounding of the code table, one split (bias and LoRA in the
-    kernel) and several (in the finalize)."""
+    """The 8-warp table GEMM (GEMV_MMA_GEMM, M = 17..64; the default at M = 33..64 on sm_90/100): every
+    output against the float64 reference within the bf16/fp16 rounding of the code table, one split
+    (bias and LoRA in the kernel) and several (in the finalize).  The compact form (the default at
+    M <= 32 on sm_90) is checked against it below."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", True)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM_COMPACT", False)
     monkeypatch.setattr(cuda_backend, "GEMM_MMA_SPLITS", splits)
     dev = torch.device(DEV)
     assert cuda_backend._gemv_kernel(M, N, K, dt, bs, dev) == "mma-gemm"
@@ -401,9 +403,9 @@ def test_mma_gemm(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,bs,quant_type,nested", _TABLE_GEMM_WEIGHTS)
 def test_mma_gemm_compact_gives_the_table_gemms_bits(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
-    """The compact table GEMM (GEMV_MMA_GEMM_COMPACT, experimental: the table at the window's dynamic
-    base, x buffer 0 in the table's unused bytes; M <= 32 two 8-warp blocks per SM, M > 32 one block
-    of 16 warps, two per 16 W rows) computes the same mma in the same order as the 8-warp layout: at
+    """The compact table GEMM (GEMV_MMA_GEMM_COMPACT, the default at M <= 32 on sm_90: the table at
+    the window's dynamic base, x buffer 0 in the table's unused bytes; M <= 32 two 8-warp blocks per
+    SM, M > 32 one block of 16 warps, two per 16 W rows) computes the same mma in the same order as the 8-warp layout: at
     the same splits its output equals that kernel's bit for bit, bias and LoRA included, and agrees
     with the float64 reference; its option bit reaches the C call."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", True)

@@ -396,6 +396,22 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
                             cuda_backend._gemv_kernel(33, 64, 3072, bf, 64, dev0)) == want
             finally:
                 cuda_backend._mma_fits = fits
+            # The default (None): compact at M <= 32 on sm_90+ (where it was measured), the 8-warp form
+            # above and elsewhere, and never where the device is not known.
+            cuda_backend.GEMV_MMA_GEMM_COMPACT = None
+            pdl_capable = cuda_backend._pdl_capable
+            try:
+                for hopper in (True, False):
+                    cuda_backend._pdl_capable = lambda index, hopper=hopper: hopper
+                    assert [cuda_backend._mma_gemm_compact(M, dev0) for M in (17, 32, 33, 64)] == \
+                        [hopper, hopper, False, False]
+                    assert cuda_backend._gemv_variant(32, 64, 3072, bf, 64, 3, device=dev0) == \
+                        (2, gemm | (compact if hopper else 0))
+                    assert cuda_backend._gemv_variant(64, 64, 3072, bf, 64, 3, device=dev0) == (2, gemm)
+                    assert cuda_backend._gemv_split_count(32, 14336, 4096, bf, 64, dev0) == (2 if hopper else 1)
+                    assert not cuda_backend._mma_gemm_compact(32, None)
+            finally:
+                cuda_backend._pdl_capable = pdl_capable
         finally:
             cuda_backend.GEMV_MMA_GEMM, cuda_backend.GEMM_MMA_SPLITS, cuda_backend._num_sms = False, None, sms
             cuda_backend.GEMV_MMA_GEMM_COMPACT = False

@@ -120,16 +120,21 @@ GEMV_MMA_BLOCK_REDUCE = os.environ.get("NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE", "1")
 # splits.  H100, bf16 (results/gpu_h100_2026-11-27c), 4096x14336 / 14336x4096: M = 32 48.9 / 50.2 us
 # against the fused GEMM's 59.8 / 68.1; M = 64 60.8 / 70.5 against 65.2 / 73.1.
 GEMV_MMA_GEMM = os.environ.get("NF4KIT_CUDA_MMA_GEMM", "1") != "0"
-# Experimental, off (NF4KIT_CUDA_MMA_GEMM_COMPACT=1 turns it on; compiled, not yet run on a GPU): the
-# table GEMM above with twice the warps per SM.  The 8-warp kernel runs one block per SM (194 KB of
-# shared memory, 174 / 243 registers) and is latency-bound: 50.3 us at M = 32 on 14336x4096, where
-# streaming W at 3 TB/s takes 10 and its mma at the bf16 peak 4.  Its 194 KB are mostly padding (the
-# table on a 64 KB boundary) and unused table bytes; the compact form keeps x buffer 0 in those bytes
-# and each warp at 4 n-tiles in 128 registers: M <= 32 in 81 KB, two 8-warp blocks an SM (the split
-# heuristic counts both); M = 33..64 in 98 KB, one 16-warp block whose warps w and w + 8 share 16 W
-# rows, batch rows 0..31 and 32..63.  The same sums in the same order: bit-identical to the 8-warp
-# kernel's output.
-GEMV_MMA_GEMM_COMPACT = os.environ.get("NF4KIT_CUDA_MMA_GEMM_COMPACT", "0") == "1"
+# The compact table GEMM: the table GEMM above with twice the warps per SM.  The 8-warp kernel runs one
+# block per SM (194 KB of shared memory, 174 / 243 registers) and is latency-bound; its 194 KB are
+# mostly padding (the table on a 64 KB boundary) and unused table bytes.  The compact form keeps x
+# buffer 0 in those bytes and each warp at 4 n-tiles in 128 registers: M <= 32 in 81 KB, two 8-warp
+# blocks an SM (the split heuristic counts both); M = 33..64 in 98 KB, one 16-warp block whose warps w
+# and w + 8 share 16 W rows, batch rows 0..31 and 32..63.  The same sums in the same order: its output
+# equals the 8-warp kernel's bit for bit at the same splits (GPU test).
+# Default (unset, None): on at M = 17..32 on sm_90+, where it was measured.  H100, bf16
+# (results/gpu_h100_2026-11-27d), 14336x4096 / 4096x14336, M = 32: 40.5 / 40.3 us against the 8-warp
+# kernel's 49.9 / 47.8 (ncu: achieved occupancy 22 % against 12 %); M = 64 (the 16-warp form): 72.6 /
+# 66.5 against 70.4 / 58.2, so M > 32 keeps the 8-warp kernel.  Not yet run on sm_80/86/89, where the
+# 8-warp kernel does not fit and the fused GEMM runs.  NF4KIT_CUDA_MMA_GEMM_COMPACT=1 forces it at
+# M = 17..64 on any device that grants its shared memory, =0 turns it off.
+_COMPACT_ENV = os.environ.get("NF4KIT_CUDA_MMA_GEMM_COMPACT")
+GEMV_MMA_GEMM_COMPACT: Optional[bool] = None if _COMPACT_ENV is None else _COMPACT_ENV == "1"
 # sm_90+ (on by default; NF4KIT_CUDA_GEMV_PDL=0 turns it off; ignored below sm_90): the split-K
 # finalize after every decode GEMV is launched with programmatic dependent launch.  The GEMV kernels
 # signal at their start (griddepcontrol.launch_dependents) and the finalize waits for their partials
@@ -336,6 +341,14 @@ def _mma_fits(index: int, need: int = _MMA_SMEM_BYTES) -> bool:
     return _smem_optin(index) >= need
 
 
+def _mma_gemm_compact(M: int, device: Optional[torch.device]) -> bool:
+    """Whether the table GEMM at M batch rows on `device` takes the compact form (GEMV_MMA_GEMM_COMPACT:
+    True / False as set, None: M <= 32 on sm_90+; never where the device is not known)."""
+    if GEMV_MMA_GEMM_COMPACT is not None:
+        return GEMV_MMA_GEMM_COMPACT
+    return M <= 32 and device is not None and _pdl_capable(_device_index(device))
+
+
 def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int,
                  device: Optional[torch.device] = None) -> str:
     """Which decode GEMV takes x [M, K] (dtype) against W [N, K] at `blocksize` on `device`: "mma"
@@ -347,7 +360,7 @@ def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int,
     index = None if device is None else _device_index(device)
     if table and M <= GEMV_MMA_MAX_M and GEMV_MMA and (index is None or _mma_fits(index)):
         return "mma"
-    gemm_smem = (_MMA_GEMM_COMPACT_SMEM_BYTES[32 if M <= 32 else 64] if GEMV_MMA_GEMM_COMPACT
+    gemm_smem = (_MMA_GEMM_COMPACT_SMEM_BYTES[32 if M <= 32 else 64] if _mma_gemm_compact(M, device)
                  else _MMA_GEMM_SMEM_BYTES)
     if table and GEMV_MMA_MAX_M < M <= 64 and GEMV_MMA_GEMM and (index is None or _mma_fits(index, gemm_smem)):
         return "mma-gemm"
@@ -367,7 +380,7 @@ def _mma_gemm_splits(M: int, N: int, K: int, device: torch.device) -> int:
     if GEMM_MMA_SPLITS:
         S = GEMM_MMA_SPLITS
     else:
-        slots = _num_sms(_device_index(device)) * (2 if GEMV_MMA_GEMM_COMPACT and M <= 32 else 1)
+        slots = _num_sms(_device_index(device)) * (2 if M <= 32 and _mma_gemm_compact(M, device) else 1)
         S = slots // -(-N // _MMA_GEMM_ROWS)  # a second, part-empty wave would cost a whole one
     S = max(1, min(S, tiles))
     per_split = -(-tiles // S)
@@ -400,14 +413,14 @@ def _gemv_split_count(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int
 
 
 def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, splits: int,
-                  kernel: Optional[str] = None) -> tuple[int, int]:
+                  kernel: Optional[str] = None, device: Optional[torch.device] = None) -> tuple[int, int]:
     """(ring depth, option bits) of the decode GEMV for x [M, K], W [N, K] and `splits` K-splits:
     the settings above where that variant is built, else the double buffer, the exact fp32 table and
-    the finalize kernel.  `kernel` as for _gemv_split_count."""
+    the finalize kernel.  `kernel` as for _gemv_split_count; `device` decides the default compact form."""
     kernel = kernel or _gemv_kernel(M, N, K, dtype, blocksize)
     wide = _GEMV_WIDE_FINALIZE if GEMV_WIDE_FINALIZE else 0
     if kernel == "mma-gemm":
-        return 2, _GEMV_MMA_GEMM | wide | (_GEMV_MMA_GEMM_COMPACT if GEMV_MMA_GEMM_COMPACT else 0)
+        return 2, _GEMV_MMA_GEMM | wide | (_GEMV_MMA_GEMM_COMPACT if _mma_gemm_compact(M, device) else 0)
     if kernel == "mma":
         chains = _GEMV_MMA_TWO_CHAINS if GEMV_MMA_TWO_CHAINS and M == 1 and GEMV_MMA_DEPTH == 2 else 0
         block = _GEMV_MMA_BLOCK_REDUCE if GEMV_MMA_BLOCK_REDUCE and M == 1 else 0
@@ -428,7 +441,7 @@ def _launch_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, blocksize:
     five pointers of _state, partial fp32 [splits*M*N], epilogue (bias, s·x·Aᵀ, B, r) of
     _fp32_epilogue, y [M, N] in x.dtype; the variant from the settings above (_gemv_variant)."""
     M = x.shape[0]
-    depth, options = _gemv_variant(M, N, K, x.dtype, blocksize, splits, kernel)
+    depth, options = _gemv_variant(M, N, K, x.dtype, blocksize, splits, kernel, x.device)
     if GEMV_PDL and _pdl_capable(_device_index(x.device)):
         options |= _GEMV_PDL
     b, lt, lb, r = epilogue

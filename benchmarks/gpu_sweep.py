@@ -19,10 +19,10 @@ from ._settings import settings
 from ._timing import bench
 
 
-def point(label: str, x, packed, qs, exp, dev, fn=None) -> None:
-    """Time nf4kit.matmul_4bit(x) (or fn()) under the current settings and print one line (time, host
-    time, error vs `exp`); an exception is printed, not raised: a sweep point is not a test."""
-    fn = fn or (lambda: nf4kit.matmul_4bit(x, packed, qs))
+def point(label: str, x, packed, qs, exp, dev) -> None:
+    """Time nf4kit.matmul_4bit(x) under the current settings and print one line (time, host time,
+    error vs `exp`); an exception is printed, not raised: a sweep point is not a test."""
+    fn = lambda: nf4kit.matmul_4bit(x, packed, qs)  # noqa: E731
     try:
         y = fn()
         err = ((y.float() - exp).norm() / exp.norm()).item()
@@ -152,8 +152,9 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                 for M in (32, 64):
                     xm = torch.randn(M, ref.shape[1], device=dev, dtype=torch.bfloat16)
                     em = xm.float() @ ref.t()
-                    # compact: the table GEMM with twice the warps an SM (experimental), at its own splits
-                    # heuristic.
+                    # compact: the table GEMM with twice the warps an SM (the default at M <= 32 on sm_90),
+                    # at its own splits heuristic.  2026-11-27d: at the 8-warp kernel's splits it was no
+                    # faster than that kernel, and M = 64 as two 32-row calls 11-14 us slower than one.
                     for on, pdl, compact in ((False, False, False), (True, False, False), (True, True, False),
                                              (True, True, True)):
                         with settings(cb, GEMV_MMA_GEMM=on, GEMV_PDL=pdl, GEMV_MMA_GEMM_COMPACT=compact):
@@ -165,16 +166,6 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                                       f"{cb._gemv_split_count(M, em.shape[1], xm.shape[1], xm.dtype, 64, dev)}",
                                       flush=True)
                             point(f"cuda M={M} {shape} {label}", xm, p, q, em, dev)
-                    if M <= 32:  # compact at the 8-warp kernel's splits: the layout alone, not the heuristic
-                        S8 = cb._mma_gemm_splits(64, em.shape[1], xm.shape[1], dev)
-                        with settings(cb, GEMV_MMA_GEMM=True, GEMV_PDL=True, GEMV_MMA_GEMM_COMPACT=True,
-                                      GEMM_MMA_SPLITS=S8):
-                            point(f"cuda M={M} {shape} table GEMM compact pdl finalize splits={S8}", xm, p, q, em, dev)
-                    else:  # M = 64 as two compact calls of 32 rows (the second reads W from L2): worth routing?
-                        halves = (xm[:32], xm[32:])
-                        with settings(cb, GEMV_MMA_GEMM=True, GEMV_PDL=True, GEMV_MMA_GEMM_COMPACT=True):
-                            point(f"cuda M={M} {shape} table GEMM compact 2x32 rows", xm, p, q, em, dev,
-                                  fn=lambda h=halves, p=p, q=q: torch.cat([nf4kit.matmul_4bit(xh, p, q) for xh in h]))
             if rows_too:
                 with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
                     _row_kernel_variants(shape, x, p, q, exp, dev)
@@ -321,19 +312,13 @@ def main() -> None:
                 with settings(tm, GEMV_STREAM=False):
                     point(f"triton M=1 {shape} word path (autotuned)", xs, p, q, e, dev)
                 for i, cfg in enumerate(configs):  # the committed config first, labelled the default
+                    # (the reduction on PDL where the device has it: tm._stream_pdl)
                     with settings(tm, GEMV_STREAM=True, STREAM_CONFIG=cfg):
                         point(f"triton M=1 {shape} stream {cfg}{' (default)' if i == 0 else ''}", xs, p, q, e, dev)
-                with settings(tm, GEMV_STREAM=True, STREAM_PDL=True):  # experimental: the reduction on PDL
-                    point(f"triton M=1 {shape} stream pdl reduction (on: {tm._stream_pdl(x.device)})", xs, p, q, e,
-                          dev)
-                # 2026-11-27c run1: -2.3 us on 4096x14336, +62 us on 14336x4096.  Again, and with half the
-                # programs per SM (is it the dependent grid's blocks taking the stream kernel's slots?).
-                for per_sm in (32, 16):
-                    cfg = dict(tm.STREAM_CONFIG, programs_per_sm=per_sm)
-                    with settings(tm, GEMV_STREAM=True, STREAM_PDL=True, STREAM_CONFIG=cfg):
-                        point(f"triton M=1 {shape} stream pdl reduction, {per_sm} programs per SM", xs, p, q, e, dev)
-                    with settings(tm, GEMV_STREAM=True, STREAM_CONFIG=cfg):
-                        point(f"triton M=1 {shape} stream, {per_sm} programs per SM", xs, p, q, e, dev)
+                # The default launches the reduction on PDL (STREAM_PDL, sm_90+); the ordinary launch
+                # against it.  2026-11-27c: one 84.7 us outlier with PDL; 27d: PDL faster in 6 of 6.
+                with settings(tm, GEMV_STREAM=True, STREAM_PDL=False):
+                    point(f"triton M=1 {shape} stream, reduction without pdl", xs, p, q, e, dev)
         if "triton" not in sections:
             return
         for cfg in tm.gemv_configs(torch.cuda.get_device_capability(dev), True) + extra:

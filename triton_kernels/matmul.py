@@ -71,14 +71,15 @@ AUTOTUNE: bool = os.environ.get("NF4KIT_TRITON_AUTOTUNE", "1") != "0"
 # word path's 27.1-27.6; 14336x4096 22.4 us against 24.7; the fastest of 9 configs on both shapes.
 GEMV_STREAM: bool = os.environ.get("NF4KIT_TRITON_GEMV_STREAM", "1") != "0"
 STREAM_CONFIG: dict = dict(BLOCK_N=1, BLOCK_K=1024, warps=1, programs_per_sm=32)
-# Off (NF4KIT_TRITON_STREAM_PDL=1; sm_90+ only, never under the interpreter): the stream kernel's
-# split-K reduction is launched with programmatic dependent launch (launch_pdl): the stream kernel
-# signals at its start (gdc_launch_dependents) and the reduction waits for its partials (gdc_wait), so
-# the second launch overlaps the first instead of following it.  The same kernels and sums: the
-# output's bits do not change (GPU test).  H100 (results/gpu_h100_2026-11-27c): 0.7-2.3 us faster in
-# five of six timings on both projection shapes, but once 84.7 us against 22.9 on 14336x4096, which
-# the repeat did not reproduce; off until that outlier is understood.
-STREAM_PDL: bool = os.environ.get("NF4KIT_TRITON_STREAM_PDL", "0") == "1"
+# On by default on sm_90+ (NF4KIT_TRITON_STREAM_PDL=0 turns it off; never under the interpreter): the
+# stream kernel's split-K reduction is launched with programmatic dependent launch (launch_pdl): the
+# stream kernel signals at its start (gdc_launch_dependents) and the reduction waits for its partials
+# (gdc_wait), so the second launch overlaps the first instead of following it.  The same kernels and
+# sums: the output's bits do not change (GPU test).  H100, bf16, 4096x14336 / 14336x4096: 21.6 / 22.0 us
+# against 23.4 / 23.2 without (results/gpu_h100_2026-11-27d; all six timings of that run faster by
+# 0.7-2.3 us); the one outlier of gpu_h100_2026-11-27c (84.7 us against 22.9) recurred neither in
+# that session's repeat nor in these six.
+STREAM_PDL: bool = os.environ.get("NF4KIT_TRITON_STREAM_PDL", "1") != "0"
 MAX_LORA_RANK = 256
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -376,7 +376,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
                     ((14336, 4096), (4096, 14336), (512, 1024))] == [1, 4, 4]
             cuda_backend.GEMM_MMA_SPLITS = 15
             assert cuda_backend._gemv_split_count(64, 14336, 4096, bf, 64, dev0) == 8  # 16 tiles: 2 a split
-            # The compact form (experimental): its option bit; at M <= 32 two blocks an SM in the
+            # The compact form (forced on): its option bit; at M <= 32 two blocks an SM in the
             # heuristic (14336x4096: 264 slots / 112 blocks = 2 splits; 4096x14336: 8, 7 tiles each),
             # one above (its 16-warp block: the 8-warp form's splits); 83200 / 99840 bytes, which an
             # RTX 4090's 101376 grant (the 8-warp form's 198656 do not).

@@ -166,6 +166,14 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                                       f"{cb._gemv_split_count(M, em.shape[1], xm.shape[1], xm.dtype, 64, dev)}",
                                       flush=True)
                             point(f"cuda M={M} {shape} {label}", xm, p, q, em, dev)
+                    if M == 32:  # the compact default around its heuristic's splits: does a second, part-full
+                        # wave of smaller blocks beat one wave with empty slots (14336x4096: 224 of 264)?
+                        S = cb._gemv_split_count(M, em.shape[1], xm.shape[1], xm.dtype, 64, dev)
+                        tiles = xm.shape[1] // 256
+                        for splits in sorted({max(1, S - 1), min(tiles, S + 1), min(tiles, 2 * S)} - {S}):
+                            with settings(cb, GEMV_MMA_GEMM=True, GEMV_PDL=True, GEMM_MMA_SPLITS=splits):
+                                point(f"cuda M={M} {shape} table GEMM compact pdl finalize splits={splits} "
+                                      f"(heuristic {S})", xm, p, q, em, dev)
             if rows_too:
                 with settings(cb, GEMV_STREAM=False, GEMV_MMA=False):
                     _row_kernel_variants(shape, x, p, q, exp, dev)

@@ -117,7 +117,8 @@ def main(argv=None) -> int:
                 calls.append((f"matmul_4bit mma batch M={m_rows}", "matmul_4bit", batch_gemv, "same"))
             # The table GEMM (the M = 17..64 default on sm_90): M = 33 in the heuristic's splits, M = 64
             # in one (y written); and the fused GEMM it replaced there (still A100's, and the backward's).
-            # Compact (the default at M <= 32 on sm_90): two 8-warp blocks an SM (M <= 32) and one of 16 warps (M = 33..64).
+            # Compact (the default at M <= 32 on sm_90): two 8-warp blocks an SM (M <= 32) and one of 16
+            # warps (M = 33..64).
             for m_rows, splits, compact in ((33, None, False), (64, 1, False), (17, 2, True), (32, 1, True),
                                             (33, 2, True), (64, 1, True)):
                 x_g = rn(m_rows, 2048)

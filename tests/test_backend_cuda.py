@@ -405,9 +405,9 @@ def test_mma_gemm(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
 def test_mma_gemm_compact_gives_the_table_gemms_bits(monkeypatch, M, splits, dt, N, K, bs, quant_type, nested):
     """The compact table GEMM (GEMV_MMA_GEMM_COMPACT, the default at M <= 32 on sm_90: the table at
     the window's dynamic base, x buffer 0 in the table's unused bytes; M <= 32 two 8-warp blocks per
-    SM, M > 32 one block of 16 warps, two per 16 W rows) computes the same mma in the same order as the 8-warp layout: at
-    the same splits its output equals that kernel's bit for bit, bias and LoRA included, and agrees
-    with the float64 reference; its option bit reaches the C call."""
+    SM, M > 32 one block of 16 warps, two per 16 W rows) computes the same mma in the same order as the
+    8-warp layout: at the same splits its output equals that kernel's bit for bit, bias and LoRA
+    included, and agrees with the float64 reference; its option bit reaches the C call."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", True)
     monkeypatch.setattr(cuda_backend, "GEMM_MMA_SPLITS", splits)
     dev = torch.device(DEV)

@@ -276,8 +276,8 @@ def test_gemv_stream_kernel(N, K, bs, quant_type, nested, dtype, monkeypatch):
 def test_gemv_stream_pdl_reduction_gives_the_same_bits(dtype, monkeypatch):
     """STREAM_PDL (the default on sm_90+): the stream kernel's reduction launched with programmatic
     dependent launch runs the same kernels in the same order, so its output equals the ordinary launch's
-    bit for bit, bias and LoRA included.  It is on only on a GPU of compute capability 9.0+ (and a Triton with
-    grid dependency control), never under the interpreter, where the setting is ignored."""
+    bit for bit, bias and LoRA included.  It is on only on a GPU of compute capability 9.0+ (and a
+    Triton with grid dependency control), never under the interpreter, where the setting is ignored."""
     from nf4kit.triton_kernels import matmul as tkm
 
     monkeypatch.setattr(tkm, "DEQUANT_GEMM_MIN_M", 0)

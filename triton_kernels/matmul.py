@@ -76,9 +76,9 @@ STREAM_CONFIG: dict = dict(BLOCK_N=1, BLOCK_K=1024, warps=1, programs_per_sm=32)
 # stream kernel signals at its start (gdc_launch_dependents) and the reduction waits for its partials
 # (gdc_wait), so the second launch overlaps the first instead of following it.  The same kernels and
 # sums: the output's bits do not change (GPU test).  H100, bf16, 4096x14336 / 14336x4096: 21.6 / 22.0 us
-# against 23.4 / 23.2 without (results/gpu_h100_2026-11-27d; all six timings of that run faster by
-# 0.7-2.3 us); the one outlier of gpu_h100_2026-11-27c (84.7 us against 22.9) recurred neither in
-# that session's repeat nor in these six.
+# against 23.4 / 23.2 without (results/gpu_h100_2026-11-27d run1; faster in all eight timings of that
+# session, by 0.2-2.4 us); the one outlier of gpu_h100_2026-11-27c (84.7 us against 22.9) recurred
+# neither in that session's repeat nor since.
 STREAM_PDL: bool = os.environ.get("NF4KIT_TRITON_STREAM_PDL", "1") != "0"
 MAX_LORA_RANK = 256
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -439,9 +439,6 @@ struct MmaTable {
   uint32_t lane_entry, code_at;
 };
 
-// The per-lane pair table on the first 64 KB boundary of the dynamic shared memory (entry v of lane
-// L at table + v * 256 + 4 L) and, after it, the nested absmax code; returns this lane's addresses
-// in them.  The caller synchronises before the first lookup.
 // The per-lane pair entries at `table` (entry v of lane L at table + v * 256 + 4 L; bytes 128..255
 // of each 256 are left alone) and, for double quant, the nested absmax code at `code`.
 template <typename TX>
@@ -451,6 +448,10 @@ __device__ __forceinline__ void mma_fill_table(unsigned char* table, float* code
   if (am.q != nullptr)
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = __ldg(am.code + i);
 }
+
+// The per-lane pair table on the first 64 KB boundary of the dynamic shared memory (entry v of lane
+// L at table + v * 256 + 4 L) and, after it, the nested absmax code; returns this lane's addresses
+// in them.  The caller synchronises before the first lookup.
 template <typename TX>
 __device__ __forceinline__ MmaTable mma_build_table(unsigned char* smem, int quant_type, const Absmax& am) {
   const uint32_t smem0 = (uint32_t)__cvta_generic_to_shared(smem);

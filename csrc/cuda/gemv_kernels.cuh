@@ -1314,12 +1314,16 @@ inline int device_limits(int dev, DeviceLimits* out) {
 
 // Lets `Kernel` launch on device `dev` with `bytes` of dynamic shared memory (opted in above the 48 KB
 // default), asking the runtime once per device and kernel for the largest size asked so far.
+// max_carveout: with it, the largest shared-memory carveout (the compact table GEMM's two blocks per SM
+// need 2 x 82 KB, more than a carveout sized for one block leaves).
 template <auto Kernel>
-int grant_smem(int dev, int bytes) {
+int grant_smem(int dev, int bytes, bool max_carveout = false) {
   static int granted[kMaxDevices] = {0};
   const bool cacheable = dev >= 0 && dev < kMaxDevices;
-  if (bytes <= 48 * 1024 || (cacheable && granted[dev] >= bytes)) return 0;
-  const cudaError_t e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if ((bytes <= 48 * 1024 && !max_carveout) || (cacheable && granted[dev] >= bytes)) return 0;
+  cudaError_t e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess && max_carveout)
+    e = cudaFuncSetAttribute(Kernel, cudaFuncAttributePreferredSharedMemoryCarveout, (int)cudaSharedmemCarveoutMaxShared);
   if (e != cudaSuccess) return (int)e;
   if (cacheable) granted[dev] = bytes;
   return 0;
@@ -1517,20 +1521,6 @@ int launch_gemv_mma(const void* x, int M, int N, int64_t K, const uint8_t* packe
   }
 }
 
-// Asks for the largest shared-memory carveout for `Kernel` once per device: the compact table GEMM's
-// two blocks per SM (M <= 32) need 2 x 82 KB, more than a carveout sized for one block leaves.
-template <auto Kernel>
-int prefer_max_smem(int dev) {
-  static bool asked[kMaxDevices] = {false};
-  const bool cacheable = dev >= 0 && dev < kMaxDevices;
-  if (cacheable && asked[dev]) return 0;
-  const cudaError_t e =
-      cudaFuncSetAttribute(Kernel, cudaFuncAttributePreferredSharedMemoryCarveout, (int)cudaSharedmemCarveoutMaxShared);
-  if (e != cudaSuccess) return (int)e;
-  if (cacheable) asked[dev] = true;
-  return 0;
-}
-
 // The small-M table GEMM (kGemvMmaGemm): blocks of 128 rows x S K-splits of ceil(T / S) tiles (the
 // caller's S must give every split a tile: S == ceil(T / ceil(T / S))), n-tiles for M <= 32 or <= 64;
 // kCompact (kGemvMmaGemmCompact): 4 n-tiles a warp, kHalves warps per 16 W rows.
@@ -1542,8 +1532,7 @@ int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8
   int dev = 0;
   const cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return (int)e;
-  int rc = grant_smem<kernel>(dev, smem);
-  if (rc == 0 && kCompact) rc = prefer_max_smem<kernel>(dev);
+  const int rc = grant_smem<kernel>(dev, smem, kCompact);
   if (rc != 0) return rc;
   const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;  // S checked by launch_gemv
   const int64_t blocks = (N + 16 * (kGemmThreads / 32) - 1) / (16 * (kGemmThreads / 32));

@@ -20,13 +20,12 @@ from ._timing import bench
 
 
 def point(label: str, x, packed, qs, exp, dev) -> None:
-    """Time nf4kit.matmul_4bit(x) under the current settings and print one line (time, host time,
-    error vs `exp`); an exception is printed, not raised: a sweep point is not a test."""
-    fn = lambda: nf4kit.matmul_4bit(x, packed, qs)  # noqa: E731
+    """Time nf4kit.matmul_4bit(x) under the current settings and print one line (time, host
+    time, error vs `exp`); an exception is printed, not raised: a sweep point is not a test."""
     try:
-        y = fn()
+        y = nf4kit.matmul_4bit(x, packed, qs)
         err = ((y.float() - exp).norm() / exp.norm()).item()
-        t = bench(fn, dev)
+        t = bench(lambda: nf4kit.matmul_4bit(x, packed, qs), dev)
         print(f"{label}: {t.median_s * 1e6:8.1f} us  host {t.host_s * 1e6:6.1f} us  rel_err {err:.1e}", flush=True)
     except Exception as e:
         print(f"{label}: {type(e).__name__}: {e}", flush=True)

@@ -277,8 +277,10 @@ def test_cuda_kernels_keep_the_invariants():
 def test_table_gemm_keeps_its_instruction_budget():
     """The experimental table GEMM (M <= 64) decodes each A fragment once for its 4 or 8 n-tiles and
     reads x from shared memory: per 256-wide tile 64 PRMT + 64 table LDS, NT x 16 (HMMA + B LDS), the
-    per-quarter scales and 16 cp.async of x.  Static sm_80/sm_90 SASS of its main loop (two tiles):
-    at most 7.5 instructions per weight with 8 n-tiles, 6.0 with 4 (the fused GEMM: 13.3), no spills."""
+    per-quarter scales and 2 NT cp.async of x a thread (8 in the compact form), each a few instructions
+    (XCopySteps; 7.2 and 5.7 instructions per weight before, at sm_90).  Static sm_80/sm_90 SASS of
+    its main loop (two tiles): at most 6.0 instructions per weight with 8 n-tiles, 4.2 with 4 (the
+    fused GEMM: 13.3), no spills."""
     stats, note = kr.cuda_stats()
     table = [s for s in stats if "gemm_4bit_table_kernel" in s.name]
     if not table:
@@ -286,12 +288,13 @@ def test_table_gemm_keeps_its_instruction_budget():
     assert {kr.mma_n_tiles(s.name) for s in table} == {4, 8}
     for s in table:
         assert s.loop_instr and s.loop_weights == 256, (s.name, s.loop_weights)  # two tiles, 128 weights a lane each
-        budget = 7.5 if kr.mma_n_tiles(s.name) == 8 else 6.0
+        budget = 6.0 if kr.mma_n_tiles(s.name) == 8 else 4.2
         assert s.loop_per_weight <= budget, f"{s.name} sm_{s.arch}: {s.loop_per_weight:.2f} instructions per weight"
         assert not s.spills
     # The compact form (<TX, 4, true, halves>): 4 n-tiles a warp; two 8-warp blocks an SM on sm_90 and
-    # 16-warp blocks everywhere need at most 128 registers; its 8-warp loop costs no more instructions
-    # than the 8-warp form's (the table's base is the LDS immediate, not an add).
+    # 16-warp blocks everywhere need at most 128 registers; its 8-warp loop costs at most 4 % more
+    # instructions than the 8-warp form's: the table's base is the LDS immediate, not an add (which would
+    # cost 128 a loop, 13 %); what it does pay is a few recomputations under its register cap.
     compact = [s for s in table if ", true," in s.name]
     assert {s.name.endswith("2>") for s in compact} == {False, True}
     for s in compact:
@@ -300,7 +303,7 @@ def test_table_gemm_keeps_its_instruction_budget():
             assert s.regs <= 128, (s.name, s.arch, s.regs)
         if s.name.endswith("1>"):
             plain = next(p for p in table if p.arch == s.arch and p.name == s.name.replace("true, 1>", "false, 1>"))
-            assert s.loop_instr <= plain.loop_instr, (s.name, s.arch, s.loop_instr, plain.loop_instr)
+            assert s.loop_instr <= 1.04 * plain.loop_instr, (s.name, s.arch, s.loop_instr, plain.loop_instr)
 
 
 def test_template_arguments_are_read_from_kernel_names():

@@ -367,6 +367,9 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
             assert cuda_backend._gemv_kernel(32, 64, 3072, torch.float32, 64) == "none"
             assert cuda_backend._gemv_kernel(32, 64, 3072, bf, 32) == "none"
             assert cuda_backend._gemv_kernel(32, 64, 3072 + 32, bf, 64) == "none"
+            # 32-bit x offsets: M * K < 2^32 (N * K < 2^32 alone lets a short, very wide W through).
+            assert [cuda_backend._gemv_kernel(M, 32, 2**26, bf, 64) for M in (32, 63, 64)] == \
+                ["mma-gemm", "mma-gemm", "none"]
             assert cuda_backend._gemv_variant(32, 64, 3072, bf, 64, 3) == (2, gemm)
             cuda_backend._num_sms = lambda index: 132
             dev0 = torch.device("cuda", 0)

@@ -879,7 +879,7 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
 // one per 8 batch rows, but x comes from shared memory (the batch kernel holds it in 32 registers per
 // n-tile, too many past M = 16).  So all 8 warps of a block work on the same 256-wide K-tile at a
 // time: the block owns 128 rows (a 16-row block per warp) and one K-split of `tiles_per_split`
-// tiles, which it walks in order, staging each tile's x [64][kXStride] once with cp.async into one
+// tiles, which it walks in order, staging each tile's x [8 NT][kXStride] once with cp.async into one
 // of two buffers while the other is read (rows padded to 520 bytes: a half-warp's 8-byte B loads,
 // rows grp 0..3 x lanes tid 0..3, then hit 16 distinct bank pairs), the next tile's W in registers
 // meanwhile.  Its 194 KB of shared memory leave it to sm_90 (A100: 163 KB).  A visit is the batch kernel's: lane
@@ -903,7 +903,6 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
 // fragments; W is read twice, the second time mostly from cache).
 constexpr int kXStride = kMmaTile + 4;  // elements per staged x row
 constexpr int kGemmThreads = 256;  // 8 warps, 128 rows (with x staged through registers, NT = 8 spilled at 16 and 12)
-constexpr int kXCopies = kMmaGemmMaxM * kMmaTile / 4 / kGemmThreads;  // 8-byte cp.async of x a thread per tile
 constexpr int kXBufferBytes = kMmaGemmMaxM * kXStride * 2;
 constexpr int kMmaGemmSmemBytes = kMmaSmemBytes + 2 * kXBufferBytes;
 
@@ -943,9 +942,60 @@ __device__ __forceinline__ constexpr uint32_t dynamic_smem_low() {
 #endif
 }
 
+// Where the table GEMM stages x: 8-byte piece i of a tile (batch row i / 64, elements 4 (i % 64) ..
+// + 3 of the 256-wide tile) in buffer `buf`, in bytes from the dynamic base (compact: CompactLayout
+// for Rows batch rows) or from the 8-warp kernel's x buffers.  The plain definition; the kernel
+// walks it strength-reduced (XCopySteps), checked against this for every thread at compile time.
+template <bool kCompact, int Rows>
+__host__ __device__ constexpr uint32_t x_piece_offset(int buf, int i) {
+  const int m = i >> 6, c = (i & 63) * 4;
+  if constexpr (kCompact) {
+    using L = CompactLayout<Rows>;
+    const uint32_t j = 4u * (uint32_t)m + (uint32_t)((i >> 4) & 3), piece = (uint32_t)((i & 15) ^ (m & 3));
+    return buf == 0 ? L::kBuf0 + L::kStride0 * j + 8u * piece : L::kBuf1 + L::kRow1 * (uint32_t)m + 2u * (uint32_t)c;
+  }
+  return (uint32_t)(buf * kXBufferBytes + 2 * (m * kXStride + c));
+}
+
+// Thread t of Threads copies pieces t + Threads u (u < kCopies) of each tile: batch rows
+// t / 64 + kRowStep u, all at elements 4 (t % 64) .. + 3, so a copy's source moves on by kRowStep rows
+// of x and its shared address by a constant (the LDGSTS immediate): no per-copy index arithmetic.
+template <bool kCompact, int Rows, int Threads>
+struct XCopySteps {
+  static_assert(Threads % 64 == 0 && Rows * 64 % Threads == 0, "whole batch rows per copy round");
+  static constexpr int kCopies = Rows * 64 / Threads, kRowStep = Threads / 64;
+  __host__ __device__ static constexpr uint32_t step(int buf) {
+    return x_piece_offset<kCompact, Rows>(buf, Threads) - x_piece_offset<kCompact, Rows>(buf, 0);
+  }
+  // Every thread's every copy lands where the plain definition puts it.
+  __host__ __device__ static constexpr bool matches_definition() {
+    for (int buf = 0; buf < 2; ++buf)
+      for (int t = 0; t < Threads; ++t)
+        for (int u = 0; u < kCopies; ++u) {
+          const int i = t + Threads * u;
+          if (x_piece_offset<kCompact, Rows>(buf, i) != x_piece_offset<kCompact, Rows>(buf, t) + (uint32_t)u * step(buf) ||
+              (i >> 6) != (t >> 6) + kRowStep * u || (i & 63) != (t & 63))
+            return false;
+        }
+    return true;
+  }
+};
+
+// threadIdx.x through a volatile read: the compiler cannot hoist what is computed from it out of a
+// loop and keep it in registers (or spill it) but recomputes it where it is used.
+__device__ __forceinline__ uint32_t thread_index_x() {
+  uint32_t t;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+  return t;
+}
+
 // 8 bytes global -> shared without registers (sm_80+), and the waits for this thread's copies.
 __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" : : "r"(dst), "l"(src));
+}
+// The same, or (full false: a row past M) 8 zero bytes without a global read.
+__device__ __forceinline__ void cp_async8_zfill(uint32_t dst, const void* src, bool full) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" : : "r"(dst), "l"(src), "r"(full ? 8 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
@@ -984,18 +1034,22 @@ __global__ void __launch_bounds__(kGemmThreads * kHalves, kCompact && kHalves ==
 
   // Tile kt's bytes of rows row, row + 8 (32 q + 8 tid of each row's 128) and quarter tid's absmax of
   // both, into a slot; rows past N keep the slot's zeros.
-  const int64_t row_bytes = K >> 1;
-  const uint8_t* wp = packed + (int64_t)row * row_bytes + 8 * tid;
   const uint32_t scale_e0 = (uint32_t)row * (uint32_t)K + 64u * (uint32_t)tid, scale_e8 = 8u * (uint32_t)K;
   auto fetch = [&](MmaBytes8& b, int kt) {
-    const uint8_t* p = wp + (int64_t)kt * (kMmaTile / 2);
+    // Byte offsets into W in 32 bits (N * K < 2^32 - 256, as the absmax indices), from a re-read
+    // thread index: a W pointer held through the loop was spilled at the 128-register cap.
+    const uint32_t t = thread_index_x(), row_bytes = (uint32_t)K >> 1;  // K < 2^32
+    const uint32_t w_row = (blockIdx.x * (kGemmThreads / 32) + (t >> 5) % (kGemmThreads / 32)) * 16u + ((t & 31u) >> 2);
+    const uint32_t off = w_row * row_bytes + 8u * (t & 3u) + (uint32_t)kt * (kMmaTile / 2);
     if (row < N) {
+      const uint8_t* p = packed + off;
 #pragma unroll
       for (int q = 0; q < 4; ++q) b.w[0][q] = __ldcs(reinterpret_cast<const uint2*>(p + 32 * q));
     }
     if (row + 8 < N) {
+      const uint8_t* p = packed + (off + 8u * row_bytes);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) b.w[1][q] = __ldcs(reinterpret_cast<const uint2*>(p + 8 * row_bytes + 32 * q));
+      for (int q = 0; q < 4; ++q) b.w[1][q] = __ldcs(reinterpret_cast<const uint2*>(p + 32 * q));
     }
     const uint32_t e = scale_e0 + (uint32_t)kt * kMmaTile;
     if (row + 8 < N)
@@ -1003,41 +1057,29 @@ __global__ void __launch_bounds__(kGemmThreads * kHalves, kCompact && kHalves ==
     else if (row < N)
       mma_fetch_scales<false>(b, am, e >> log2_bs, e >> log2_bs);
   };
-  // Tile kt's x, rows < M x 256, into buffer `buf` (8-byte pieces i = thread + 256 u); the rows past M
-  // stay the zeros written once below.
-  const uint32_t xs_at = (uint32_t)__cvta_generic_to_shared(xs);
+  // Tile kt's x into buffer `buf`: the 8 NT (compact: Layout::kRows) batch rows the warps read, 256
+  // elements each, in 8-byte pieces i = thread + kThreads u (see x_piece_offset); rows past M are
+  // zero-filled without a global read.
+  constexpr int kStagedRows = kCompact ? Layout::kRows : 8 * NT;
+  using Copies = XCopySteps<kCompact, kStagedRows, kThreads>;
+  static_assert(Copies::matches_definition(), "the strength-reduced x copies must follow x_piece_offset");
+  // Element offsets into x in 32 bits (M * K < 2^32, checked by launch_gemv): a 64-bit source
+  // pointer live through the loop cost the compact kernel a spill.
+  const uint32_t copy_base = kCompact ? smem0 : (uint32_t)__cvta_generic_to_shared(xs);
   auto copy_x = [&](int kt, int buf) {
+    // The thread index re-read here, so that nothing of this stays live through the loop (the
+    // compact kernel sits at its 128-register cap).
+    const int t = (int)thread_index_x(), copy_row = t >> 6;  // batch row of this thread's copy u = 0
+    const uint32_t dst = copy_base + x_piece_offset<kCompact, kStagedRows>(buf, t);
+    uint32_t e = (uint32_t)copy_row * (uint32_t)K + (uint32_t)(t & 63) * 4u + (uint32_t)kt * kMmaTile;
 #pragma unroll
-    for (int u = 0; u < (kCompact ? Layout::kRows * 64 / kThreads : kXCopies); ++u) {
-      const int i = (int)threadIdx.x + kThreads * u, m = i >> 6, c = (i & 63) * 4;
-      if (m < M) {
-        const TX* src = x + (int64_t)m * K + (int64_t)kt * kMmaTile + c;
-        if constexpr (kCompact) {
-          const uint32_t j = 4u * m + ((i >> 4) & 3), piece = (uint32_t)((i & 15) ^ (m & 3));
-          cp_async8(buf == 0 ? smem0 + Layout::kBuf0 + Layout::kStride0 * j + 8u * piece
-                             : smem0 + Layout::kBuf1 + Layout::kRow1 * m + 2u * c, src);
-        } else {
-          cp_async8(xs_at + (uint32_t)(buf * kXBufferBytes + 2 * (m * kXStride + c)), src);
-        }
-      }
+    for (int u = 0; u < Copies::kCopies; ++u) {
+      const bool in_x = copy_row + Copies::kRowStep * u < M;
+      cp_async8_zfill(dst + (uint32_t)u * Copies::step(buf), x + (in_x ? e : 0u), in_x);
+      e += (uint32_t)Copies::kRowStep * (uint32_t)K;
     }
     cp_async_commit();
   };
-  if constexpr (kCompact) {  // zero rows M .. kRows - 1 of both buffers (32-bit words)
-    for (int i = (int)threadIdx.x; i < Layout::kRows * 4 * 32; i += kThreads) {  // quarter-row i / 32 of buffer 0
-      if (i / 128 >= M)
-        *reinterpret_cast<uint32_t*>(mma_smem + Layout::kBuf0 + Layout::kStride0 * (i / 32) + 4 * (i % 32)) = 0u;
-    }
-    for (int i = (int)threadIdx.x; i < Layout::kRows * (int)Layout::kRow1 / 4; i += kThreads) {  // buffer 1's rows
-      if (i / ((int)Layout::kRow1 / 4) >= M) *reinterpret_cast<uint32_t*>(mma_smem + Layout::kBuf1 + 4 * i) = 0u;
-    }
-  } else {
-    for (int i = (int)threadIdx.x; i < 2 * kMmaGemmMaxM * kXStride / 2; i += kGemmThreads) {  // zero rows M.. of both
-      const int e = 2 * i, m = (e % (kMmaGemmMaxM * kXStride)) / kXStride;
-      if (m >= M) *reinterpret_cast<uint32_t*>(xs + e) = 0u;
-    }
-  }
-
   MmaBytes8 ring[2] = {};
   fetch(ring[0], kt0);
   copy_x(kt0, 0);
@@ -1569,7 +1611,8 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
     const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;
     if (K % kMmaTile != 0 || log2_bs < 6 || S > tiles || (tiles + per_split - 1) / per_split != S ||
         (options & ~(kGemvWideFinalize | kGemvPdl | kGemvMmaGemmCompact)) != kGemvMmaGemm ||
-        (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
+        (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile ||  // 32-bit absmax indices
+        (uint64_t)M * (uint64_t)K >= (uint64_t(1) << 32))                // 32-bit x offsets
       return kBadArgument;
     const int rc = launch_gemm_table<TX>(x, M, N, K, packed, am, log2_bs, quant_type,
                                          (options & kGemvMmaGemmCompact) != 0, S, partial,

@@ -362,7 +362,9 @@ def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int,
         return "mma"
     gemm_smem = (_MMA_GEMM_COMPACT_SMEM_BYTES[32 if M <= 32 else 64] if _mma_gemm_compact(M, device)
                  else _MMA_GEMM_SMEM_BYTES)
-    if table and GEMV_MMA_MAX_M < M <= 64 and GEMV_MMA_GEMM and (index is None or _mma_fits(index, gemm_smem)):
+    # The table GEMM's x offsets are 32-bit as well: M * K < 2^32 (only N < M with K >= 2^26 misses it).
+    if table and GEMV_MMA_MAX_M < M <= 64 and M * K < 2**32 and GEMV_MMA_GEMM and \
+            (index is None or _mma_fits(index, gemm_smem)):
         return "mma-gemm"
     if M > GEMV_MAX_M:
         return "none"  # matmul_4bit takes the fused GEMM

@@ -178,6 +178,21 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                     _row_kernel_variants(shape, x, p, q, exp, dev)
 
 
+def square_m64(dev) -> None:
+    """M = 64 on a 4096x4096 weight (1.52x bitsandbytes in 27d, the one table-GEMM shape short of 2x
+    at M = 64): the 8-warp default against the compact 16-warp form, which lost on the two long
+    shapes (W decoded twice) but has never run on this short one, and the fused GEMM."""
+    W = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+    p, q = nf4kit.quantize_4bit(W, blocksize=64, compress_statistics=True)
+    ref = nf4kit.dequantize_4bit(p, q).float()
+    xm = torch.randn(64, 4096, device=dev, dtype=torch.bfloat16)
+    em = xm.float() @ ref.t()
+    for label, values in (("table GEMM (default)", {}), ("table GEMM compact", dict(GEMV_MMA_GEMM_COMPACT=True)),
+                          ("fused GEMM", dict(GEMV_MMA_GEMM=False))):
+        with settings(cb, **values):
+            point(f"cuda M=64 4096x4096 {label}", xm, p, q, em, dev)
+
+
 def _row_kernel_variants(shape, x, p, q, exp, dev) -> None:
     """The row kernel's rows per warp x ring depth x K-splits, pair table and direct epilogue
     (the caller has the stream kernel off).  The pair table: is the plateau the MIO lookups?
@@ -243,6 +258,7 @@ def main() -> None:
         flush_modes(packed, qs, W, dev)
     if "depth" in sections or "stream" in sections:  # stream: the floors, default and stream kernel only
         depth_sweep(packed, qs, W_ref, dev, rows_too="depth" in sections)
+        square_m64(dev)
     if "bnb-backend" in sections:
         bnb_backend(packed, qs, W_ref, dev)
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "

@@ -187,10 +187,16 @@ def square_m64(dev) -> None:
     ref = nf4kit.dequantize_4bit(p, q).float()
     xm = torch.randn(64, 4096, device=dev, dtype=torch.bfloat16)
     em = xm.float() @ ref.t()
+    S = cb._gemv_split_count(64, 4096, 4096, xm.dtype, 64, dev)
     for label, values in (("table GEMM (default)", {}), ("table GEMM compact", dict(GEMV_MMA_GEMM_COMPACT=True)),
                           ("fused GEMM", dict(GEMV_MMA_GEMM=False))):
         with settings(cb, **values):
             point(f"cuda M=64 4096x4096 {label}", xm, p, q, em, dev)
+    # 32 row blocks of 128 rows: the heuristic's splits fill one wave (one 194 KB block an SM) with
+    # 16 / S tiles a block, so the prologue (the 64 KB table) and the finalize weigh on few tiles.
+    for splits in sorted({2, 2 * S} - {S}):
+        with settings(cb, GEMM_MMA_SPLITS=splits):
+            point(f"cuda M=64 4096x4096 table GEMM splits={splits} (heuristic {S})", xm, p, q, em, dev)
 
 
 def _row_kernel_variants(shape, x, p, q, exp, dev) -> None:

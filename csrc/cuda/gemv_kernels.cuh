@@ -989,11 +989,8 @@ __device__ __forceinline__ uint32_t thread_index_x() {
   return t;
 }
 
-// 8 bytes global -> shared without registers (sm_80+), and the waits for this thread's copies.
-__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" : : "r"(dst), "l"(src));
-}
-// The same, or (full false: a row past M) 8 zero bytes without a global read.
+// 8 bytes global -> shared without registers (sm_80+), or (full false: a row past M) 8 zero bytes
+// without a global read; and the waits for this thread's copies.
 __device__ __forceinline__ void cp_async8_zfill(uint32_t dst, const void* src, bool full) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" : : "r"(dst), "l"(src), "r"(full ? 8 : 0));
 }
@@ -1021,7 +1018,6 @@ __global__ void __launch_bounds__(kGemmThreads * kHalves, kCompact && kHalves ==
   TX* xs = reinterpret_cast<TX*>(mma_smem + kMmaSmemBytes);
   const bool nested = am.q != nullptr;
   const int lane = threadIdx.x & 31, grp = lane >> 2, tid = lane & 3;
-  const int warp = kHalves == 1 ? threadIdx.x >> 5 : (threadIdx.x >> 5) % (kGemmThreads / 32);  // its 16 W rows
   const int m0 = kHalves == 1 ? 0 : 8 * NT * (int)(threadIdx.x / kGemmThreads);  // this warp's first batch row
   // This lane's B reads start at batch row grp, element 16 tid of a buffer (a shared-window address).
   const uint32_t xs_lane = (uint32_t)__cvta_generic_to_shared(xs) + 2u * (uint32_t)(grp * kXStride + 16 * tid);
@@ -1030,7 +1026,12 @@ __global__ void __launch_bounds__(kGemmThreads * kHalves, kCompact && kHalves ==
   const uint32_t xs1_lane = smem0 + Layout::kBuf1 + Layout::kRow1 * (m0 + grp) + 32u * tid;
   const int kt0 = (int)blockIdx.y * tiles_per_split;
   const int kt1 = min((int)(K / kMmaTile), kt0 + tiles_per_split);
-  const int row = ((int)blockIdx.x * (kGemmThreads / 32) + warp) * 16 + grp;  // and row + 8
+  // The first of thread t's two W rows (the other + 8): row grp of its warp's 16, warps w and w + 8 of
+  // the 16-warp form on the same rows.
+  const auto w_row_of = [](uint32_t t) {
+    return (blockIdx.x * (kGemmThreads / 32) + (t >> 5) % (kGemmThreads / 32)) * 16u + ((t & 31u) >> 2);
+  };
+  const int row = (int)w_row_of(threadIdx.x);  // and row + 8
 
   // Tile kt's bytes of rows row, row + 8 (32 q + 8 tid of each row's 128) and quarter tid's absmax of
   // both, into a slot; rows past N keep the slot's zeros.
@@ -1039,8 +1040,7 @@ __global__ void __launch_bounds__(kGemmThreads * kHalves, kCompact && kHalves ==
     // Byte offsets into W in 32 bits (N * K < 2^32 - 256, as the absmax indices), from a re-read
     // thread index: a W pointer held through the loop was spilled at the 128-register cap.
     const uint32_t t = thread_index_x(), row_bytes = (uint32_t)K >> 1;  // K < 2^32
-    const uint32_t w_row = (blockIdx.x * (kGemmThreads / 32) + (t >> 5) % (kGemmThreads / 32)) * 16u + ((t & 31u) >> 2);
-    const uint32_t off = w_row * row_bytes + 8u * (t & 3u) + (uint32_t)kt * (kMmaTile / 2);
+    const uint32_t off = w_row_of(t) * row_bytes + 8u * (t & 3u) + (uint32_t)kt * (kMmaTile / 2);
     if (row < N) {
       const uint8_t* p = packed + off;
 #pragma unroll

@@ -16,7 +16,8 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
                 cuda-mma-wide: the wide finalize; cuda-mma-2ch: two accumulator chains;
                 cuda-mma-block: each block sums its warps' K-tiles, 4 slices left for the finalize)
   cuda-gemm32   M = 32 on the 14336x4096 weight: the table GEMM as committed (one 8-warp block per SM;
-                cuda-gemm32-compact: its two-blocks-per-SM form)
+                cuda-gemm32-compact: its two-blocks-per-SM form; cuda-gemm32-cluster: that form with
+                its 2 K-splits summed in a thread-block cluster, no finalize)
   triton        the triton backend's GEMV as committed (M = 1: its memory-order stream kernel;
                 triton-word: the word path it replaced)
   bnb           bitsandbytes' gemv_4bit (from the carried wheel)"""
@@ -51,9 +52,11 @@ VARIANTS = {"cuda-rows": _ROWS,
             "cuda-mma-2ch": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True),
             "cuda-mma-block": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True),
             "cuda-gemm32": dict(GEMV_MMA_GEMM=True, GEMV_MMA_GEMM_COMPACT=False),
-            "cuda-gemm32-compact": dict(GEMV_MMA_GEMM=True, GEMV_MMA_GEMM_COMPACT=True)}
+            "cuda-gemm32-compact": dict(GEMV_MMA_GEMM=True, GEMV_MMA_GEMM_COMPACT=True),
+            "cuda-gemm32-cluster": dict(GEMV_MMA_GEMM=True, GEMV_MMA_GEMM_COMPACT=True, GEMV_MMA_GEMM_CLUSTER=True)}
 # call -> (M, N, K) where it is not the M = 1 call on 4096x14336
-SHAPES = {"cuda-gemm32": (32, 14336, 4096), "cuda-gemm32-compact": (32, 14336, 4096)}
+SHAPES = {"cuda-gemm32": (32, 14336, 4096), "cuda-gemm32-compact": (32, 14336, 4096),
+          "cuda-gemm32-cluster": (32, 14336, 4096)}
 
 
 def main(call: str) -> None:

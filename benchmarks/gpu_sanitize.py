@@ -129,6 +129,19 @@ def main(argv=None) -> int:
 
                 calls.append((f"matmul_4bit table GEMM{' compact' if compact else ''} M={m_rows}", "matmul_4bit",
                               table_gemm, "same"))
+            # Its splits summed in a thread-block cluster (GEMV_MMA_GEMM_CLUSTER, sm_90+): remote
+            # shared-memory reads, bias in the kernel, no finalize.
+            if torch.cuda.get_device_capability()[0] >= 9:
+                for m_rows, splits, compact in ((33, 3, False), (17, 2, True), (64, 8, True)):
+                    x_c = rn(m_rows, 2048)
+
+                    def cluster_gemm(x_c=x_c, splits=splits, compact=compact):
+                        with settings(cb, GEMV_MMA_GEMM=True, GEMM_MMA_SPLITS=splits, GEMV_MMA_GEMM_COMPACT=compact,
+                                      GEMV_MMA_GEMM_CLUSTER=True):
+                            return nf4kit.matmul_4bit(x_c, pk_s, qs_s, bias=bias[:37])
+
+                    calls.append((f"matmul_4bit table GEMM{' compact' if compact else ''} cluster sums M={m_rows} "
+                                  f"S={splits}", "matmul_4bit", cluster_gemm, "same"))
             x_f = rn(33, 2048)
 
             def fused_gemm():

@@ -3,7 +3,7 @@ small-M fused GEMM (splits), and of the Triton M = 1 configs (including two K-st
 on the headline weight (4096x14336 NF4, blocksize 64, double quant, bf16), L2 flushed before
 every call.  Prints one line per setting: the time and the heuristic's choice, so the routing
 constants can be set from measurements.  GPU only:
-  [SWEEP=flush,depth|stream,gemv,gemm,gemm64t,triton|triton-stream,bnb-backend]
+  [SWEEP=flush,depth|stream,gemv,gemm,gemm64t,cluster,triton|triton-stream,bnb-backend]
 python -m benchmarks.gpu_sweep
 """
 from __future__ import annotations
@@ -199,6 +199,32 @@ def square_m64(dev) -> None:
             point(f"cuda M=64 4096x4096 table GEMM splits={splits} (heuristic {S})", xm, p, q, em, dev)
 
 
+def cluster_sums(dev) -> None:
+    """The table GEMM's K-splits summed in a thread-block cluster (GEMV_MMA_GEMM_CLUSTER: no partials,
+    no finalize launch) against the finalize (PDL, the default), M = 17..64 on the three shapes, each
+    form at its heuristic's splits; where the finalize no longer costs a launch, more splits may pay:
+    the heuristic's S and 2 S (at most 8) with the cluster."""
+    for N, K in ((4096, 14336), (14336, 4096), (4096, 4096)):
+        W = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+        p, q = nf4kit.quantize_4bit(W, blocksize=64, compress_statistics=True)
+        ref = nf4kit.dequantize_4bit(p, q).float()
+        for M in (17, 32, 48, 64):
+            xm = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            em = xm.float() @ ref.t()
+            S = cb._gemv_split_count(M, N, K, xm.dtype, 64, dev)
+            for cluster in (False, True):
+                with settings(cb, GEMV_MMA_GEMM_CLUSTER=cluster):
+                    point(f"cuda M={M} {N}x{K} table GEMM {'cluster sums' if cluster else 'finalize'} (S={S})", xm,
+                          p, q, em, dev)
+            for splits in sorted({2, min(8, 2 * S)} - {S}):
+                with settings(cb, GEMV_MMA_GEMM_CLUSTER=True, GEMM_MMA_SPLITS=splits):
+                    point(f"cuda M={M} {N}x{K} table GEMM cluster sums splits={splits} (heuristic {S})", xm, p, q,
+                          em, dev)
+            if M > 32:  # the compact 16-warp form, faster at M = 64 on 4096x4096 alone (27e)
+                with settings(cb, GEMV_MMA_GEMM_CLUSTER=True, GEMV_MMA_GEMM_COMPACT=True):
+                    point(f"cuda M={M} {N}x{K} table GEMM compact cluster sums", xm, p, q, em, dev)
+
+
 def _row_kernel_variants(shape, x, p, q, exp, dev) -> None:
     """The row kernel's rows per warp x ring depth x K-splits, pair table and direct epilogue
     (the caller has the stream kernel off).  The pair table: is the plateau the MIO lookups?
@@ -265,6 +291,8 @@ def main() -> None:
     if "depth" in sections or "stream" in sections:  # stream: the floors, default and stream kernel only
         depth_sweep(packed, qs, W_ref, dev, rows_too="depth" in sections)
         square_m64(dev)
+    if "cluster" in sections:
+        cluster_sums(dev)
     if "bnb-backend" in sections:
         bnb_backend(packed, qs, W_ref, dev)
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "

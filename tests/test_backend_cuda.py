@@ -438,6 +438,79 @@ def test_mma_gemm_compact_gives_the_table_gemms_bits(monkeypatch, M, splits, dt,
     assert torch.equal(out[True], out[False])
 
 
+@pytest.mark.parametrize("M,compact,splits", [(17, True, None), (32, True, 3), (40, False, 2), (64, False, 8)])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,bs,quant_type,nested", _TABLE_GEMM_WEIGHTS)
+def test_mma_gemm_cluster_sums_give_the_finalizes_bits(monkeypatch, M, compact, splits, dt, N, K, bs, quant_type,
+                                                       nested):
+    """The table GEMM's K-splits summed in a thread-block cluster (GEMV_MMA_GEMM_CLUSTER, sm_90+: the
+    splits' sums through distributed shared memory, bias and LoRA by the kernel, no finalize) add the
+    same numbers in the same order as the finalize: at the same 2..8 splits its output equals the
+    finalize's bit for bit, in both forms, and agrees with the float64 reference; the option bit
+    reaches the C call only with the setting on."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", True)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM_COMPACT", compact)
+    monkeypatch.setattr(cuda_backend, "GEMV_WIDE_FINALIZE", False)
+    dev = torch.device(DEV)
+    need = cuda_backend._MMA_GEMM_COMPACT_SMEM_BYTES[32 if M <= 32 else 64] if compact else \
+        cuda_backend._MMA_GEMM_SMEM_BYTES
+    if not cuda_backend._mma_fits(torch.cuda.current_device(), need):
+        pytest.skip("this GPU does not grant the table GEMM its shared memory")
+    assert cuda_backend._gemv_kernel(M, N, K, dt, bs, dev) == "mma-gemm"
+    # The asked splits (or the heuristic's, at most 8), as the split rule leaves them, at least 2.
+    monkeypatch.setattr(cuda_backend, "GEMM_MMA_SPLITS", None)
+    want = splits or min(8, cuda_backend._gemv_split_count(M, N, K, dt, bs, dev))
+    monkeypatch.setattr(cuda_backend, "GEMM_MMA_SPLITS", max(2, want))
+    S = cuda_backend._gemv_split_count(M, N, K, dt, bs, dev)
+    assert 2 <= S <= 8
+    st, W64 = _weight(N, K, bs, quant_type, nested, seed=N + K + 9)
+    x = _rand((M, K), dt, 141 + M)
+    bias = _rand((N,), torch.float32, 142)
+    A, B = _rand((8, K), dt, 143, 0.1), _rand((N, 8), dt, 144, 0.1)
+    seen = _OptionsSeen(cuda_backend._C())
+    monkeypatch.setattr(cuda_backend, "_C", lambda: seen)
+    out = {}
+    for cluster in (False, True):
+        monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM_CLUSTER", cluster)
+        seen.options.clear()
+        with nf4kit.use_backend("cuda"):
+            out[cluster] = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, bias, A, B, 0.5)
+        _ran_cuda("matmul_4bit")
+        assert len(seen.options) == 1
+        assert bool(seen.options[0] & cuda_backend._GEMV_MMA_GEMM_CLUSTER) == cluster
+        assert bool(seen.options[0] & cuda_backend._GEMV_MMA_GEMM_COMPACT) == compact
+    torch.cuda.synchronize()
+    exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    assert _relerr(out[True], exp) < 1e-2
+    assert torch.equal(out[True], out[False])
+
+
+def test_mma_gemm_cluster_sums_in_a_cuda_graph(monkeypatch):
+    """The cluster-summed table GEMM captured in a CUDA graph recomputes from a new input on replay
+    and gives the eager call's bits (no workspace, nothing left between calls)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", True)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM_CLUSTER", True)
+    monkeypatch.setattr(cuda_backend, "GEMM_MMA_SPLITS", 4)
+    M, K, N = 32, 4096, 1000
+    if not cuda_backend._mma_fits(torch.cuda.current_device(), cuda_backend._MMA_GEMM_SMEM_BYTES):
+        pytest.skip("this GPU does not grant the table GEMM its shared memory")
+    st, W64 = _weight(N, K, 64, "nf4", True, seed=47)
+    x = _rand((M, K), torch.bfloat16, 48)
+    with torch.no_grad(), nf4kit.use_backend("cuda"):
+        graph, y = _captured(lambda: ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, None, None, 1.0))
+        _ran_cuda("matmul_4bit")
+        x.copy_(_rand((M, K), torch.bfloat16, 49))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, None, None, None, 1.0)
+    assert torch.equal(y, eager)
+    assert _relerr(y, x.double() @ W64.t()) < 1e-2
+
+
 def test_gemv_mma_leaves_other_inputs_to_the_other_kernels(monkeypatch):
     """With GEMV_MMA on, fp32 x, M > 16, K % 256 != 0 and blocksize 32 take the other kernels, and
     still agree with the reference."""

@@ -413,6 +413,17 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
                     assert cuda_backend._gemv_variant(64, 64, 3072, bf, 64, 3, device=dev0) == (2, gemm)
                     assert cuda_backend._gemv_split_count(32, 14336, 4096, bf, 64, dev0) == (2 if hopper else 1)
                     assert not cuda_backend._mma_gemm_compact(32, None)
+                    # The splits summed in a cluster (when on): 2..8 splits on sm_90+, and the wide
+                    # finalize's bit dropped with the finalize; never where the device is not known.
+                    cluster = cuda_backend._GEMV_MMA_GEMM_CLUSTER
+                    cuda_backend.GEMV_MMA_GEMM_CLUSTER, cuda_backend.GEMV_WIDE_FINALIZE = True, True
+                    try:
+                        assert [cuda_backend._gemv_variant(64, 64, 3072, bf, 64, S, device=dev0)[1] for S in
+                                (1, 2, 8, 9)] == [gemm | wide] + [gemm | cluster if hopper else gemm | wide] * 2 + \
+                            [gemm | wide]
+                        assert cuda_backend._gemv_variant(64, 64, 3072, bf, 64, 2) == (2, gemm | wide)
+                    finally:
+                        cuda_backend.GEMV_MMA_GEMM_CLUSTER, cuda_backend.GEMV_WIDE_FINALIZE = False, False
             finally:
                 cuda_backend._pdl_capable = pdl_capable
         finally:

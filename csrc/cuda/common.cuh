@@ -150,6 +150,39 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// Thread-block clusters (sm_90+; PTX barrier.cluster, mapa): the blocks of a cluster are co-scheduled
+// and read each other's shared memory.  cluster_sync is a barrier of every thread of the cluster that
+// orders its shared-memory writes before the reads after it (release / acquire); cluster_ld_f32 reads
+// the float at shared address `addr` of the cluster's block `rank`.  Below sm_90 they trap: the host
+// launches clusters on sm_90+ only.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return r;
+}
+__device__ __forceinline__ float cluster_ld_f32(uint32_t addr, uint32_t rank) {
+  float v = 0.0f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+  // No memory clobber: kept between the cluster barriers (volatile asm keeps its order), while the
+  // caller's other loads and stores may overlap it.
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+  return v;
+}
+
 inline bool valid_4bit_blocksize(int blocksize) {
   return blocksize >= 32 && blocksize <= 4096 && log2_exact(blocksize) >= 0;
 }

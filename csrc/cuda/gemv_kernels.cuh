@@ -182,6 +182,7 @@ struct GemvEpilogue {
   const float* lora_t = nullptr;  // [M, r], already scaled
   const float* lora_b = nullptr;  // [N, r]
   int r = 0;
+  bool cluster_reduce = false;  // the table GEMM's K-splits sum in their cluster (kGemvMmaGemmCluster)
 };
 
 // Warp-reduce each row's per-lane sums; lane 0 writes them (to y when kDirect, see GemvEpilogue).
@@ -997,6 +998,43 @@ __device__ __forceinline__ void cp_async8_zfill(uint32_t dst, const void* src, b
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
+// The table GEMM's split-K sums without partials in global memory or a finalize launch
+// (kGemvMmaGemmCluster, sm_90+): the S = gridDim.y splits of a block's 128 rows run as one cluster.
+// Each block puts its sums in its own shared memory (the table and x buffers are done with: 64 batch
+// rows x 132 floats, padded so that a warp's stores hit 32 banks), and after a cluster barrier block c
+// sums outputs c T + t, c T + t + S T, ... (T threads; consecutive n, coalesced stores to y) over the
+// S blocks in split order, as the finalize does (0 + s_0 + s_1 + ...: the same bits), then bias and
+// LoRA (store_output).  A second barrier keeps every block's shared memory until all have read it.
+constexpr uint32_t kClusterSumStride = 132;
+constexpr int kMaxClusterSplits = 8;  // the portable cluster size
+template <typename TX, int NT>
+__device__ __forceinline__ void cluster_sum_outputs(const float (&acc)[NT][4], int tid, int row, int M, int N,
+                                                    int row0, const GemvEpilogue& ep, float* sums, uint32_t sums_addr,
+                                                    int threads, int m0) {
+  static_assert(kMmaGemmMaxM * kClusterSumStride * 4 <= CompactLayout<32>::kBytes, "the sums fit every form's smem");
+  __syncthreads();  // every warp is past its last tile: the table and the x buffers are free
+  for_each_batch_output(acc, tid, row, M, N, [&](int m, int n, float v) {
+    sums[(uint32_t)m * kClusterSumStride + (uint32_t)(n - row0)] = v;
+  }, m0);
+  cluster_sync();  // every split's sums are in its shared memory
+  const int S = (int)gridDim.y;
+  const int outputs = M * 128;
+  for (int i = (int)cluster_rank() * threads + (int)threadIdx.x; i < outputs; i += S * threads) {
+    const int m = i >> 7, n = row0 + (i & 127);
+    if (n >= N) continue;
+    const uint32_t addr = sums_addr + 4u * ((uint32_t)m * kClusterSumStride + (uint32_t)(i & 127));
+    float part[kMaxClusterSplits];  // all S loads in flight, then the sum in split order
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) part[s] = s < S ? cluster_ld_f32(addr, (uint32_t)s) : 0.0f;
+    float sum = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s)
+      if (s < S) sum += part[s];
+    store_output<TX>(sum, m, n, N, ep.bias, ep.lora_t, ep.lora_b, ep.r, static_cast<TX*>(ep.y));
+  }
+  cluster_sync();  // no block leaves while another still reads its shared memory
+}
+
 template <typename TX, int NT, bool kCompact = false, int kHalves = 1>
 __global__ void __launch_bounds__(kGemmThreads * kHalves, kCompact && kHalves == 1 ? compact_min_blocks() : 1)
     gemm_4bit_table_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed,
@@ -1128,6 +1166,14 @@ __global__ void __launch_bounds__(kGemmThreads * kHalves, kCompact && kHalves ==
     if (kt + 1 < kt1) tile(kt + 1, 1, ring[1], ring[0]);
   }
 
+  if (ep.cluster_reduce) {  // the launch made the S splits of these 128 rows one cluster (S = gridDim.y)
+    // The row re-read from the thread index: held through the loop for this branch, it was spilled.
+    const uint32_t t = thread_index_x();
+    cluster_sum_outputs<TX>(acc, (int)(t & 3u), (int)w_row_of(t), M, N, (int)blockIdx.x * 128, ep,
+                            reinterpret_cast<float*>(mma_smem), smem0, kThreads,
+                            kHalves == 1 ? 0 : 8 * NT * (int)(t / kGemmThreads));
+    return;
+  }
   for_each_batch_output(acc, tid, row, M, N, [&](int m, int n, float v) {
     if (gridDim.y == 1) {
       float sum = 0.0f;
@@ -1336,7 +1382,7 @@ constexpr int kMaxDevices = 64;
 
 // Device `dev`'s SM count and the shared memory one block may opt in to, read once per device.
 struct DeviceLimits {
-  int sms, smem_optin;
+  int sms, smem_optin, cluster_launch;
 };
 inline int device_limits(int dev, DeviceLimits* out) {
   static DeviceLimits cached[kMaxDevices] = {};
@@ -1348,6 +1394,7 @@ inline int device_limits(int dev, DeviceLimits* out) {
   DeviceLimits l{};
   cudaError_t e = cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&l.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&l.cluster_launch, cudaDevAttrClusterLaunch, dev);
   if (e != cudaSuccess) return (int)e;
   if (cacheable) cached[dev] = l;
   *out = l;
@@ -1579,9 +1626,30 @@ int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8
   const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;  // S checked by launch_gemv
   const int64_t blocks = (N + 16 * (kGemmThreads / 32) - 1) / (16 * (kGemmThreads / 32));
   if (S > 65535 || blocks > 0x7fffffff) return kUnsupported;
-  kernel<<<dim3((unsigned)blocks, (unsigned)S), kGemmThreads * kHalves, smem, stream>>>(
-      x, M, N, K, packed, am, log2_bs, quant_type, (int)per_split, partial, ep);
-  return (int)cudaGetLastError();
+  if (!ep.cluster_reduce) {
+    kernel<<<dim3((unsigned)blocks, (unsigned)S), kGemmThreads * kHalves, smem, stream>>>(
+        x, M, N, K, packed, am, log2_bs, quant_type, (int)per_split, partial, ep);
+    return (int)cudaGetLastError();
+  }
+  // The S splits of each 128 rows as one cluster (S <= 8, checked by launch_gemv), sm_90+.
+  DeviceLimits limits;
+  const int lrc = device_limits(dev, &limits);
+  if (lrc != 0) return lrc;
+  if (!limits.cluster_launch) return kUnsupported;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = (unsigned)S;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((unsigned)blocks, (unsigned)S);
+  config.blockDim = dim3(kGemmThreads * kHalves);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return (int)cudaLaunchKernelEx(&config, kernel, x, M, N, K, packed, am, log2_bs, quant_type, (int)per_split,
+                                 partial, ep);
 }
 
 template <typename TX>
@@ -1610,14 +1678,16 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
   if ((options & kGemvMmaGemm) != 0) {
     const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;
     if (K % kMmaTile != 0 || log2_bs < 6 || S > tiles || (tiles + per_split - 1) / per_split != S ||
-        (options & ~(kGemvWideFinalize | kGemvPdl | kGemvMmaGemmCompact)) != kGemvMmaGemm ||
+        (options & ~(kGemvWideFinalize | kGemvPdl | kGemvMmaGemmCompact | kGemvMmaGemmCluster)) != kGemvMmaGemm ||
+        ((options & kGemvMmaGemmCluster) != 0 && (S < 2 || S > kMaxClusterSplits)) ||
         (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile ||  // 32-bit absmax indices
         (uint64_t)M * (uint64_t)K >= (uint64_t(1) << 32))                // 32-bit x offsets
       return kBadArgument;
+    const bool cluster = (options & kGemvMmaGemmCluster) != 0;
     const int rc = launch_gemm_table<TX>(x, M, N, K, packed, am, log2_bs, quant_type,
                                          (options & kGemvMmaGemmCompact) != 0, S, partial,
-                                         GemvEpilogue{y, bias, lora_t, lora_b, r}, stream);
-    if (rc != 0 || S == 1) return rc;  // one split: the kernel wrote y
+                                         GemvEpilogue{y, bias, lora_t, lora_b, r, cluster}, stream);
+    if (rc != 0 || S == 1 || cluster) return rc;  // one split, or the splits' cluster: the kernel wrote y
     return launch_finalize_for<TX>(options, partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
   }
   if ((options & kGemvMma) != 0) {

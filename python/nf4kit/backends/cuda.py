@@ -143,12 +143,21 @@ GEMV_MMA_GEMM_COMPACT: Optional[bool] = None if _COMPACT_ENV is None else _COMPA
 # (results/gpu_h100_2026-11-27c): M = 1 25.4 / 22.7 us against 25.3 / 24.3 (plain kernel), 23.7 against
 # 25.3 (block reduce, K = 14336: 4 slices left); M = 16 32.8 / 30.1 against 32.3 / 31.3.
 GEMV_PDL = os.environ.get("NF4KIT_CUDA_GEMV_PDL", "1") != "0"
+# Off until timed (NF4KIT_CUDA_MMA_GEMM_CLUSTER=1 turns it on; sm_90+ only): the table GEMM's K-splits
+# (2..8 of them) of each 128 rows run as one thread-block cluster and add their sums through
+# distributed shared memory, in split order, then bias and LoRA: no fp32 partials in global memory and
+# no finalize launch.  Under Nsight Compute (results/gpu_h100_2026-11-27e) the finalize after the compact
+# kernel at M = 32 on 14336x4096 took 6.7 us against the kernel's 43.  The same sums in the same order:
+# its output equals the finalize's bit for bit (GPU test).
+GEMV_MMA_GEMM_CLUSTER = os.environ.get("NF4KIT_CUDA_MMA_GEMM_CLUSTER", "0") == "1"
+_MMA_GEMM_MAX_CLUSTER = 8  # the portable cluster size (the C side's kMaxClusterSplits)
 GEMM_MMA_SPLITS: Optional[int] = None
 _MMA_GEMM_ROWS = 128  # rows per block (the C side's kGemmThreads / 32 x 16)
 # The C API's option bits (cuda_kernels.h).
 _GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA, _GEMV_WIDE_FINALIZE, _GEMV_MMA_TWO_CHAINS = \
     1, 2, 4, 8, 16, 32
-_GEMV_MMA_BLOCK_REDUCE, _GEMV_MMA_GEMM, _GEMV_PDL, _GEMV_MMA_GEMM_COMPACT = 64, 128, 256, 512
+_GEMV_MMA_BLOCK_REDUCE, _GEMV_MMA_GEMM, _GEMV_PDL, _GEMV_MMA_GEMM_COMPACT, _GEMV_MMA_GEMM_CLUSTER = \
+    64, 128, 256, 512, 1024
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -349,6 +358,13 @@ def _mma_gemm_compact(M: int, device: Optional[torch.device]) -> bool:
     return M <= 32 and device is not None and _pdl_capable(_device_index(device))
 
 
+def _mma_gemm_cluster(splits: int, device: Optional[torch.device]) -> bool:
+    """Whether the table GEMM's `splits` K-splits sum in a thread-block cluster (GEMV_MMA_GEMM_CLUSTER):
+    2..8 splits on a device with cluster launch (sm_90+; asked only when device is given)."""
+    return (GEMV_MMA_GEMM_CLUSTER and 2 <= splits <= _MMA_GEMM_MAX_CLUSTER and device is not None
+            and _pdl_capable(_device_index(device)))
+
+
 def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int,
                  device: Optional[torch.device] = None) -> str:
     """Which decode GEMV takes x [M, K] (dtype) against W [N, K] at `blocksize` on `device`: "mma"
@@ -422,7 +438,10 @@ def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, sp
     kernel = kernel or _gemv_kernel(M, N, K, dtype, blocksize)
     wide = _GEMV_WIDE_FINALIZE if GEMV_WIDE_FINALIZE else 0
     if kernel == "mma-gemm":
-        return 2, _GEMV_MMA_GEMM | wide | (_GEMV_MMA_GEMM_COMPACT if _mma_gemm_compact(M, device) else 0)
+        compact = _GEMV_MMA_GEMM_COMPACT if _mma_gemm_compact(M, device) else 0
+        if _mma_gemm_cluster(splits, device):
+            return 2, _GEMV_MMA_GEMM | compact | _GEMV_MMA_GEMM_CLUSTER  # no finalize: no wide one either
+        return 2, _GEMV_MMA_GEMM | wide | compact
     if kernel == "mma":
         chains = _GEMV_MMA_TWO_CHAINS if GEMV_MMA_TWO_CHAINS and M == 1 and GEMV_MMA_DEPTH == 2 else 0
         block = _GEMV_MMA_BLOCK_REDUCE if GEMV_MMA_BLOCK_REDUCE and M == 1 else 0

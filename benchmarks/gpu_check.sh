@@ -161,7 +161,9 @@ stage_tests() {
   # --dist load, not loadfile: test_triton_kernels.py autotunes on the GPU (170 s for a third of
   # it on one worker, 2026-11-27c) and must spread over the workers like the other files.
   if [ "$workers" != 0 ] && $PY -c "import xdist" 2>/dev/null; then extra+=(-n "$workers" --dist load); fi
-  $PY -m pytest ${GPU_CHECK_PYTEST_ARGS:-tests} -q -rf -p no:cacheprovider --durations=15 \
+  # tests/conftest.py writes the collected count there: the report's "not reached" after a cut.
+  NF4KIT_COLLECTED_FILE="$WORK/collected.txt" \
+    $PY -m pytest ${GPU_CHECK_PYTEST_ARGS:-tests} -q -rf -p no:cacheprovider --durations=15 \
     --junitxml="$OUT/junit.xml" "${extra[@]}"
   local rc=$?
   tail -n 1 "$WORK/tests.log" 2>/dev/null | head -c 200 > "$WORK/tests.note"

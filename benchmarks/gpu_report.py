@@ -133,9 +133,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     tests_line = (f"{ju['passed']} passed, {ju['failures']} failed, {ju['errors']} errors, {ju['skipped']} skipped "
                   f"of {ju['tests']} ({ju['time']:.0f} s)" if ju["found"] else "no junit XML (pytest did not finish)")
+    collected = read(os.path.join(W, "collected.txt")).strip()
+    if ju["found"] and collected.isdigit():
+        tests_line += f"; {collected} collected"
     if ju["found"] and any(s["name"] == "tests" and s["rc"] in (124, 137) for s in st):
         # pytest cut at the stage limit still writes its XML, counting only the tests it reached
-        tests_line += "; CUT SHORT at the stage limit: the tests not reached are missing from this count"
+        tests_line += "; CUT SHORT at the stage limit: " + (
+            f"{int(collected) - ju['tests']} not reached" if collected.isdigit()
+            else "the tests not reached are missing from this count")
     md = [f"# nf4kit GPU check — {card}", "",
           f"- date: {date}", f"- commit: {commit}", f"- total stage time: {total} s"]
     if os.environ.get("GPU_CHECK_BENCH_ENV"):

@@ -70,3 +70,21 @@ def assert_ran(op: str, backend: str) -> None:
 def slow_backend(b: str, d: str) -> bool:
     """The Triton interpreter runs kernels in Python: keep its shapes small."""
     return b == "triton" and d == "cpu"
+
+
+# NF4KIT_COLLECTED_FILE (set by benchmarks/gpu_check.sh): how many tests were collected, so that a
+# report can say how many a run cut at its time limit did not reach (junit XML counts only those run).
+def _write_collected(n: int) -> None:
+    path = os.environ.get("NF4KIT_COLLECTED_FILE")
+    if path and n > 0:
+        pathlib.Path(path).write_text(f"{n}\n")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):  # the xdist controller: each worker's collection
+    _write_collected(len(ids))
+
+
+def pytest_collection_finish(session):
+    if not hasattr(session.config, "workerinput"):  # a run without xdist (workers report above)
+        _write_collected(len(session.items))

@@ -5,6 +5,7 @@ tests don't (DESIGN.md §7)."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -161,6 +162,27 @@ def test_gpu_report_assembles_a_report(tmp_path, capsys):
     assert gpu_report.main(["--work", str(work), "--out", str(out)]) == 0
     assert "1 passed, 1 failed, 0 errors, 1 skipped of 3 (2 s); CUT SHORT at the stage limit" in \
         (out / "gpu_report.md").read_text()
+    # With the collected count (tests/conftest.py writes it for gpu_check.sh), the cut says how many.
+    (work / "collected.txt").write_text("8\n")
+    assert gpu_report.main(["--work", str(work), "--out", str(out)]) == 0
+    assert "of 3 (2 s); 8 collected; CUT SHORT at the stage limit: 5 not reached" in \
+        (out / "gpu_report.md").read_text()
+
+
+def test_conftest_writes_the_collected_count(tmp_path):
+    """tests/conftest.py writes how many tests pytest collected to NF4KIT_COLLECTED_FILE, with and
+    under xdist where it is installed (gpu_check.sh runs it; gpu_report's "not reached" rests on this)."""
+    import importlib.util
+
+    for extra in [[]] + ([["-n", "2"]] if importlib.util.find_spec("xdist") else []):
+        path = tmp_path / f"collected{len(extra)}.txt"
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra,
+                            os.path.join(ROOT, "tests", "test_format.py"), "-k", "not nothing_matches_this"],
+                           capture_output=True, text=True, cwd=ROOT,
+                           env=dict(os.environ, NF4KIT_COLLECTED_FILE=str(path)))
+        assert r.returncode == 0, r.stdout[-2000:]
+        passed = int(re.search(r"(\d+) passed", r.stdout).group(1))
+        assert path.read_text().strip() == str(passed)
 
 
 def test_gpu_check_script_is_valid_bash():

@@ -212,17 +212,28 @@ def cluster_sums(dev) -> None:
             xm = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             em = xm.float() @ ref.t()
             S = cb._gemv_split_count(M, N, K, xm.dtype, 64, dev)
+
+            def fit() -> str:  # under the current settings: do all clusters run at once (else: finalize)?
+                splits = cb._gemv_split_count(M, N, K, xm.dtype, 64, dev)
+                if not 2 <= splits <= 8:
+                    return f"S={splits}: no cluster"
+                try:
+                    fits = cb._mma_gemm_clusters_fit(M, N, splits, cb._mma_gemm_compact(M, dev), xm.dtype, dev)
+                except Exception as e:  # a sweep point is not a test: say so and go on
+                    return f"S={splits}: fit unknown ({type(e).__name__}: {e})"
+                return f"S={splits}: {'clusters fit' if fits else 'clusters do not fit, finalize'}"
+
             for cluster in (False, True):
                 with settings(cb, GEMV_MMA_GEMM_CLUSTER=cluster):
-                    point(f"cuda M={M} {N}x{K} table GEMM {'cluster sums' if cluster else 'finalize'} (S={S})", xm,
-                          p, q, em, dev)
-            for splits in sorted({2, min(8, 2 * S)} - {S}):
+                    point(f"cuda M={M} {N}x{K} table GEMM {'cluster sums' if cluster else 'finalize'} "
+                          f"({fit() if cluster else f'S={S}'})", xm, p, q, em, dev)
+            for splits in sorted({2, max(2, S // 2), min(8, 2 * S)} - {S}):
                 with settings(cb, GEMV_MMA_GEMM_CLUSTER=True, GEMM_MMA_SPLITS=splits):
-                    point(f"cuda M={M} {N}x{K} table GEMM cluster sums splits={splits} (heuristic {S})", xm, p, q,
-                          em, dev)
+                    point(f"cuda M={M} {N}x{K} table GEMM cluster sums splits={splits} (heuristic {S}; {fit()})", xm,
+                          p, q, em, dev)
             if M > 32:  # the compact 16-warp form, faster at M = 64 on 4096x4096 alone (27e)
                 with settings(cb, GEMV_MMA_GEMM_CLUSTER=True, GEMV_MMA_GEMM_COMPACT=True):
-                    point(f"cuda M={M} {N}x{K} table GEMM compact cluster sums", xm, p, q, em, dev)
+                    point(f"cuda M={M} {N}x{K} table GEMM compact cluster sums ({fit()})", xm, p, q, em, dev)
 
 
 def _row_kernel_variants(shape, x, p, q, exp, dev) -> None:

@@ -56,6 +56,11 @@ void bind_cuda(py::module_& m) {
                            as_ptr<float>(partial), as_ptr<const float>(bias), as_ptr<const float>(lora_t), as_ptr<const float>(lora_b), r,
                            as_ptr<void>(y), as_ptr<void>(stream));
   });
+  c.def("gemm_table_clusters_fit", [](int x_dtype, int M, int N, int compact, int S) {
+    int fits = 0;
+    const int status = cuda::gemm_table_clusters_fit(x_dtype, M, N, compact, S, &fits);
+    return py::make_tuple(status, fits);
+  });
   c.def("gemm_4bit", [](int dtype, int transposed, P A, int M, int N, int64_t K, P packed, P absmax, P absmax_q,
                         P nested_absmax, P nested_code, P offset, int blocksize, int quant_type, P A2, P B2, int R,
                         P bias, P Y, int splits, P partial, P lora_t, P lora_b, int r, P stream) {

@@ -485,6 +485,10 @@ def test_mma_gemm_cluster_sums_give_the_finalizes_bits(monkeypatch, M, compact, 
     exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
     assert _relerr(out[True], exp) < 1e-2
     assert torch.equal(out[True], out[False])
+    # Whether the cluster sums ran (all clusters at once) or the C side kept the finalize: one row
+    # block's cluster always fits, and so do a few (N <= 1000: 8 clusters of at most 8 blocks).
+    fits = cuda_backend._mma_gemm_clusters_fit(M, N, S, compact, dt, dev)
+    assert fits or N > 1000, (M, N, S, compact)
 
 
 def test_mma_gemm_cluster_sums_in_a_cuda_graph(monkeypatch):
@@ -498,6 +502,8 @@ def test_mma_gemm_cluster_sums_in_a_cuda_graph(monkeypatch):
     M, K, N = 32, 4096, 1000
     if not cuda_backend._mma_fits(torch.cuda.current_device(), cuda_backend._MMA_GEMM_SMEM_BYTES):
         pytest.skip("this GPU does not grant the table GEMM its shared memory")
+    assert cuda_backend._mma_gemm_clusters_fit(M, N, 4, cuda_backend._mma_gemm_compact(M, torch.device(DEV)),
+                                               torch.bfloat16, torch.device(DEV))
     st, W64 = _weight(N, K, 64, "nf4", True, seed=47)
     x = _rand((M, K), torch.bfloat16, 48)
     with torch.no_grad(), nf4kit.use_backend("cuda"):

@@ -69,9 +69,14 @@ constexpr int kGemvPdl = 256;  // experimental, beside any kernel (sm_90+ only; 
 constexpr int kGemvMmaGemmCompact = 512;  // with kGemvMmaGemm: the same sums in 81 / 98 KB of shared memory and
                                           // 128 registers: two 8-warp blocks an SM (M <= 32, sm_90+; the Python
                                           // default there) or one of 16 warps (M <= 64)
-constexpr int kGemvMmaGemmCluster = 1024;  // with kGemvMmaGemm, 2 <= S <= 8, sm_90+ (kUnsupported elsewhere): the S
-                                          // splits of each 128 rows run as one thread-block cluster and sum through
-                                          // distributed shared memory, no partial and no finalize (the same bits)
+constexpr int kGemvMmaGemmCluster = 1024;  // with kGemvMmaGemm, 2 <= S <= 8: the S splits of each 128 rows run as
+                                          // one thread-block cluster and sum through distributed shared memory, no
+                                          // partial and no finalize (the same bits), where all the clusters run at
+                                          // once on this device (sm_90+); else partials and the finalize as without
+// Whether kGemvMmaGemmCluster takes effect for x [M, *] (fp16/bf16), W [N, *] at S splits in the given
+// form on the current device: *fits = 1 where all ceil(N / 128) clusters of S blocks run at once (the
+// kernel then sums in them), 0 where gemv_4bit falls back to the partials and the finalize.
+int gemm_table_clusters_fit(int x_dtype, int M, int N, int compact, int S, int* fits);
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
               int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,

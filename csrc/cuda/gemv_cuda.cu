@@ -21,6 +21,17 @@ int splitk_finalize(const float* partial, int S, int M, int N, const float* bias
   }
 }
 
+int gemm_table_clusters_fit(int x_dtype, int M, int N, int compact, int S, int* fits) {
+  if (fits == nullptr) return kBadArgument;
+  *fits = 0;
+  if (M < 1 || M > kMmaGemmMaxM || N < 1 || S < 1) return kBadArgument;
+  switch (x_dtype) {
+    case core::kFloat16: return GemvLaunch<__half>::table_clusters_fit(M, N, compact != 0, S, fits);
+    case core::kBFloat16: return GemvLaunch<__nv_bfloat16>::table_clusters_fit(M, N, compact != 0, S, fits);
+    default: return kUnsupported;
+  }
+}
+
 int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t* packed, const float* absmax,
               const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, const float* offset,
               int blocksize, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,

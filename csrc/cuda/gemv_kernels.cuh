@@ -50,6 +50,7 @@ namespace {
 using namespace detail;
 
 constexpr int kGemvThreads = 128;  // 4 warps
+constexpr int kMaxClusterSplits = 8;  // the table GEMM's cluster sums: the portable cluster size
 
 // 32 consecutive activations (16-byte aligned) as fp32.
 __device__ __forceinline__ void load_x32(const float* p, float (&v)[32]) {
@@ -1006,7 +1007,6 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // S blocks in split order, as the finalize does (0 + s_0 + s_1 + ...: the same bits), then bias and
 // LoRA (store_output).  A second barrier keeps every block's shared memory until all have read it.
 constexpr uint32_t kClusterSumStride = 132;
-constexpr int kMaxClusterSplits = 8;  // the portable cluster size
 template <typename TX, int NT>
 __device__ __forceinline__ void cluster_sum_outputs(const float (&acc)[NT][4], int tid, int row, int M, int N,
                                                     int row0, const GemvEpilogue& ep, float* sums, uint32_t sums_addr,
@@ -1418,6 +1418,37 @@ int grant_smem(int dev, int bytes, bool max_carveout = false) {
   return 0;
 }
 
+// How many clusters of S blocks of `Kernel` (Threads per block, `smem` bytes of dynamic shared memory,
+// granted) the device runs at once, asked once per device, kernel and S (cudaOccupancyMaxActiveClusters:
+// clusters are placed within a GPC, so a GPC's spare SMs stay idle and this can be well under
+// SMs x blocks per SM / S).
+template <auto Kernel, int Threads>
+int cluster_capacity(int dev, int S, int smem, int* clusters) {
+  static int cached[kMaxDevices][kMaxClusterSplits + 1] = {};  // value + 1; 0: not asked yet
+  const bool cacheable = dev >= 0 && dev < kMaxDevices && S >= 1 && S <= kMaxClusterSplits;
+  if (cacheable && cached[dev][S] > 0) {
+    *clusters = cached[dev][S] - 1;
+    return 0;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = (unsigned)S;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(1, (unsigned)S);
+  config.blockDim = dim3(Threads);
+  config.dynamicSmemBytes = (size_t)smem;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  int n = 0;
+  const cudaError_t e = cudaOccupancyMaxActiveClusters(&n, Kernel, &config);
+  if (e != cudaSuccess) return (int)e;
+  if (cacheable) cached[dev][S] = n + 1;
+  *clusters = n;
+  return 0;
+}
+
 // A persistent grid for `Kernel` (Threads per block, SmemBytes of dynamic shared memory): as many
 // blocks as fit on the device at once, read once per device and kernel (the occupancy query costs a
 // few microseconds).
@@ -1613,29 +1644,57 @@ int launch_gemv_mma(const void* x, int M, int N, int64_t K, const uint8_t* packe
 // The small-M table GEMM (kGemvMmaGemm): blocks of 128 rows x S K-splits of ceil(T / S) tiles (the
 // caller's S must give every split a tile: S == ceil(T / ceil(T / S))), n-tiles for M <= 32 or <= 64;
 // kCompact (kGemvMmaGemmCompact): 4 n-tiles a warp, kHalves warps per 16 W rows.
+//
+// With ep.cluster_reduce (2 <= S <= 8, sm_90+): the S splits of each 128 rows as one cluster, which
+// sum in it and write y, where all the row blocks' clusters run at once (cluster_capacity); else the
+// ordinary launch, whose partials the caller's finalize adds (*clustered says which ran).  A second
+// wave of clusters would cost a whole one.
+template <int NT, bool kCompact, int kHalves>
+constexpr int table_gemm_smem() {
+  return kCompact ? CompactLayout<8 * NT * kHalves>::kBytes : kMmaGemmSmemBytes;
+}
+template <typename TX, int NT, bool kCompact, int kHalves = 1>
+int table_gemm_clusters_fit(int dev, int64_t row_blocks, int S, bool* fits) {
+  constexpr auto kernel = gemm_4bit_table_kernel<TX, NT, kCompact, kHalves>;
+  *fits = false;
+  DeviceLimits limits;
+  int rc = device_limits(dev, &limits);
+  if (rc != 0 || !limits.cluster_launch || S < 2 || S > kMaxClusterSplits) return rc;
+  rc = grant_smem<kernel>(dev, table_gemm_smem<NT, kCompact, kHalves>(), kCompact);
+  if (rc != 0) return rc;
+  int clusters = 0;
+  rc = cluster_capacity<kernel, kGemmThreads * kHalves>(dev, S, table_gemm_smem<NT, kCompact, kHalves>(), &clusters);
+  *fits = rc == 0 && row_blocks <= clusters;
+  return rc;
+}
 template <typename TX, int NT, bool kCompact, int kHalves = 1>
 int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                               int quant_type, int S, float* partial, const GemvEpilogue& ep, cudaStream_t stream) {
+                               int quant_type, int S, float* partial, const GemvEpilogue& ep, bool* clustered,
+                               cudaStream_t stream) {
   constexpr auto kernel = gemm_4bit_table_kernel<TX, NT, kCompact, kHalves>;
-  constexpr int smem = kCompact ? CompactLayout<8 * NT * kHalves>::kBytes : kMmaGemmSmemBytes;
+  constexpr int smem = table_gemm_smem<NT, kCompact, kHalves>();
+  *clustered = false;
   int dev = 0;
   const cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return (int)e;
-  const int rc = grant_smem<kernel>(dev, smem, kCompact);
+  int rc = grant_smem<kernel>(dev, smem, kCompact);
   if (rc != 0) return rc;
   const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;  // S checked by launch_gemv
   const int64_t blocks = (N + 16 * (kGemmThreads / 32) - 1) / (16 * (kGemmThreads / 32));
   if (S > 65535 || blocks > 0x7fffffff) return kUnsupported;
-  if (!ep.cluster_reduce) {
+  bool fits = false;
+  if (ep.cluster_reduce) {
+    rc = table_gemm_clusters_fit<TX, NT, kCompact, kHalves>(dev, blocks, S, &fits);
+    if (rc != 0) return rc;
+  }
+  if (!fits) {
+    GemvEpilogue plain = ep;
+    plain.cluster_reduce = false;
     kernel<<<dim3((unsigned)blocks, (unsigned)S), kGemmThreads * kHalves, smem, stream>>>(
-        x, M, N, K, packed, am, log2_bs, quant_type, (int)per_split, partial, ep);
+        x, M, N, K, packed, am, log2_bs, quant_type, (int)per_split, partial, plain);
     return (int)cudaGetLastError();
   }
-  // The S splits of each 128 rows as one cluster (S <= 8, checked by launch_gemv), sm_90+.
-  DeviceLimits limits;
-  const int lrc = device_limits(dev, &limits);
-  if (lrc != 0) return lrc;
-  if (!limits.cluster_launch) return kUnsupported;
+  *clustered = true;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = 1;
@@ -1654,13 +1713,14 @@ int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8
 
 template <typename TX>
 int launch_gemm_table(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                      int quant_type, bool compact, int S, float* partial, const GemvEpilogue& ep,
+                      int quant_type, bool compact, int S, float* partial, const GemvEpilogue& ep, bool* clustered,
                       cudaStream_t stream) {
   if constexpr (std::is_same<TX, float>::value) {
     return kBadArgument;  // no fp32 mma fragments
   } else {
     const auto launch = [&](auto instance) {
-      return instance(static_cast<const TX*>(x), M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
+      return instance(static_cast<const TX*>(x), M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, clustered,
+                      stream);
     };
     if (compact)  // two 8-warp blocks an SM for M <= 32; 16 warps, two per 16 W rows, for M <= 64
       return M <= 32 ? launch(launch_gemm_table_instance<TX, 4, true>)
@@ -1684,10 +1744,11 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
         (uint64_t)M * (uint64_t)K >= (uint64_t(1) << 32))                // 32-bit x offsets
       return kBadArgument;
     const bool cluster = (options & kGemvMmaGemmCluster) != 0;
+    bool clustered = false;
     const int rc = launch_gemm_table<TX>(x, M, N, K, packed, am, log2_bs, quant_type,
                                          (options & kGemvMmaGemmCompact) != 0, S, partial,
-                                         GemvEpilogue{y, bias, lora_t, lora_b, r, cluster}, stream);
-    if (rc != 0 || S == 1 || cluster) return rc;  // one split, or the splits' cluster: the kernel wrote y
+                                         GemvEpilogue{y, bias, lora_t, lora_b, r, cluster}, &clustered, stream);
+    if (rc != 0 || S == 1 || clustered) return rc;  // one split, or the splits' cluster: the kernel wrote y
     return launch_finalize_for<TX>(options, partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
   }
   if ((options & kGemvMma) != 0) {
@@ -1740,6 +1801,26 @@ int GemvLaunch<TX>::gemv(const void* x, int M, int N, int64_t K, const uint8_t* 
                          cudaStream_t stream) {
   return launch_gemv<TX>(x, M, N, K, packed, am, log2_bs, quant_type, rows_per_warp, depth, options, S, partial, bias,
                          lora_t, lora_b, r, y, stream);
+}
+
+template <typename TX>
+int GemvLaunch<TX>::table_clusters_fit(int M, int N, bool compact, int S, int* fits) {
+  *fits = 0;
+  if constexpr (std::is_same<TX, float>::value) {
+    return kBadArgument;  // no fp32 mma fragments
+  } else {
+    int dev = 0;
+    const cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess) return (int)e;
+    const int64_t blocks = (N + 16 * (kGemmThreads / 32) - 1) / (16 * (kGemmThreads / 32));
+    bool f = false;
+    const int rc = compact ? (M <= 32 ? table_gemm_clusters_fit<TX, 4, true>(dev, blocks, S, &f)
+                                      : table_gemm_clusters_fit<TX, 4, true, 2>(dev, blocks, S, &f))
+                           : (M <= 32 ? table_gemm_clusters_fit<TX, 4, false>(dev, blocks, S, &f)
+                                      : table_gemm_clusters_fit<TX, 8, false>(dev, blocks, S, &f));
+    *fits = f ? 1 : 0;
+    return rc;
+  }
 }
 
 template <typename TX>

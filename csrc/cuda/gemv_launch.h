@@ -23,6 +23,8 @@ struct GemvLaunch {
   static int gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, const detail::Absmax& am,
                   int log2_bs, int quant_type, int rows_per_warp, int depth, int options, int S, float* partial,
                   const float* bias, const float* lora_t, const float* lora_b, int r, void* y, cudaStream_t stream);
+  // gemm_table_clusters_fit for x of type TX.
+  static int table_clusters_fit(int M, int N, bool compact, int S, int* fits);
   // splitk_finalize for y of type TX.
   static int finalize(const float* partial, int S, int M, int N, const float* bias, const float* lora_t,
                       const float* lora_b, int r, void* y, cudaStream_t stream);

@@ -148,7 +148,8 @@ GEMV_PDL = os.environ.get("NF4KIT_CUDA_GEMV_PDL", "1") != "0"
 # distributed shared memory, in split order, then bias and LoRA: no fp32 partials in global memory and
 # no finalize launch.  Under Nsight Compute (results/gpu_h100_2026-11-27e) the finalize after the compact
 # kernel at M = 32 on 14336x4096 took 6.7 us against the kernel's 43.  The same sums in the same order:
-# its output equals the finalize's bit for bit (GPU test).
+# its output equals the finalize's bit for bit (GPU test).  Where the row blocks' clusters do not all
+# run at once (a cluster sits within one GPC, whose spare SMs idle), the C side keeps the finalize.
 GEMV_MMA_GEMM_CLUSTER = os.environ.get("NF4KIT_CUDA_MMA_GEMM_CLUSTER", "0") == "1"
 _MMA_GEMM_MAX_CLUSTER = 8  # the portable cluster size (the C side's kMaxClusterSplits)
 GEMM_MMA_SPLITS: Optional[int] = None
@@ -363,6 +364,18 @@ def _mma_gemm_cluster(splits: int, device: Optional[torch.device]) -> bool:
     2..8 splits on a device with cluster launch (sm_90+; asked only when device is given)."""
     return (GEMV_MMA_GEMM_CLUSTER and 2 <= splits <= _MMA_GEMM_MAX_CLUSTER and device is not None
             and _pdl_capable(_device_index(device)))
+
+
+def _mma_gemm_clusters_fit(M: int, N: int, splits: int, compact: bool, dtype: torch.dtype,
+                           device: torch.device) -> bool:
+    """Whether the cluster sums take effect for x [M, *] of `dtype` against W [N, *] at `splits` splits in
+    the given form on `device`: all of its ceil(N / 128) clusters run at once (the C side asks
+    cudaOccupancyMaxActiveClusters, once per device, form and split count); where not, the kernel
+    writes partials and the finalize adds them (the same bits)."""
+    with torch.cuda.device(device):
+        status, fits = _C().gemm_table_clusters_fit(DTYPE_CODES[dtype], M, N, int(compact), splits)
+    check(status, "cuda.gemm_table_clusters_fit")
+    return bool(fits)
 
 
 def _gemv_kernel(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int,

@@ -469,22 +469,14 @@ def test_mma_gemm_cluster_sums_give_the_finalizes_bits(monkeypatch, M, compact, 
     x = _rand((M, K), dt, 141 + M)
     bias = _rand((N,), torch.float32, 142)
     A, B = _rand((8, K), dt, 143, 0.1), _rand((N, 8), dt, 144, 0.1)
-    seen = _OptionsSeen(cuda_backend._C())
-    monkeypatch.setattr(cuda_backend, "_C", lambda: seen)
-    out = {}
-    for cluster in (False, True):
-        monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM_CLUSTER", cluster)
-        seen.options.clear()
-        with nf4kit.use_backend("cuda"):
-            out[cluster] = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, bias, A, B, 0.5)
-        _ran_cuda("matmul_4bit")
-        assert len(seen.options) == 1
-        assert bool(seen.options[0] & cuda_backend._GEMV_MMA_GEMM_CLUSTER) == cluster
-        assert bool(seen.options[0] & cuda_backend._GEMV_MMA_GEMM_COMPACT) == compact
-    torch.cuda.synchronize()
+    out = _matmul_per_setting(monkeypatch, "GEMV_MMA_GEMM_CLUSTER", (False, True), x, st, bs, quant_type, N, K,
+                              bias, A, B)
+    for cluster, (_, options) in out.items():
+        assert bool(options & cuda_backend._GEMV_MMA_GEMM_CLUSTER) == cluster
+        assert bool(options & cuda_backend._GEMV_MMA_GEMM_COMPACT) == compact
     exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
-    assert _relerr(out[True], exp) < 1e-2
-    assert torch.equal(out[True], out[False])
+    assert _relerr(out[True][0], exp) < 1e-2
+    assert torch.equal(out[True][0], out[False][0])
     # Whether the cluster sums ran (all clusters at once) or the C side kept the finalize: one row
     # block's cluster always fits, and so do a few (N <= 1000: 8 clusters of at most 8 blocks).
     fits = cuda_backend._mma_gemm_clusters_fit(M, N, S, compact, dt, dev)
@@ -693,6 +685,24 @@ class _OptionsSeen:
         return self.real.gemv_4bit(*args)
 
 
+def _matmul_per_setting(monkeypatch, setting, values, x, st, bs, quant_type, N, K, bias, A, B):
+    """ops.matmul_4bit (LoRA scale 0.5) on the cuda backend once per value of the cuda backend's
+    `setting`, each one gemv_4bit call: {value: (y, that call's option bits)}, synchronized."""
+    seen = _OptionsSeen(cuda_backend._C())
+    monkeypatch.setattr(cuda_backend, "_C", lambda: seen)
+    out = {}
+    for value in values:
+        monkeypatch.setattr(cuda_backend, setting, value)
+        seen.options.clear()
+        with nf4kit.use_backend("cuda"):
+            y = ops.matmul_4bit(x, st[0], *st[1:], bs, quant_type, N, K, bias, A, B, 0.5)
+        _ran_cuda("matmul_4bit")
+        assert len(seen.options) == 1
+        out[value] = (y, seen.options[0])
+    torch.cuda.synchronize()
+    return out
+
+
 @pytest.mark.parametrize("kernel,M,K,dt,settings", [
     ("mma", 1, 14336, torch.bfloat16, dict(GEMV_MMA_BLOCK_REDUCE=False)),    # the plain kernel: S = 56
     ("mma", 16, 4096 + 256, torch.float16, dict(GEMV_WIDE_FINALIZE=True)),  # batch kernel, wide finalize
@@ -715,21 +725,12 @@ def test_gemv_pdl_finalize_gives_the_ordinary_launchs_bits(monkeypatch, kernel, 
     x = _rand((M, K), dt, 111)
     bias = _rand((N,), torch.float32, 112)
     A, B = _rand((8, K), dt, 113, 0.1), _rand((N, 8), dt, 114, 0.1)
-    seen = _OptionsSeen(cuda_backend._C())
-    monkeypatch.setattr(cuda_backend, "_C", lambda: seen)
-    out = {}
-    for pdl in (False, True):
-        monkeypatch.setattr(cuda_backend, "GEMV_PDL", pdl)
-        seen.options.clear()
-        with nf4kit.use_backend("cuda"):
-            out[pdl] = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, bias, A, B, 0.5)
-        _ran_cuda("matmul_4bit")
-        assert len(seen.options) == 1
-        assert bool(seen.options[0] & cuda_backend._GEMV_PDL) == (pdl and torch.cuda.get_device_capability()[0] >= 9)
-    torch.cuda.synchronize()
+    out = _matmul_per_setting(monkeypatch, "GEMV_PDL", (False, True), x, st, 64, "nf4", N, K, bias, A, B)
+    for pdl, (_, options) in out.items():
+        assert bool(options & cuda_backend._GEMV_PDL) == (pdl and torch.cuda.get_device_capability()[0] >= 9)
     exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
-    assert _relerr(out[True], exp) < _tol(dt)
-    assert torch.equal(out[True], out[False])
+    assert _relerr(out[True][0], exp) < _tol(dt)
+    assert torch.equal(out[True][0], out[False][0])
 
 
 def _captured(fn):

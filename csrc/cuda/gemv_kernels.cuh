@@ -1418,6 +1418,24 @@ int grant_smem(int dev, int bytes, bool max_carveout = false) {
   return 0;
 }
 
+// A launch of `grid` blocks of `threads` (`smem` bytes of dynamic shared memory) on `stream` in
+// clusters of S blocks along y; *attr holds the cluster attribute and must outlive the config.
+inline cudaLaunchConfig_t cluster_config(dim3 grid, int threads, int smem, int S, cudaStream_t stream,
+                                         cudaLaunchAttribute* attr) {
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = 1;
+  attr->val.clusterDim.y = (unsigned)S;
+  attr->val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3((unsigned)threads);
+  config.dynamicSmemBytes = (size_t)smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
 // How many clusters of S blocks of `Kernel` (Threads per block, `smem` bytes of dynamic shared memory,
 // granted) the device runs at once, asked once per device, kernel and S (cudaOccupancyMaxActiveClusters:
 // clusters are placed within a GPC, so a GPC's spare SMs stay idle and this can be well under
@@ -1430,17 +1448,8 @@ int cluster_capacity(int dev, int S, int smem, int* clusters) {
     *clusters = cached[dev][S] - 1;
     return 0;
   }
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = (unsigned)S;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(1, (unsigned)S);
-  config.blockDim = dim3(Threads);
-  config.dynamicSmemBytes = (size_t)smem;
-  config.attrs = attr;
-  config.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t config = cluster_config(dim3(1, (unsigned)S), Threads, smem, S, nullptr, &attr);
   int n = 0;
   const cudaError_t e = cudaOccupancyMaxActiveClusters(&n, Kernel, &config);
   if (e != cudaSuccess) return (int)e;
@@ -1695,18 +1704,9 @@ int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8
     return (int)cudaGetLastError();
   }
   *clustered = true;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = (unsigned)S;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((unsigned)blocks, (unsigned)S);
-  config.blockDim = dim3(kGemmThreads * kHalves);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = attr;
-  config.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t config =
+      cluster_config(dim3((unsigned)blocks, (unsigned)S), kGemmThreads * kHalves, smem, S, stream, &attr);
   return (int)cudaLaunchKernelEx(&config, kernel, x, M, N, K, packed, am, log2_bs, quant_type, (int)per_split,
                                  partial, ep);
 }

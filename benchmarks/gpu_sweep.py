@@ -202,8 +202,8 @@ def square_m64(dev) -> None:
 def cluster_sums(dev) -> None:
     """The table GEMM's K-splits summed in a thread-block cluster (GEMV_MMA_GEMM_CLUSTER: no partials,
     no finalize launch) against the finalize (PDL, the default), M = 17..64 on the three shapes, each
-    form at its heuristic's splits; where the finalize no longer costs a launch, more splits may pay:
-    the heuristic's S and 2 S (at most 8) with the cluster."""
+    form at its heuristic's splits S; and the cluster sums at 2, S / 2 and 2 S splits (at most 8): without
+    a finalize launch more splits may pay, and fewer blocks per cluster fit a GPC more easily."""
     for N, K in ((4096, 14336), (14336, 4096), (4096, 4096)):
         W = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
         p, q = nf4kit.quantize_4bit(W, blocksize=64, compress_statistics=True)

@@ -478,9 +478,10 @@ def test_mma_gemm_cluster_sums_give_the_finalizes_bits(monkeypatch, M, compact, 
     assert _relerr(out[True][0], exp) < 1e-2
     assert torch.equal(out[True][0], out[False][0])
     # Whether the cluster sums ran (all clusters at once) or the C side kept the finalize: one row
-    # block's cluster always fits, and so do a few (N <= 1000: 8 clusters of at most 8 blocks).
+    # block's cluster always fits (how many more do depends on the GPCs; the CUDA-graph test below
+    # asserts 8 clusters of 4 compact blocks, the sweep labels the rest).
     fits = cuda_backend._mma_gemm_clusters_fit(M, N, S, compact, dt, dev)
-    assert fits or N > 1000, (M, N, S, compact)
+    assert fits or N > 128, (M, N, S, compact)
 
 
 def test_mma_gemm_cluster_sums_in_a_cuda_graph(monkeypatch):

@@ -226,7 +226,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     assert call(1, 2048 + 32, 2, stream) == -1        # K % 1024 != 0
     assert call(1, 2048, 2, stream | cuda_backend._GEMV_DIRECT) == -1
     assert call(1, 2048, 2, 32) == -1                 # an option bit the row kernel does not take
-    assert call(1, 2048, 2, stream | 1024) == -1      # an unknown option bit
+    assert call(1, 2048, 2, stream | 2048) == -1      # an unknown option bit
     wide = cuda_backend._GEMV_WIDE_FINALIZE
     assert call(1, 2048, 8, cuda_backend._GEMV_MMA | wide | stream, 2) == -1  # mma: only the wide finalize beside it
     chains = cuda_backend._GEMV_MMA_TWO_CHAINS          # two chains: M = 1, depth 2, fp16/bf16 only
@@ -247,6 +247,15 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     assert call(1, 2048, 8, cuda_backend._GEMV_MMA | compact, 2) == -1
     assert call(32, 2048, 9, gemm | compact, 2) == -1  # the table GEMM's rules still hold
     assert call(65, 2048, 8, gemm | compact, 2) == -2  # past its 64 batch rows
+    cluster = cuda_backend._GEMV_MMA_GEMM_CLUSTER     # the splits' cluster sums: the table GEMM, 2..8 splits
+    assert call(1, 2048, 2, cluster, 2) == -1
+    assert call(1, 2048, 2, stream | cluster) == -1
+    assert call(32, 2048, 1, gemm | cluster, 2) == -1  # one split: nothing to sum
+    assert call(32, 2560, 10, gemm | cluster, 2) == -1  # 10 splits: past the portable cluster size
+    assert call(32, 2048, 9, gemm | compact | cluster, 2) == -1  # the table GEMM's rules still hold
+    # Whether the clusters fit: fp16/bf16 x and M <= 64 only, checked before any CUDA call.
+    assert C.gemm_table_clusters_fit(bf16, 65, 1000, 0, 2) == (-1, 0)
+    assert C.gemm_table_clusters_fit(DTYPE_CODES[torch.float32], 32, 1000, 0, 2) == (-2, 0)
     block = cuda_backend._GEMV_MMA_BLOCK_REDUCE       # the block-reduced kernel: M = 1 with mma only
     assert call(1, 2048, 2, stream | block) == -1
     assert call(3, 2048, 8, cuda_backend._GEMV_MMA | block, 2) == -1
@@ -273,6 +282,9 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
         for M, S in ((17, 1), (32, 3), (33, 8), (64, 2)):
             assert call(M, 2048, S, gemm, 2) not in (0, -1, -2)
         assert call(64, 4096, 4, gemm | wide, 2) not in (0, -1, -2)
+        for M, S, form in ((17, 2, compact), (32, 8, 0), (64, 4, compact), (64, 2, 0)):
+            assert call(M, 2048, S, gemm | form | cluster, 2) not in (0, -1, -2)
+            assert C.gemm_table_clusters_fit(bf16, M, 1000, int(form != 0), S)[0] not in (0, -1, -2)
         for M, S in ((17, 1), (32, 8), (33, 2), (64, 1)):  # two 8-warp blocks an SM, then one of 16 warps
             assert call(M, 2048, S, gemm | compact, 2) not in (0, -1, -2)
         assert call(1, 2048, 2, stream | wide) not in (0, -1, -2)

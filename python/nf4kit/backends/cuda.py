@@ -453,7 +453,8 @@ def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, sp
     if kernel == "mma-gemm":
         compact = _GEMV_MMA_GEMM_COMPACT if _mma_gemm_compact(M, device) else 0
         if _mma_gemm_cluster(splits, device):
-            return 2, _GEMV_MMA_GEMM | compact | _GEMV_MMA_GEMM_CLUSTER  # no finalize: no wide one either
+            # without the wide bit: a fallback where the clusters do not fit uses the plain finalize
+            return 2, _GEMV_MMA_GEMM | compact | _GEMV_MMA_GEMM_CLUSTER
         return 2, _GEMV_MMA_GEMM | wide | compact
     if kernel == "mma":
         chains = _GEMV_MMA_TWO_CHAINS if GEMV_MMA_TWO_CHAINS and M == 1 and GEMV_MMA_DEPTH == 2 else 0

@@ -215,7 +215,7 @@ def cluster_sums(dev) -> None:
 
             def fit() -> str:  # under the current settings: do all clusters run at once (else: finalize)?
                 splits = cb._gemv_split_count(M, N, K, xm.dtype, 64, dev)
-                if not 2 <= splits <= 8:
+                if not cb._mma_gemm_cluster(splits, dev):  # the routing's own rule (2..8 splits, sm_90+)
                     return f"S={splits}: no cluster"
                 try:
                     fits = cb._mma_gemm_clusters_fit(M, N, splits, cb._mma_gemm_compact(M, dev), xm.dtype, dev)

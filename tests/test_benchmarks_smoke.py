@@ -5,8 +5,8 @@ tests don't (DESIGN.md §7)."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 

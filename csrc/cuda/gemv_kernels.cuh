@@ -905,6 +905,9 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
 // fragments; W is read twice, the second time mostly from cache).
 constexpr int kXStride = kMmaTile + 4;  // elements per staged x row
 constexpr int kGemmThreads = 256;  // 8 warps, 128 rows (with x staged through registers, NT = 8 spilled at 16 and 12)
+constexpr int kGemmRows = 16 * (kGemmThreads / 32);  // the W rows a block owns, 16 a warp
+// Row blocks of the table GEMM for W [N, *]: its grid's x, and the clusters the cluster sums need.
+__host__ __device__ constexpr int64_t table_gemm_row_blocks(int N) { return (N + kGemmRows - 1) / kGemmRows; }
 constexpr int kXBufferBytes = kMmaGemmMaxM * kXStride * 2;
 constexpr int kMmaGemmSmemBytes = kMmaSmemBytes + 2 * kXBufferBytes;
 
@@ -1018,11 +1021,11 @@ __device__ __forceinline__ void cluster_sum_outputs(const float (&acc)[NT][4], i
   }, m0);
   cluster_sync();  // every split's sums are in its shared memory
   const int S = (int)gridDim.y;
-  const int outputs = M * 128;
+  const int outputs = M * kGemmRows;
   for (int i = (int)cluster_rank() * threads + (int)threadIdx.x; i < outputs; i += S * threads) {
-    const int m = i >> 7, n = row0 + (i & 127);
+    const int m = i / kGemmRows, n = row0 + i % kGemmRows;
     if (n >= N) continue;
-    const uint32_t addr = sums_addr + 4u * ((uint32_t)m * kClusterSumStride + (uint32_t)(i & 127));
+    const uint32_t addr = sums_addr + 4u * ((uint32_t)m * kClusterSumStride + (uint32_t)(n - row0));
     float part[kMaxClusterSplits];  // all S loads in flight, then the sum in split order
 #pragma unroll
     for (int s = 0; s < kMaxClusterSplits; ++s) part[s] = s < S ? cluster_ld_f32(addr, (uint32_t)s) : 0.0f;
@@ -1169,7 +1172,7 @@ __global__ void __launch_bounds__(kGemmThreads * kHalves, kCompact && kHalves ==
   if (ep.cluster_reduce) {  // the launch made the S splits of these 128 rows one cluster (S = gridDim.y)
     // The row re-read from the thread index: held through the loop for this branch, it was spilled.
     const uint32_t t = thread_index_x();
-    cluster_sum_outputs<TX>(acc, (int)(t & 3u), (int)w_row_of(t), M, N, (int)blockIdx.x * 128, ep,
+    cluster_sum_outputs<TX>(acc, (int)(t & 3u), (int)w_row_of(t), M, N, (int)blockIdx.x * kGemmRows, ep,
                             reinterpret_cast<float*>(mma_smem), smem0, kThreads,
                             kHalves == 1 ? 0 : 8 * NT * (int)(t / kGemmThreads));
     return;
@@ -1689,7 +1692,7 @@ int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8
   int rc = grant_smem<kernel>(dev, smem, kCompact);
   if (rc != 0) return rc;
   const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;  // S checked by launch_gemv
-  const int64_t blocks = (N + 16 * (kGemmThreads / 32) - 1) / (16 * (kGemmThreads / 32));
+  const int64_t blocks = table_gemm_row_blocks(N);
   if (S > 65535 || blocks > 0x7fffffff) return kUnsupported;
   bool fits = false;
   if (ep.cluster_reduce) {
@@ -1711,6 +1714,19 @@ int launch_gemm_table_instance(const TX* x, int M, int N, int64_t K, const uint8
                                  partial, ep);
 }
 
+// The table GEMM's form for M batch rows: f(NT, kCompact, kHalves) as integral constants.  Compact: two
+// 8-warp blocks an SM for M <= 32, 16 warps (two per 16 W rows) for M <= 64; else 4 or 8 n-tiles.
+template <typename F>
+auto with_table_form(int M, bool compact, F&& f) {
+  using std::integral_constant;
+  using One = integral_constant<int, 1>;
+  if (compact)
+    return M <= 32 ? f(integral_constant<int, 4>{}, std::true_type{}, One{})
+                   : f(integral_constant<int, 4>{}, std::true_type{}, integral_constant<int, 2>{});
+  return M <= 32 ? f(integral_constant<int, 4>{}, std::false_type{}, One{})
+                 : f(integral_constant<int, 8>{}, std::false_type{}, One{});
+}
+
 template <typename TX>
 int launch_gemm_table(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                       int quant_type, bool compact, int S, float* partial, const GemvEpilogue& ep, bool* clustered,
@@ -1718,15 +1734,10 @@ int launch_gemm_table(const void* x, int M, int N, int64_t K, const uint8_t* pac
   if constexpr (std::is_same<TX, float>::value) {
     return kBadArgument;  // no fp32 mma fragments
   } else {
-    const auto launch = [&](auto instance) {
-      return instance(static_cast<const TX*>(x), M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, clustered,
-                      stream);
-    };
-    if (compact)  // two 8-warp blocks an SM for M <= 32; 16 warps, two per 16 W rows, for M <= 64
-      return M <= 32 ? launch(launch_gemm_table_instance<TX, 4, true>)
-                     : launch(launch_gemm_table_instance<TX, 4, true, 2>);
-    return M <= 32 ? launch(launch_gemm_table_instance<TX, 4, false>)
-                   : launch(launch_gemm_table_instance<TX, 8, false>);
+    return with_table_form(M, compact, [&](auto nt, auto kcompact, auto halves) {
+      return launch_gemm_table_instance<TX, decltype(nt)::value, decltype(kcompact)::value, decltype(halves)::value>(
+          static_cast<const TX*>(x), M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, clustered, stream);
+    });
   }
 }
 
@@ -1812,12 +1823,11 @@ int GemvLaunch<TX>::table_clusters_fit(int M, int N, bool compact, int S, int* f
     int dev = 0;
     const cudaError_t e = cudaGetDevice(&dev);
     if (e != cudaSuccess) return (int)e;
-    const int64_t blocks = (N + 16 * (kGemmThreads / 32) - 1) / (16 * (kGemmThreads / 32));
     bool f = false;
-    const int rc = compact ? (M <= 32 ? table_gemm_clusters_fit<TX, 4, true>(dev, blocks, S, &f)
-                                      : table_gemm_clusters_fit<TX, 4, true, 2>(dev, blocks, S, &f))
-                           : (M <= 32 ? table_gemm_clusters_fit<TX, 4, false>(dev, blocks, S, &f)
-                                      : table_gemm_clusters_fit<TX, 8, false>(dev, blocks, S, &f));
+    const int rc = with_table_form(M, compact, [&](auto nt, auto kcompact, auto halves) {
+      return table_gemm_clusters_fit<TX, decltype(nt)::value, decltype(kcompact)::value, decltype(halves)::value>(
+          dev, table_gemm_row_blocks(N), S, &f);
+    });
     *fits = f ? 1 : 0;
     return rc;
   }

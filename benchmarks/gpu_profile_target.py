@@ -51,12 +51,14 @@ VARIANTS = {"cuda-rows": _ROWS,
             "cuda-mma-wide": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_WIDE_FINALIZE=True),
             "cuda-mma-2ch": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True),
             "cuda-mma-block": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True),
+            "cuda-mma-compact": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True, GEMV_MMA_COMPACT=True),
+            "cuda-mma-compact-t": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True, GEMV_MMA_COMPACT=True),
             "cuda-gemm32": dict(GEMV_MMA_GEMM=True, GEMV_MMA_GEMM_COMPACT=False),
             "cuda-gemm32-compact": dict(GEMV_MMA_GEMM=True, GEMV_MMA_GEMM_COMPACT=True),
             "cuda-gemm32-cluster": dict(GEMV_MMA_GEMM=True, GEMV_MMA_GEMM_COMPACT=True, GEMV_MMA_GEMM_CLUSTER=True)}
 # call -> (M, N, K) where it is not the M = 1 call on 4096x14336
 SHAPES = {"cuda-gemm32": (32, 14336, 4096), "cuda-gemm32-compact": (32, 14336, 4096),
-          "cuda-gemm32-cluster": (32, 14336, 4096)}
+          "cuda-gemm32-cluster": (32, 14336, 4096), "cuda-mma-compact-t": (1, 14336, 4096)}
 
 
 def main(call: str) -> None:

@@ -85,7 +85,7 @@ def sweep_fastest(log: str, per_group: int = 5) -> list[str]:
     for key, pts in _sweep_groups(log).items():
         base_us, base = next(((us, lb) for us, lb in pts if "default" in lb), pts[0])
         for us, label in sorted(pts)[:per_group]:
-            if key.startswith("read floor"):  # floors, not variants of one call
+            if key.startswith(("read floor", "floor")):  # floors, not variants of one call
                 mark = ""
             else:
                 mark = "(baseline)" if label == base else f"{us - base_us:+6.1f} us"

@@ -103,9 +103,20 @@ def main(argv=None) -> int:
                                   ("mma wide finalize", dict(PLAIN_MMA, GEMV_WIDE_FINALIZE=True)),
                                   ("mma two chains", dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True)),
                                   ("mma block reduce", dict(PLAIN_MMA, GEMV_MMA_BLOCK_REDUCE=True)),
+                                  ("mma compact block reduce", dict(PLAIN_MMA, GEMV_MMA_BLOCK_REDUCE=True,
+                                                                    GEMV_MMA_COMPACT=True)),
                                   ("mma pdl finalize", dict(PLAIN_MMA, GEMV_PDL=True)),
                                   ("mma wide finalize pdl", dict(PLAIN_MMA, GEMV_WIDE_FINALIZE=True, GEMV_PDL=True))):
                 calls.append((f"matmul_4bit {label}", "matmul_4bit", lambda v=values: stream_gemv(**v), "same"))
+            # The compact M = 1 kernel with 2 row parts (20 tiles: W = 10), slices for the finalize.
+            pk_c, qs_c = q4(rn(37, 5120, scale=0.05), False)
+            x_c1 = rn(1, 5120)
+
+            def compact_parts():
+                with settings(cb, GEMV_MMA=True, GEMV_MMA_BLOCK_REDUCE=True, GEMV_MMA_COMPACT=True):
+                    return nf4kit.matmul_4bit(x_c1, pk_c, qs_c, bias=bias[:37])
+
+            calls.append(("matmul_4bit mma compact block reduce, 2 parts", "matmul_4bit", compact_parts, "same"))
             # The tensor-core batch kernel: one n-tile (M <= 8) and two (M <= 16).
             for m_rows in (3, 13):
                 x_b = rn(m_rows, 2048)

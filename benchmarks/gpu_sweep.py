@@ -3,7 +3,7 @@ small-M fused GEMM (splits), and of the Triton M = 1 configs (including two K-st
 on the headline weight (4096x14336 NF4, blocksize 64, double quant, bf16), L2 flushed before
 every call.  Prints one line per setting: the time and the heuristic's choice, so the routing
 constants can be set from measurements.  GPU only:
-  [SWEEP=flush,depth|stream,gemv,gemm,gemm64t,cluster,triton|triton-stream,bnb-backend]
+  [SWEEP=flush,depth|stream,gemv,gemm,gemm64t,cluster,floor,m1,triton|triton-stream,bnb-backend]
 python -m benchmarks.gpu_sweep
 """
 from __future__ import annotations
@@ -236,6 +236,50 @@ def cluster_sums(dev) -> None:
                     point(f"cuda M={M} {N}x{K} table GEMM compact cluster sums ({fit()})", xm, p, q, em, dev)
 
 
+def read_floors(dev) -> None:
+    """What a single cold call can reach in this harness: an empty launch (the fixed cost every
+    timed call pays) and a pure read of each M = 1 weight's bytes (a Triton kernel that XOR-sums
+    32-bit words, a few block shapes, the best printed), against which the GEMVs' times are read."""
+    from ._read_floor import read_words
+
+    one = torch.zeros(1, device=dev)
+    t = bench(lambda: one.add_(1.0), dev)
+    print(f"floor: empty launch (a 1-element add_): {t.median_s * 1e6:8.1f} us", flush=True)
+    for N, K in ((4096, 14336), (14336, 4096), (4096, 4096)):
+        p, _ = nf4kit.quantize_4bit(torch.randn(N, K, device=dev, dtype=torch.bfloat16), blocksize=64,
+                                    compress_statistics=True)
+        words = p.reshape(-1).view(torch.int32)
+        n = words.numel()
+        best = None
+        for block, iters, warps in ((1024, 4, 4), (2048, 4, 8), (4096, 2, 8), (2048, 8, 8), (1024, 16, 4)):
+            try:
+                t = bench(lambda: read_words(words, block, iters, warps), dev)
+            except Exception as e:  # a sweep point is not a test
+                print(f"floor: read {N}x{K} BLOCK={block} ITERS={iters} warps={warps}: {type(e).__name__}: {e}")
+                continue
+            print(f"floor: read {N}x{K} ({words.numel() * 4 / 1e6:.1f} MB) BLOCK={block} ITERS={iters} "
+                  f"warps={warps}: {t.median_s * 1e6:8.1f} us  {n * 4 / t.median_s / 1e9:6.0f} GB/s", flush=True)
+            best = t.median_s if best is None else min(best, t.median_s)
+        if best is not None:
+            print(f"floor: read {N}x{K} best {best * 1e6:8.1f} us", flush=True)
+
+
+def m1_compact(dev) -> None:
+    """M = 1 on the three shapes: the block-reduced default (one 16-warp block an SM) against its
+    compact form (GEMV_MMA_COMPACT: two blocks an SM in 78 KB and 64 registers, the same bits)."""
+    for N, K in ((4096, 14336), (14336, 4096), (4096, 4096)):
+        W = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+        p, q = nf4kit.quantize_4bit(W, blocksize=64, compress_statistics=True)
+        ref = nf4kit.dequantize_4bit(p, q).float()
+        x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+        e = x.float() @ ref.t()
+        with nf4kit.use_backend("cuda"):
+            for label, values in (("block reduce (default)", {}), ("compact block reduce", dict(GEMV_MMA_COMPACT=True)),
+                                  ("compact block reduce, no pdl", dict(GEMV_MMA_COMPACT=True, GEMV_PDL=False))):
+                with settings(cb, **values):
+                    point(f"cuda M=1 {N}x{K} {label}", x, p, q, e, dev)
+
+
 def _row_kernel_variants(shape, x, p, q, exp, dev) -> None:
     """The row kernel's rows per warp x ring depth x K-splits, pair table and direct epilogue
     (the caller has the stream kernel off).  The pair table: is the plateau the MIO lookups?
@@ -304,6 +348,10 @@ def main() -> None:
         square_m64(dev)
     if "cluster" in sections:
         cluster_sums(dev)
+    if "floor" in sections:
+        read_floors(dev)
+    if "m1" in sections:
+        m1_compact(dev)
     if "bnb-backend" in sections:
         bnb_backend(packed, qs, W_ref, dev)
     print(f"heuristics: gemv S={cb._gemv_splits(N, K, dev)}, gemm splits M=16 {cb._gemm_splits(16, N, K, dev)}, "

@@ -672,6 +672,41 @@ def test_dequantize_cuda_graph_capture():
     assert torch.equal(out, ref.dequantize_4bit(*st, bs, "nf4", n, torch.bfloat16))
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,quant_type,nested", [
+    (1037, 4096, "nf4", True),    # W = 16: one block spans the row, y written by the kernel
+    (14336, 4096, "nf4", True),   # 896 row blocks over two blocks an SM: several visits per warp
+    (4096, 4096, "fp4", False),   # one visit per warp; plain absmax (the slot's second one in q)
+    (1037, 14336, "nf4", True),   # W = 14: 4 parts, 4 slices for the finalize
+    (77, 5120, "fp4", True),      # W = 10, 2 parts; the last row block runs past N
+    (501, 11008, "nf4", False),   # W = 15, 3 parts, the last with 13 active warps (2 idle)
+    (300, 1792, "nf4", True)])    # 7 tiles: no block reduce, the plain kernel and finalize
+def test_gemv_mma_compact_gives_the_block_reduces_bits(monkeypatch, dt, N, K, quant_type, nested):
+    """The compact M = 1 kernel (GEMV_MMA_COMPACT: the table at the shared window's base, x staged in
+    shared memory, two blocks an SM) runs the block-reduced kernel's warps, visits and sums: its output
+    equals the block reduce's bit for bit, bias and LoRA included, and is within tolerance of float64."""
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_BLOCK_REDUCE", True)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", 2)
+    monkeypatch.setattr(cuda_backend, "GEMV_MMA_TWO_CHAINS", False)
+    if not cuda_backend._mma_fits(torch.cuda.current_device(), cuda_backend._MMA_SMEM_BYTES):
+        pytest.skip("this GPU does not grant the block-reduced kernel its shared memory")
+    st, W64 = _weight(N, K, 64, quant_type, nested, seed=N + 3 * K)
+    x = _rand((1, K), dt, 121)
+    bias = _rand((N,), torch.float32, 122)
+    A, B = _rand((8, K), dt, 123, 0.1), _rand((N, 8), dt, 124, 0.1)
+    for lora in (False, True):
+        out = _matmul_per_setting(monkeypatch, "GEMV_MMA_COMPACT", (False, True), x, st, 64, quant_type, N, K, bias,
+                                  A if lora else None, B if lora else None)
+        for compact, (_, options) in out.items():
+            assert bool(options & cuda_backend._GEMV_MMA_COMPACT) == compact
+        assert torch.equal(out[True][0], out[False][0])
+        exp = x.double() @ W64.t() + bias.double()
+        if lora:
+            exp = exp + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+        assert _relerr(out[True][0], exp) < _tol(dt)
+
+
 class _OptionsSeen:
     """Stands in for nf4kit._C's cuda module: records the option bits of every gemv_4bit call."""
 

@@ -258,9 +258,34 @@ def test_sweep_points_are_read_against_their_groups_default():
         "cuda M=16 4096x14336 fused GEMM:     58.1 us  host  138.5 us  rel_err 1.7e-03",
         "cuda M=16 4096x14336 mma batch depth=2 (tensor cores):     32.4 us  host  150.1 us  rel_err 2.7e-03",
         "triton M=1 4096x14336 word path (autotuned):     26.3 us  host  110.0 us  rel_err 2.3e-03",
-        "triton M=1 4096x14336 stream {'BLOCK_N': 1} (default):     23.2 us  host  100.0 us  rel_err 2.3e-03"])
+        "triton M=1 4096x14336 stream {'BLOCK_N': 1} (default):     23.2 us  host  100.0 us  rel_err 2.3e-03",
+        "floor: read 4096x14336 (29.4 MB) BLOCK=1024 ITERS=4 warps=4:     13.1 us    2241 GB/s",
+        "floor: read 4096x14336 (29.4 MB) BLOCK=2048 ITERS=4 warps=8:     12.2 us    2406 GB/s"])
     lines = gpu_report.sweep_fastest(log, per_group=5)
-    assert [ln.split("us")[0].strip() for ln in lines] == ["22.5", "24.0", "32.4", "58.1", "23.2", "26.3"]
+    assert [ln.split("us")[0].strip() for ln in lines] == ["22.5", "24.0", "32.4", "58.1", "23.2", "26.3", "12.2",
+                                                            "13.1"]
     assert "-1.5 us" in lines[0] and "(baseline)" in lines[1]
     assert "-25.7 us" in lines[2] and "(baseline)" in lines[3]   # no default: the first point
     assert "(baseline)" in lines[4] and "+3.1 us" in lines[5]    # the default is not the first point
+    # Floors are not variants of one call: no baseline, no difference.
+    assert re.match(r"\s*12\.2 us\s+floor: read", lines[6]) and re.match(r"\s*13\.1 us\s+floor: read", lines[7])
+
+
+def test_read_floor_kernel_xors_each_programs_words():
+    """benchmarks/_read_floor.read_words (the sweep's pure-read floor) reads every word once: each
+    program's output is the XOR of its block * iters words, the tail masked.  On the CPU under the
+    Triton interpreter (tests/conftest.py sets it where there is no GPU), else on the GPU."""
+    import functools
+    import operator
+
+    pytest.importorskip("triton")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpreting and not torch.cuda.is_available():
+        pytest.skip("neither the Triton interpreter nor a GPU")
+    from benchmarks._read_floor import read_words
+
+    g = torch.Generator().manual_seed(5)
+    words = torch.randint(-2**31, 2**31 - 1, (3 * 512 + 77,), dtype=torch.int32, generator=g)
+    out = read_words(words.to("cpu" if interpreting else "cuda"), 128, 4, 4)
+    exp = [functools.reduce(operator.xor, words[i:i + 512].tolist()) for i in range(0, words.numel(), 512)]
+    assert out.tolist() == exp

@@ -226,7 +226,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     assert call(1, 2048 + 32, 2, stream) == -1        # K % 1024 != 0
     assert call(1, 2048, 2, stream | cuda_backend._GEMV_DIRECT) == -1
     assert call(1, 2048, 2, 32) == -1                 # an option bit the row kernel does not take
-    assert call(1, 2048, 2, stream | 2048) == -1      # an unknown option bit
+    assert call(1, 2048, 2, stream | 4096) == -1      # an unknown option bit
     wide = cuda_backend._GEMV_WIDE_FINALIZE
     assert call(1, 2048, 8, cuda_backend._GEMV_MMA | wide | stream, 2) == -1  # mma: only the wide finalize beside it
     chains = cuda_backend._GEMV_MMA_TWO_CHAINS          # two chains: M = 1, depth 2, fp16/bf16 only
@@ -260,6 +260,12 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     assert call(1, 2048, 2, stream | block) == -1
     assert call(3, 2048, 8, cuda_backend._GEMV_MMA | block, 2) == -1
     mma = cuda_backend._GEMV_MMA                      # (each case below breaks one rule, depth 2 is valid)
+    m1_compact = cuda_backend._GEMV_MMA_COMPACT       # the compact M = 1 kernel: with mma and the block reduce
+    assert call(1, 2048, 8, mma | m1_compact, 2) == -1
+    assert call(1, 2048, 2, stream | block | m1_compact) == -1
+    assert call(1, 2048, 8, mma | block | chains | m1_compact, 2) == -1  # one chain
+    assert call(1, 2048, 8, mma | block | m1_compact, 3) == -1            # depth 2
+    assert call(2, 2048, 8, mma | block | m1_compact, 2) == -1            # M = 1 (the block reduce's rule)
     assert call(1, 2048, 8, mma | stream, 2) == -1    # mma takes no other option
     assert call(1, 2048, 2, mma, 2) == -1             # S != K / 256
     assert call(17, 2048, 8, mma, 2) == -2            # M > 16: unsupported by any GEMV
@@ -279,6 +285,8 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
             assert call(1, 11008, 43, mma | block | wide, depth) not in (0, -1, -2)
             assert call(1, 1792, 7, mma | block, depth) not in (0, -1, -2)
         assert call(1, 4096, 16, mma | block | chains, 2) not in (0, -1, -2)
+        for K, S in ((4096, 16), (14336, 56), (1792, 7)):  # the compact form (and the plain kernel under 8 tiles)
+            assert call(1, K, S, mma | block | m1_compact, 2) not in (0, -1, -2)
         for M, S in ((17, 1), (32, 3), (33, 8), (64, 2)):
             assert call(M, 2048, S, gemm, 2) not in (0, -1, -2)
         assert call(64, 4096, 4, gemm | wide, 2) not in (0, -1, -2)
@@ -448,8 +456,21 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
             assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12)[1] == mma | block
             assert cuda_backend._gemv_variant(5, 64, 3072, bf, 64, 12)[1] == mma
             assert cuda_backend._gemv_variant(1, 64, 3072, torch.float32, 64, 3)[1] == stream
+            # Its compact form (when on): M = 1 with the block reduce at depth 2, one chain only.
+            m1_compact = cuda_backend._GEMV_MMA_COMPACT
+            assert not cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12)[1] & m1_compact  # off by default
+            cuda_backend.GEMV_MMA_COMPACT = True
+            assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12) == (2, mma | block | m1_compact)
+            assert cuda_backend._gemv_variant(5, 64, 3072, bf, 64, 12)[1] == mma
+            cuda_backend.GEMV_MMA_DEPTH = 3
+            assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12) == (3, mma | block)
+            cuda_backend.GEMV_MMA_DEPTH, cuda_backend.GEMV_MMA_TWO_CHAINS = 2, True
+            assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12)[1] == mma | block | chains
+            cuda_backend.GEMV_MMA_BLOCK_REDUCE, cuda_backend.GEMV_MMA_TWO_CHAINS = False, False
+            assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12)[1] == mma
         finally:
-            cuda_backend.GEMV_MMA_BLOCK_REDUCE = False
+            cuda_backend.GEMV_MMA_BLOCK_REDUCE, cuda_backend.GEMV_MMA_COMPACT = False, False
+            cuda_backend.GEMV_MMA_DEPTH, cuda_backend.GEMV_MMA_TWO_CHAINS = 2, False
         tiles = (16, 56, 12, 20, 32, 43, 54, 74, 11, 8, 7, 4)
         assert [cuda_backend._mma_block_warps(t) for t in tiles] == [16, 14, 12, 10, 16, 15, 14, 15, 11, 8, 0, 0]
         # The decode path asks _gemv_kernel once and hands the answer on: the same plan either way.

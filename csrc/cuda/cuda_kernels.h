@@ -55,7 +55,8 @@ constexpr int kGemvPairTable = 1;
 constexpr int kGemvDirect = 2;
 constexpr int kGemvStream = 4;
 constexpr int kGemvMma = 8;  // the stream scheme on mma.sync (M <= 16, fp16/bf16 x, K % 256 == 0, blocksize >= 64,
-                             // S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit but the next three and kGemvPdl)
+                             // S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit but the next three,
+                             // kGemvPdl and kGemvMmaCompact)
 constexpr int kGemvWideFinalize = 16;  // experimental: the split-K sums with 8 warps per 32 outputs (any kernel)
 constexpr int kGemvMmaTwoChains = 32;  // experimental, with kGemvMma at M = 1, depth 2: two HMMA accumulator chains
 constexpr int kGemvMmaBlockReduce = 64;  // experimental, with kGemvMma at M = 1: each block sums its warps' K-tiles
@@ -73,6 +74,9 @@ constexpr int kGemvMmaGemmCluster = 1024;  // with kGemvMmaGemm, 2 <= S <= 8: th
                                           // one thread-block cluster and sum through distributed shared memory, no
                                           // partial and no finalize (the same bits), where all the clusters run at
                                           // once on this device (sm_90+); else partials and the finalize as without
+constexpr int kGemvMmaCompact = 2048;  // experimental, with kGemvMma | kGemvMmaBlockReduce at M = 1, depth 2, one
+                                       // chain: the same sums in 78 KB of shared memory and 64 registers, two
+                                       // blocks an SM (x staged in shared memory); the same bits
 // Whether kGemvMmaGemmCluster takes effect for x [M, *] (fp16/bf16), W [N, *] at S splits in the given
 // form on the current device: *fits = 1 where all ceil(N / 128) clusters of S blocks run at once (the
 // kernel then sums in them), 0 where gemv_4bit falls back to the partials and the finalize.

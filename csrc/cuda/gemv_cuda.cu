@@ -39,7 +39,10 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
   const int max_m = (options & kGemvMmaGemm) != 0 ? kMmaGemmMaxM : (options & kGemvMma) != 0 ? kMmaMaxM : kMaxM;
   if (M < 1 || M > max_m || N < 1 || K < 32 || (K % 32) != 0) return kUnsupported;
   if ((options & ~(kGemvPairTable | kGemvDirect | kGemvStream | kGemvMma | kGemvWideFinalize | kGemvMmaTwoChains |
-                   kGemvMmaBlockReduce | kGemvMmaGemm | kGemvMmaGemmCompact | kGemvMmaGemmCluster | kGemvPdl)) != 0)
+                   kGemvMmaBlockReduce | kGemvMmaGemm | kGemvMmaGemmCompact | kGemvMmaGemmCluster | kGemvMmaCompact |
+                   kGemvPdl)) != 0)
+    return kBadArgument;
+  if ((options & kGemvMmaCompact) != 0 && (options & (kGemvMma | kGemvMmaBlockReduce)) != (kGemvMma | kGemvMmaBlockReduce))
     return kBadArgument;
   if ((options & (kGemvMmaGemmCompact | kGemvMmaGemmCluster)) != 0 && (options & kGemvMmaGemm) == 0) return kBadArgument;
   if ((options & (kGemvMmaTwoChains | kGemvMmaBlockReduce)) != 0 && (options & kGemvMma) == 0) return kBadArgument;

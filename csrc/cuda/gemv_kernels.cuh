@@ -429,6 +429,9 @@ __device__ __forceinline__ uint2 lds_u64(uint32_t addr) {
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
   return v;
 }
+__device__ __forceinline__ void sts_f32(uint32_t addr, float v) {
+  asm volatile("st.shared.f32 [%0], %1;\n" : : "r"(addr), "f"(v) : "memory");
+}
 __device__ __forceinline__ float lds_f32(uint32_t addr) {
   float v;
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
@@ -461,6 +464,52 @@ __device__ __forceinline__ MmaTable mma_build_table(unsigned char* smem, int qua
   unsigned char* table = smem + (table_at - smem0);
   mma_fill_table<TX>(table, reinterpret_cast<float*>(table + kMmaTableBytes), quant_type, am);
   return MmaTable{table_at | ((threadIdx.x & 31u) * 4u), table_at + kMmaTableBytes};
+}
+
+// Where the dynamic shared memory starts in a block's shared window when the kernel has no static
+// shared variables: 0x400 from sm_90 on (1 KB reserved for the system), 0 before (nvcc 13's
+// placement, checked at the compact kernel's start).
+__device__ __forceinline__ constexpr uint32_t dynamic_smem_low() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return 0x400u;
+#else
+  return 0u;
+#endif
+}
+
+// The compact M = 1 kernel's shared memory (kGemvMmaCompact), from the dynamic base D: the table at
+// D itself (entry v of lane L at D + 256 v + 4 L; the LDS adds D as its immediate offset, as in the
+// compact table GEMM), then the block's W <= 16 x tiles, 256 elements each, with 16 bytes of padding
+// after every 64 elements (kTileStride = 576): a lane's B fragment reads (tid 0..3 at element 32 tid)
+// then fall in four distinct 8-byte bank slots (0, 8, 2, 10 of 16).  Lanes whose quarter an mma does
+// not take read zeros at kZero, one address for all of them (a broadcast) in bank slot 4 past the
+// tiles', so no lane conflicts with them.  Then the nested absmax code and the BR row sums.  78 KB for
+// 4 visits: two 16-warp blocks an SM where the single-block kernel's 129 KB table holds one.
+struct MmaCompactLayout {
+  static constexpr uint32_t kX = kMmaTableBytes, kTileStride = 2 * kMmaTile + 4 * 16;
+  static constexpr uint32_t kZero = kX + 16 * kTileStride + 32;  // bank slot 4 of 16 past kX's 0
+  static constexpr uint32_t kJStride = 2 * 128 + 2 * 16;          // x elements 128 j: two 64-element pieces
+  static constexpr uint32_t kZeroBytes = kJStride + 64;           // every zero-lane read, j = 0, 1, i = 0..7
+  static constexpr uint32_t kCode = kZero + kZeroBytes;
+  static constexpr uint32_t kRed = kCode + 256 * (uint32_t)sizeof(float);
+  // x element e of the block's tile w (e % 4 == 0: one 8-byte piece) from the dynamic base.
+  __host__ __device__ static constexpr uint32_t x_at(int w, int e) {
+    return kX + kTileStride * (uint32_t)w + 2u * (uint32_t)e + 16u * (uint32_t)(e >> 6);
+  }
+};
+static_assert(MmaCompactLayout::x_at(0, 128) - MmaCompactLayout::x_at(0, 0) == MmaCompactLayout::kJStride,
+              "the B reads of quarter pair j = 1 sit kJStride past j = 0's");
+static_assert(MmaCompactLayout::kZero % 16 == 0 && (MmaCompactLayout::kZero / 8) % 16 == 4 &&
+                  (MmaCompactLayout::kX / 8) % 16 == 0 && (MmaCompactLayout::kTileStride / 8) % 8 == 0,
+              "zero reads in bank slot 4, the tiles' lane reads in slots 0, 2, 8, 10 (+ 8 w)");
+
+// The compact layout's table at the dynamic base (its LDS adds the base, dynamic_smem_low()) and the
+// nested absmax code: this lane's addresses, the entry relative to the base.
+template <typename TX>
+__device__ __forceinline__ MmaTable mma_build_compact_table(unsigned char* smem, uint32_t smem0, int quant_type,
+                                                            const Absmax& am) {
+  mma_fill_table<TX>(smem, reinterpret_cast<float*>(smem + MmaCompactLayout::kCode), quant_type, am);
+  return MmaTable{(threadIdx.x & 31u) * 4u, smem0 + MmaCompactLayout::kCode};
 }
 
 // Where a warp of the tensor-core GEMVs works (persistent grid, memory order): the 256-wide K-tile
@@ -540,17 +589,19 @@ __device__ __forceinline__ void mma_a_from_table(uint32_t (&a)[4], uint32_t r0, 
 // This lane's read position in W: rows `row` and `row + 8` of the warp's next visit, at byte
 // `lane_byte` of its K-tile, and the flat element index `scale_e` of the first absmax it reads
 // there (row + scale_rows, element scale_k of the tile; N * K < 2^32); next() moves both on by the
-// warp's R row blocks.
+// warp's R row blocks.  Steps in 32 bits (R * 16 * K / 2 < 2^32), and row grp + 8's bytes at
+// rows8(K) from the kernel's own K rather than held: registers the compact M = 1 kernel needs.
 struct MmaCursor {
   const uint8_t* p;
   int row;
-  int64_t step, rows8;
+  uint32_t step;
   int rows_step;
   uint32_t scale_e, scale_step;
+  __device__ __forceinline__ static int64_t rows8(int64_t K) { return 8 * (K >> 1); }
   __device__ __forceinline__ MmaCursor(const uint8_t* packed, const MmaWarp& w, int64_t K, int grp, int lane_byte,
                                        int scale_rows, int scale_k)
       : p(packed + (int64_t)(w.rb0 * 16 + grp) * (K >> 1) + (int64_t)w.kt * (kMmaTile / 2) + lane_byte),
-        row(w.rb0 * 16 + grp), step((int64_t)w.R * 16 * (K >> 1)), rows8(8 * (K >> 1)), rows_step(16 * w.R),
+        row(w.rb0 * 16 + grp), step((uint32_t)w.R * 16u * (uint32_t)(K >> 1)), rows_step(16 * w.R),
         scale_e((uint32_t)(w.rb0 * 16 + grp + scale_rows) * (uint32_t)K + (uint32_t)w.kt * kMmaTile + scale_k),
         scale_step((uint32_t)w.R * 16u * (uint32_t)K) {}
   __device__ __forceinline__ void next() {
@@ -567,8 +618,8 @@ struct MmaCursor {
 // absmax codes packed as q0 | q1 << 16 and the nested scale(s) (double quant), or the plain absmax.
 struct MmaBytes16 {
   uint4 w[2][2];
-  uint32_t q;  // double quant: this lane's two absmax codes
-  float s[2];  // double quant: the nested absmax (in s[0]); plain: the two absmax
+  uint32_t q;  // double quant: this lane's two absmax codes; plain: the second absmax's bits
+  float s[1];  // double quant: the nested absmax (both blocks share it); plain: the first absmax
 };
 struct MmaBytes8 {
   uint2 w[2][4];
@@ -577,7 +628,8 @@ struct MmaBytes8 {
 };
 
 // Raw scale inputs of absmax blocks b0, b1 (flat block indices) into a slot; double quant keeps
-// one nested scale when both blocks share a nested block (kSameNested).
+// one nested scale when both blocks share a nested block (kSameNested), whose slot then holds a
+// plain second absmax in q (one register a slot fewer: the compact M = 1 kernel's ring spilled it).
 template <bool kSameNested, typename Slot>
 __device__ __forceinline__ void mma_fetch_scales(Slot& slot, const Absmax& am, uint32_t b0, uint32_t b1) {
   if (am.q != nullptr) {
@@ -586,16 +638,25 @@ __device__ __forceinline__ void mma_fetch_scales(Slot& slot, const Absmax& am, u
     if constexpr (!kSameNested) slot.s[1] = __ldg(am.nested + b1 / core::kNestedBlocksize);
   } else {
     slot.s[0] = __ldg(am.absmax + b0);
-    slot.s[1] = __ldg(am.absmax + b1);
+    if constexpr (kSameNested)
+      slot.q = __float_as_uint(__ldg(am.absmax + b1));
+    else
+      slot.s[1] = __ldg(am.absmax + b1);
   }
 }
 
 // Absmax h (0 or 1) of a slot fetched by mma_fetch_scales, decoded (nested: through the shared code table).
 template <bool kSameNested, typename Slot>
 __device__ __forceinline__ float mma_scale(const Slot& slot, int h, bool nested, uint32_t code_at, float offset) {
-  if (!nested) return slot.s[h];
-  const uint32_t code = (slot.q >> (16 * h)) & 0xffu;
-  return core::nested_absmax_from_code(lds_f32(code_at + 4u * code), kSameNested ? slot.s[0] : slot.s[h], offset);
+  if constexpr (kSameNested) {
+    if (!nested) return h == 0 ? slot.s[0] : __uint_as_float(slot.q);
+    const uint32_t code = (slot.q >> (16 * h)) & 0xffu;
+    return core::nested_absmax_from_code(lds_f32(code_at + 4u * code), slot.s[0], offset);
+  } else {
+    if (!nested) return slot.s[h];
+    const uint32_t code = (slot.q >> (16 * h)) & 0xffu;
+    return core::nested_absmax_from_code(lds_f32(code_at + 4u * code), slot.s[h], offset);
+  }
 }
 
 // CH accumulator chains per visit: 1, or (kGemvMmaTwoChains, experimental) 2, alternating between
@@ -610,13 +671,25 @@ __device__ __forceinline__ float mma_scale(const Slot& slot, int h, bool nested,
 // and LoRA (store_output): no finalize launch.  Otherwise it writes slice `part` of the row's parts
 // for a short finalize (K = 14336: 4 slices instead of 56).  Nsight Compute put the plain finalize
 // at 6.5 us of a 24 us M = 1 call (S = 56).
-template <typename TX, int D, bool BR = false, int CH = 1>
-__global__ void __launch_bounds__(kMmaThreads, 1)
+//
+// CX (kGemvMmaCompact, experimental; with BR, one chain): the same sums in MmaCompactLayout's 78 KB
+// and at most 64 registers, two blocks an SM (32 warps against 16): the table at the dynamic base,
+// and the block's x tiles staged in shared memory, each mma's B fragment read there (one LDS.64)
+// instead of held in 32 registers.  The same warps, visits and sums: its output equals BR's bit for
+// bit (GPU test).
+template <typename TX, int D, bool BR = false, int CH = 1, bool CX = false>
+__global__ void __launch_bounds__(kMmaThreads, CX ? 2 : 1)
     gemv_4bit_mma_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
                          int log2_bs, int quant_type, int warps_used, float* __restrict__ partial, GemvEpilogue ep) {
   static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
+  static_assert(!CX || (BR && CH == 1), "the compact form is the block-reduced kernel with one chain");
   pdl_launch_dependents();  // a finalize launched with kGemvPdl may be scheduled now (no-op otherwise)
   extern __shared__ __align__(16) unsigned char mma_smem[];
+  constexpr uint32_t kTableOff = CX ? dynamic_smem_low() : 0u;
+  const uint32_t smem0 = (uint32_t)__cvta_generic_to_shared(mma_smem);
+  if constexpr (CX) {
+    if (smem0 != kTableOff) __trap();  // the table's LDS offset assumes this base
+  }
   const bool nested = am.q != nullptr;
   const int lane = threadIdx.x & 31;
   const int grp = lane >> 2, tid = lane & 3;
@@ -635,8 +708,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       b.w[0][1] = __ldcs(reinterpret_cast<const uint4*>(wc.p + 64));
     }
     if (wc.row + 8 < N) {
-      b.w[1][0] = __ldcs(reinterpret_cast<const uint4*>(wc.p + wc.rows8));
-      b.w[1][1] = __ldcs(reinterpret_cast<const uint4*>(wc.p + wc.rows8 + 64));
+      // CX: 32-bit (its launcher takes K < 2^30), whose zero extension costs no register held.
+      const int64_t rows8 = CX ? (int64_t)(4u * (uint32_t)K) : MmaCursor::rows8(K);
+      b.w[1][0] = __ldcs(reinterpret_cast<const uint4*>(wc.p + rows8));
+      b.w[1][1] = __ldcs(reinterpret_cast<const uint4*>(wc.p + rows8 + 64));
     }
     if (wc.row + scale_row_off < N)
       mma_fetch_scales<true>(b, am, wc.scale_e >> log2_bs, (wc.scale_e + 64u) >> log2_bs);
@@ -645,7 +720,20 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   MmaBytes16 ring[D];
   mma_prefetch(wa, ring, fetch);
 
-  const MmaTable tab = mma_build_table<TX>(mma_smem, quant_type, am);
+  const MmaTable tab = CX ? mma_build_compact_table<TX>(mma_smem, smem0, quant_type, am)
+                          : mma_build_table<TX>(mma_smem, quant_type, am);
+  if constexpr (CX) {
+    // The block's x tiles (part bp.part's W tiles, those in the row) and the zeros.
+    using L = MmaCompactLayout;
+    const int W = blockDim.x >> 5;
+    for (int p = threadIdx.x; p < bp.active_warps * (kMmaTile / 4); p += blockDim.x) {
+      const int w = p / (kMmaTile / 4), e = 4 * (p % (kMmaTile / 4));
+      *reinterpret_cast<uint2*>(mma_smem + L::x_at(w, e)) =
+          __ldg(reinterpret_cast<const uint2*>(x + (int64_t)(bp.part * W + w) * kMmaTile + e));
+    }
+    for (int i = threadIdx.x; i < (int)(L::kZeroBytes / 4); i += blockDim.x)
+      reinterpret_cast<uint32_t*>(mma_smem + L::kZero)[i] = 0u;
+  }
   __syncthreads();
   // Whole warps exit together (after the only __syncthreads; BR: idle warps stay for the block's
   // last one, with no visits).
@@ -653,27 +741,37 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   const float offset = nested ? __ldg(am.offset) : 0.0f;
 
   // B fragments of mma (j, i): x elements 128 j + 32 tid + 4 i .. + 3 of the tile, in column
-  // grp, kept only where grp is this lane's quarter of load j.
-  uint32_t xb[2][8][2];
+  // grp, kept only where grp is this lane's quarter of load j.  CX: read per mma from the staged
+  // tile at xs_at[j] + 8 i (the zeros where not this lane's quarter).
+  uint32_t xb[CX ? 1 : 2][8][2];
+  uint32_t xs_at[2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const bool mine = grp == 2 * j + (tid >> 1) && wa.active;
+    if constexpr (CX) {
+      xs_at[j] = smem0 + (mine ? MmaCompactLayout::x_at(threadIdx.x >> 5, 128 * j + 32 * tid)
+                               : MmaCompactLayout::kZero + MmaCompactLayout::kJStride * j);
+    } else {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      uint2 v = make_uint2(0u, 0u);
-      if (mine) v = __ldg(reinterpret_cast<const uint2*>(x + (int64_t)kt * kMmaTile + 128 * j + 32 * tid + 4 * i));
-      xb[j][i][0] = v.x;
-      xb[j][i][1] = v.y;
+      for (int i = 0; i < 8; ++i) {
+        uint2 v = make_uint2(0u, 0u);
+        if (mine) v = __ldg(reinterpret_cast<const uint2*>(x + (int64_t)kt * kMmaTile + 128 * j + 32 * tid + 4 * i));
+        xb[j][i][0] = v.x;
+        xb[j][i][1] = v.y;
+      }
     }
   }
 
   // This lane's output: lane tid 0 row grp, lane tid 1 row grp + 8 (tid 2 and 3 write nothing).
   const int out_row_off = grp + 8 * (tid & 1);
   float* out = partial + (int64_t)kt * N;
-  // BR: this warp's row sums, visit vi at red[(vi * W + warp) * 16 + row in the block] (16 lanes, 16 banks).
-  float* red = reinterpret_cast<float*>(mma_smem + kMmaSmemBytes);
-  const int warp = threadIdx.x >> 5, W = blockDim.x >> 5;
-  int vi = 0;
+  // BR: this warp's row sums, visit v at red[(v * W + warp) * 16 + row in the block] (16 lanes, 16 banks);
+  // red_at: this lane's for the next visit, a shared-window address moved on by W * 16 floats a visit
+  // (one register: a visit counter beside it spilled in the compact form).
+  constexpr uint32_t kRedOff = CX ? MmaCompactLayout::kRed : (uint32_t)kMmaSmemBytes;
+  float* red = reinterpret_cast<float*>(mma_smem + kRedOff);
+  const int W = blockDim.x >> 5;
+  uint32_t red_at = smem0 + kRedOff + 4u * (uint32_t)((threadIdx.x >> 5) * 16 + out_row_off);
 
   auto visit = [&](int rb, const MmaBytes16& cur, MmaBytes16& nxt) {
     // Rows past N decode the slot's zeroed or stale scale inputs: they reach only their own rows.
@@ -691,9 +789,16 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         const uint4& c0 = cur.w[0][j];
         const uint4& c1 = cur.w[1][j];
         uint32_t a[4];
-        mma_a_from_table(a, w == 0 ? c0.x : w == 1 ? c0.y : w == 2 ? c0.z : c0.w,
-                         w == 0 ? c1.x : w == 1 ? c1.y : w == 2 ? c1.z : c1.w, (uint32_t)(2 * (i & 1)), tab.lane_entry);
-        mma16816<TX>(cc[i % CH], a, xb[j][i]);
+        mma_a_from_table<kTableOff>(a, w == 0 ? c0.x : w == 1 ? c0.y : w == 2 ? c0.z : c0.w,
+                                    w == 0 ? c1.x : w == 1 ? c1.y : w == 2 ? c1.z : c1.w, (uint32_t)(2 * (i & 1)),
+                                    tab.lane_entry);
+        if constexpr (CX) {
+          const uint2 v = lds_u64(xs_at[j] + 8u * (uint32_t)i);
+          const uint32_t b[2] = {v.x, v.y};
+          mma16816<TX>(cc[i % CH], a, b);
+        } else {
+          mma16816<TX>(cc[i % CH], a, xb[j][i]);
+        }
       }
     }
     float c[4] = {cc[0][0], cc[0][1], cc[0][2], cc[0][3]};
@@ -705,8 +810,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
     v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
     if constexpr (BR) {
-      const int slot = vi++;
-      if (tid < 2) red[(slot * W + warp) * 16 + out_row_off] = (tid & 1) ? v1 : v0;
+      if (tid < 2) sts_f32(red_at, (tid & 1) ? v1 : v0);
+      red_at += 64u * (blockDim.x >> 5);
     } else {
       const int row = rb * 16 + out_row_off;
       if (tid < 2 && row < N) out[row] = (tid & 1) ? v1 : v0;
@@ -820,7 +925,7 @@ __global__ void __launch_bounds__(NT == 1 ? kMmaThreads : kMmaThreads / 2, 1)
     }
     if (wc.row + 8 < N) {
 #pragma unroll
-      for (int q = 0; q < 4; ++q) b.w[1][q] = __ldcs(reinterpret_cast<const uint2*>(wc.p + wc.rows8 + 32 * q));
+      for (int q = 0; q < 4; ++q) b.w[1][q] = __ldcs(reinterpret_cast<const uint2*>(wc.p + MmaCursor::rows8(K) + 32 * q));
     }
     // Quarter tid's absmax of rows grp and grp + 8 (row grp + 8 < N implies row grp < N).
     if (wc.row + 8 < N)
@@ -933,17 +1038,6 @@ __host__ __device__ constexpr int compact_min_blocks() {
   return 1;
 #else
   return 2;
-#endif
-}
-
-// Where the dynamic shared memory starts in a block's shared window when the kernel has no static
-// shared variables: 0x400 from sm_90 on (1 KB reserved for the system), 0 before (nvcc 13's
-// placement, checked at the compact kernel's start).
-__device__ __forceinline__ constexpr uint32_t dynamic_smem_low() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return 0x400u;
-#else
-  return 0u;
 #endif
 }
 
@@ -1385,7 +1479,7 @@ constexpr int kMaxDevices = 64;
 
 // Device `dev`'s SM count and the shared memory one block may opt in to, read once per device.
 struct DeviceLimits {
-  int sms, smem_optin, cluster_launch;
+  int sms, smem_optin, cluster_launch, smem_per_sm, smem_reserved;  // reserved: the system's per block
 };
 inline int device_limits(int dev, DeviceLimits* out) {
   static DeviceLimits cached[kMaxDevices] = {};
@@ -1398,6 +1492,8 @@ inline int device_limits(int dev, DeviceLimits* out) {
   cudaError_t e = cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&l.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&l.cluster_launch, cudaDevAttrClusterLaunch, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&l.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&l.smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
   if (e != cudaSuccess) return (int)e;
   if (cacheable) cached[dev] = l;
   *out = l;
@@ -1556,16 +1652,16 @@ inline int mma_block_warps(int64_t tiles_per_row) {
   return (int)((tiles_per_row + parts - 1) / parts);
 }
 
-// The block-reduced M = 1 kernel (BR above) on a persistent grid of one W-warp block per SM, in whole
-// rows of parts (mma_block_part), its shared memory the table's plus the row sums of the most visits
-// a warp makes.  Sets *slices to the partial slices it left for the finalize (0: it wrote y), or to
-// -1 without launching where it does not apply (no W, fewer SMs than a row has parts, or the row sums
-// past the device's shared memory).
-template <typename TX, int D, int CH>
+// The block-reduced M = 1 kernel (BR above) on a persistent grid of W-warp blocks, one per SM (CX: two
+// where two blocks' shared memory fits the SM, else one), in whole rows of parts (mma_block_part), its
+// shared memory the table's plus the row sums of the most visits a warp makes.  Sets *slices to the
+// partial slices it left for the finalize (0: it wrote y), or to -1 without launching where it does not
+// apply (no W, fewer blocks than a row has parts, or the row sums past the device's shared memory).
+template <typename TX, int D, int CH, bool CX = false>
 int launch_gemv_mma_block_reduce(const TX* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                                  int quant_type, float* partial, const GemvEpilogue& ep, int* slices,
                                  cudaStream_t stream) {
-  constexpr auto kernel = gemv_4bit_mma_kernel<TX, D, true, CH>;
+  constexpr auto kernel = gemv_4bit_mma_kernel<TX, D, true, CH, CX>;
   *slices = -1;
   int dev = 0;
   const cudaError_t e = cudaGetDevice(&dev);
@@ -1575,20 +1671,24 @@ int launch_gemv_mma_block_reduce(const TX* x, int N, int64_t K, const uint8_t* p
   if (rc != 0) return rc;
   const int64_t tiles_per_row = K / kMmaTile;
   const int W = mma_block_warps(tiles_per_row);
-  if (W == 0) return 0;
+  if (W == 0 || (CX && K >= (int64_t(1) << 30))) return 0;  // CX: 32-bit row offsets
   const int64_t row_parts = (tiles_per_row + W - 1) / W, row_blocks = (N + 15) / 16;
-  int64_t R = limits.sms / row_parts;  // row blocks in flight: one block per SM
-  R = R < row_blocks ? R : row_blocks;
-  if (R < 1) return 0;
-  const int64_t visits = (row_blocks + R - 1) / R;
-  const int64_t smem = kMmaSmemBytes + visits * W * 16 * (int64_t)sizeof(float);
-  if (smem > limits.smem_optin) return 0;
-  rc = grant_smem<kernel>(dev, (int)smem);
-  if (rc != 0) return rc;
-  kernel<<<(unsigned)(R * row_parts), W * 32, (size_t)smem, stream>>>(x, N, K, packed, am, log2_bs, quant_type, 0,
-                                                                       partial, ep);
-  *slices = row_parts == 1 ? 0 : (int)row_parts;
-  return (int)cudaGetLastError();
+  const int64_t base = CX ? MmaCompactLayout::kRed : kMmaSmemBytes;
+  for (int per_sm = CX ? 2 : 1; per_sm >= 1; --per_sm) {
+    int64_t R = (int64_t)limits.sms * per_sm / row_parts;  // row blocks in flight
+    R = R < row_blocks ? R : row_blocks;
+    if (R < 1) continue;
+    const int64_t visits = (row_blocks + R - 1) / R;
+    const int64_t smem = base + visits * W * 16 * (int64_t)sizeof(float);
+    if (smem > limits.smem_optin || per_sm * (smem + limits.smem_reserved) > limits.smem_per_sm) continue;
+    rc = grant_smem<kernel>(dev, (int)smem, CX);  // CX: the carveout two blocks need
+    if (rc != 0) return rc;
+    kernel<<<(unsigned)(R * row_parts), W * 32, (size_t)smem, stream>>>(x, N, K, packed, am, log2_bs, quant_type, 0,
+                                                                         partial, ep);
+    *slices = row_parts == 1 ? 0 : (int)row_parts;
+    return (int)cudaGetLastError();
+  }
+  return 0;
 }
 
 // The tensor-core variants (M <= 16, fp16/bf16 x, K % 256 == 0, blocksize >= 64, S == K / 256), D
@@ -1596,7 +1696,7 @@ int launch_gemv_mma_block_reduce(const TX* x, int N, int64_t K, const uint8_t* p
 // or two (M <= 16, on half-size blocks: their second x takes 32 more registers).  M = 1 with
 // block_reduce tries the block-reduced kernel first; *slices: the partial slices left for the
 // finalize (0: the block-reduced kernel wrote y).
-template <typename TX, int D, int CH = 1>
+template <typename TX, int D, int CH = 1, bool CX = false>
 int launch_gemv_mma_instance(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                              int quant_type, bool block_reduce, float* partial, const GemvEpilogue& ep, int* slices,
                              cudaStream_t stream) {
@@ -1606,8 +1706,8 @@ int launch_gemv_mma_instance(const void* x, int M, int N, int64_t K, const uint8
   *slices = (int)(K / kMmaTile);
   if (M == 1 && block_reduce) {
     int left = -1;
-    rc = launch_gemv_mma_block_reduce<TX, D, CH>(xt, N, K, packed, am, log2_bs, quant_type, partial, ep, &left,
-                                                 stream);
+    rc = launch_gemv_mma_block_reduce<TX, D, CH, CX>(xt, N, K, packed, am, log2_bs, quant_type, partial, ep, &left,
+                                                     stream);
     if (rc != 0 || left >= 0) {
       *slices = left;
       return rc;
@@ -1634,11 +1734,17 @@ int launch_gemv_mma_instance(const void* x, int M, int N, int64_t K, const uint8
 
 template <typename TX>
 int launch_gemv_mma(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                    int quant_type, int depth, bool two_chains, bool block_reduce, float* partial,
+                    int quant_type, int depth, bool two_chains, bool block_reduce, bool compact, float* partial,
                     const GemvEpilogue& ep, int* slices, cudaStream_t stream) {
   if constexpr (std::is_same<TX, float>::value) {
     return kBadArgument;  // no fp32 mma fragments
   } else {
+    if (compact)  // built for the block-reduced M = 1 kernel at depth 2, one chain (where it does not
+                  // apply, the plain kernel runs as without it)
+      return M == 1 && depth == 2 && block_reduce && !two_chains
+                 ? launch_gemv_mma_instance<TX, 2, 1, true>(x, M, N, K, packed, am, log2_bs, quant_type, block_reduce,
+                                                            partial, ep, slices, stream)
+                 : kBadArgument;
     if (two_chains)  // built for M = 1 at depth 2 only (the default ring)
       return M == 1 && depth == 2 ? launch_gemv_mma_instance<TX, 2, 2>(x, M, N, K, packed, am, log2_bs, quant_type,
                                                                          block_reduce, partial, ep, slices, stream)
@@ -1765,12 +1871,14 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
   if ((options & kGemvMma) != 0) {
     const bool block_reduce = (options & kGemvMmaBlockReduce) != 0;
     if (K % kMmaTile != 0 || S != K / kMmaTile || log2_bs < 6 || (block_reduce && M != 1) ||
-        (options & ~(kGemvWideFinalize | kGemvMmaTwoChains | kGemvMmaBlockReduce | kGemvPdl)) != kGemvMma ||
+        (options & ~(kGemvWideFinalize | kGemvMmaTwoChains | kGemvMmaBlockReduce | kGemvMmaCompact | kGemvPdl)) !=
+            kGemvMma ||
         (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
       return kBadArgument;
     int slices = S;
     const int rc = launch_gemv_mma<TX>(x, M, N, K, packed, am, log2_bs, quant_type, depth,
-                                       (options & kGemvMmaTwoChains) != 0, block_reduce, partial,
+                                       (options & kGemvMmaTwoChains) != 0, block_reduce,
+                                       (options & kGemvMmaCompact) != 0, partial,
                                        GemvEpilogue{y, bias, lora_t, lora_b, r}, &slices, stream);
     if (rc != 0 || slices == 0) return rc;  // slices == 0: the block-reduced kernel wrote y
     return launch_finalize_for<TX>(options, partial, slices, M, N, bias, lora_t, lora_b, r, y, stream);

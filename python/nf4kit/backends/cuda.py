@@ -111,6 +111,15 @@ GEMV_MMA_TWO_CHAINS = os.environ.get("NF4KIT_CUDA_GEMV_MMA_TWO_CHAINS", "0") == 
 # H100, bf16 (results/gpu_h100_2026-11-27c), with the PDL finalize below: 23.7 us on 4096x14336 and
 # 21.2 us on 14336x4096, against 25.3 / 24.3 us for the plain kernel and finalize.
 GEMV_MMA_BLOCK_REDUCE = os.environ.get("NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE", "1") != "0"
+# Off until timed (NF4KIT_CUDA_GEMV_MMA_COMPACT=1 turns it on): the block-reduced M = 1 kernel above in
+# 78 KB of shared memory and 64 registers, two blocks an SM instead of one.  Nsight Compute
+# (results/gpu_h100_2026-11-27c) put the one-block kernel at 4 warps a scheduler, 0.58 of them eligible,
+# one instruction per 2.7 cycles and DRAM 45 % busy: latency-bound.  The compact form puts the table at
+# the shared window's base (the 129 KB were mostly the 64 KB alignment) and reads each mma's x fragment
+# from a staged copy in shared memory instead of holding 32 registers of it.  The same warps, visits and
+# sums: its output equals the block reduce's bit for bit (GPU test).  Depth 2, one chain, K < 2^30;
+# elsewhere it is not asked for.
+GEMV_MMA_COMPACT = os.environ.get("NF4KIT_CUDA_GEMV_MMA_COMPACT", "0") == "1"
 # M = 17..64 (on by default where the device grants it 194 KB of shared memory: sm_90/100;
 # NF4KIT_CUDA_MMA_GEMM=0 turns it off): fp16/bf16 x, K % 256 == 0, blocksize >= 64, on the tensor-core
 # GEMVs' table decode instead of the fused GEMM (7.1 SASS instructions per weight at 64 batch rows
@@ -159,6 +168,7 @@ _GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA, _GEMV_WIDE_FINALIZE, _G
     1, 2, 4, 8, 16, 32
 _GEMV_MMA_BLOCK_REDUCE, _GEMV_MMA_GEMM, _GEMV_PDL, _GEMV_MMA_GEMM_COMPACT, _GEMV_MMA_GEMM_CLUSTER = \
     64, 128, 256, 512, 1024
+_GEMV_MMA_COMPACT = 2048
 GEMM_SPLITS: Optional[int] = None
 _GEMM_BK = 64  # the fused kernel's K tile: LoRA rank is zero-padded to a multiple of it
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -459,7 +469,9 @@ def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, sp
     if kernel == "mma":
         chains = _GEMV_MMA_TWO_CHAINS if GEMV_MMA_TWO_CHAINS and M == 1 and GEMV_MMA_DEPTH == 2 else 0
         block = _GEMV_MMA_BLOCK_REDUCE if GEMV_MMA_BLOCK_REDUCE and M == 1 else 0
-        return GEMV_MMA_DEPTH, _GEMV_MMA | wide | chains | block
+        compact = (_GEMV_MMA_COMPACT if GEMV_MMA_COMPACT and block and not chains and GEMV_MMA_DEPTH == 2
+                   and K < 2**30 else 0)
+        return GEMV_MMA_DEPTH, _GEMV_MMA | wide | chains | block | compact
     if kernel == "stream":
         pairs = GEMV_PAIR_TABLE and dtype in _HALF_DTYPES
         return GEMV_STREAM_DEPTH, _GEMV_STREAM | (_GEMV_PAIR_TABLE if pairs else 0) | wide

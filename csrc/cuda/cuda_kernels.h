@@ -46,7 +46,7 @@ int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* cod
 // stream kernels; with it, kGemvWideFinalize sums the slices with 8 warps per 32 outputs,
 // kGemvMmaTwoChains (M = 1, depth 2) keeps two HMMA accumulator chains, and kGemvMmaBlockReduce
 // (M = 1) sums each block's K-tiles in shared memory (y written by the GEMV itself where a block
-// spans the row); all three experimental.
+// spans the row), and with that kGemvMmaCompact runs it two blocks an SM; all four experimental.
 // S splits, 1 <= S <= K / 32.
 // partial: fp32 [S*M*N] scratch from the caller.
 // bias fp32 [N] or null; lora_t fp32 [M, r] (already scaled), lora_b fp32 [N, r], or null.

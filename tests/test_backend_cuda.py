@@ -743,6 +743,7 @@ def _matmul_per_setting(monkeypatch, setting, values, x, st, bs, quant_type, N, 
     ("mma", 1, 14336, torch.bfloat16, dict(GEMV_MMA_BLOCK_REDUCE=False)),    # the plain kernel: S = 56
     ("mma", 16, 4096 + 256, torch.float16, dict(GEMV_WIDE_FINALIZE=True)),  # batch kernel, wide finalize
     ("mma", 1, 14336, torch.float16, dict(GEMV_MMA_BLOCK_REDUCE=True)),     # 4 slices left to the finalize
+    ("mma", 1, 14336, torch.bfloat16, dict(GEMV_MMA_BLOCK_REDUCE=True, GEMV_MMA_COMPACT=True)),  # compact form
     ("mma-gemm", 33, 7168, torch.bfloat16, dict(GEMV_MMA_GEMM=True)),       # table GEMM, the heuristic's splits
     ("stream", 1, 3072, torch.bfloat16, dict(GEMV_MMA=False)),
     ("rows", 5, 2048 + 96, torch.float32, {})])

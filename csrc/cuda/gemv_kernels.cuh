@@ -674,8 +674,8 @@ __device__ __forceinline__ float mma_scale(const Slot& slot, int h, bool nested,
 //
 // CX (kGemvMmaCompact, experimental; with BR, one chain): the same sums in MmaCompactLayout's 78 KB
 // and at most 64 registers, two blocks an SM (32 warps against 16): the table at the dynamic base,
-// and the block's x tiles staged in shared memory, each mma's B fragment read there (one LDS.64)
-// instead of held in 32 registers.  The same warps, visits and sums: its output equals BR's bit for
+// and the block's x tiles staged in shared memory, each mma's B fragment read there (8 bytes; ptxas
+// pairs them into LDS.128) instead of held in 32 registers.  The same warps, visits and sums: its output equals BR's bit for
 // bit (GPU test).
 template <typename TX, int D, bool BR = false, int CH = 1, bool CX = false>
 __global__ void __launch_bounds__(kMmaThreads, CX ? 2 : 1)

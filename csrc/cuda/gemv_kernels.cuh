@@ -696,6 +696,7 @@ __global__ void __launch_bounds__(kMmaThreads, CX ? 2 : 1)
   const MmaBlockPart bp = BR ? mma_block_part(K) : MmaBlockPart{};
   const MmaWarp wa = BR ? mma_block_warp(N, bp) : mma_warp(N, K, warps_used);
   const int kt = wa.kt, R = wa.R, row_blocks = wa.row_blocks;
+  const int W = blockDim.x >> 5;  // warps a block (BR: the K-tiles of its part)
 
   // This lane's weight bytes: rows grp (+ 8) of the next row block to fetch, bytes 16 tid + 64 j of the tile.
   // The absmax this lane reads: row grp + 8 (tid >> 1), quarters 2 (tid & 1) and + 1; both quarters
@@ -725,7 +726,6 @@ __global__ void __launch_bounds__(kMmaThreads, CX ? 2 : 1)
   if constexpr (CX) {
     // The block's x tiles (part bp.part's W tiles, those in the row) and the zeros.
     using L = MmaCompactLayout;
-    const int W = blockDim.x >> 5;
     for (int p = threadIdx.x; p < bp.active_warps * (kMmaTile / 4); p += blockDim.x) {
       const int w = p / (kMmaTile / 4), e = 4 * (p % (kMmaTile / 4));
       *reinterpret_cast<uint2*>(mma_smem + L::x_at(w, e)) =
@@ -770,7 +770,6 @@ __global__ void __launch_bounds__(kMmaThreads, CX ? 2 : 1)
   // (one register: a visit counter beside it spilled in the compact form).
   constexpr uint32_t kRedOff = CX ? MmaCompactLayout::kRed : (uint32_t)kMmaSmemBytes;
   float* red = reinterpret_cast<float*>(mma_smem + kRedOff);
-  const int W = blockDim.x >> 5;
   uint32_t red_at = smem0 + kRedOff + 4u * (uint32_t)((threadIdx.x >> 5) * 16 + out_row_off);
 
   auto visit = [&](int rb, const MmaBytes16& cur, MmaBytes16& nxt) {
@@ -811,7 +810,7 @@ __global__ void __launch_bounds__(kMmaThreads, CX ? 2 : 1)
     v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
     if constexpr (BR) {
       if (tid < 2) sts_f32(red_at, (tid & 1) ? v1 : v0);
-      red_at += 64u * (blockDim.x >> 5);
+      red_at += 64u * (uint32_t)W;
     } else {
       const int row = rb * 16 + out_row_off;
       if (tid < 2 && row < N) out[row] = (tid & 1) ? v1 : v0;

@@ -6,15 +6,11 @@ compilation, autotuning).  GPU only:  python -m benchmarks.gpu_profile_target CA
   cuda-r2d4     its 2-rows-per-warp, 4-deep load ring variant (1 split)
   cuda-r4d4     its 4-rows-per-warp, 4-deep load ring variant (heuristic splits)
   cuda-r1d8     its 1-row-per-warp, 8-deep load ring variant (1 split)
-  cuda-pairs    the committed settings with the fp16 pair table (one shared load per packed byte)
-  cuda-r1d8-pairs  the 8-deep ring with the pair table (1 split)
-  cuda-r1d8-direct the 8-deep ring, 1 split, y written by the GEMV kernel (no finalize launch)
-  cuda-stream   the memory-order stream GEMV (ring depth 4; cuda-stream8: 8; cuda-stream-pairs:
-                depth 4 with the pair table)
+  cuda-stream   the memory-order stream GEMV (ring depth 4; cuda-stream8: 8)
   cuda-mma      the tensor-core stream GEMV with its 2-visit load ring, one slice per K-tile and an
                 ordinary finalize launch (the default before 2026-11-27c; cuda-mma3: 3 visits;
-                cuda-mma-wide: the wide finalize; cuda-mma-2ch: two accumulator chains;
-                cuda-mma-block: each block sums its warps' K-tiles, 4 slices left for the finalize)
+                cuda-mma-block: each block sums its warps' K-tiles, 4 slices left for the finalize;
+                cuda-mma-compact: that kernel two blocks an SM; cuda-mma-compact-t: on 14336x4096)
   cuda-gemm32   M = 32 on the 14336x4096 weight: the table GEMM as committed (one 8-warp block per SM;
                 cuda-gemm32-compact: its two-blocks-per-SM form; cuda-gemm32-cluster: that form with
                 its 2 K-splits summed in a thread-block cluster, no finalize)
@@ -40,16 +36,10 @@ VARIANTS = {"cuda-rows": _ROWS,
             "cuda-r2d4": dict(_ROWS, GEMV_ROWS=2, GEMV_DEPTH=4, GEMV_SPLITS=1),
             "cuda-r4d4": dict(_ROWS, GEMV_ROWS=4, GEMV_DEPTH=4),
             "cuda-r1d8": dict(_ROWS, GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1),
-            "cuda-pairs": dict(_ROWS, GEMV_PAIR_TABLE=True),
-            "cuda-r1d8-pairs": dict(_ROWS, GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1, GEMV_PAIR_TABLE=True),
-            "cuda-r1d8-direct": dict(_ROWS, GEMV_ROWS=1, GEMV_DEPTH=8, GEMV_SPLITS=1, GEMV_DIRECT=True),
             "cuda-stream": dict(_STREAM, GEMV_STREAM_DEPTH=4),
             "cuda-stream8": dict(_STREAM, GEMV_STREAM_DEPTH=8),
-            "cuda-stream-pairs": dict(_STREAM, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=True),
             "cuda-mma": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2),
             "cuda-mma3": dict(PLAIN_MMA, GEMV_MMA_DEPTH=3),
-            "cuda-mma-wide": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_WIDE_FINALIZE=True),
-            "cuda-mma-2ch": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True),
             "cuda-mma-block": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True),
             "cuda-mma-compact": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True, GEMV_MMA_COMPACT=True),
             "cuda-mma-compact-t": dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_BLOCK_REDUCE=True, GEMV_MMA_COMPACT=True),

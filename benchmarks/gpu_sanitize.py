@@ -96,17 +96,14 @@ def main(argv=None) -> int:
                     return nf4kit.matmul_4bit(x_s, pk_s, qs_s, bias=bias[:37])
 
             stream = dict(GEMV_MMA=False, GEMV_STREAM=True)
-            for label, values in (("stream d4", dict(stream, GEMV_STREAM_DEPTH=4, GEMV_PAIR_TABLE=False)),
-                                  ("stream d8 pairs", dict(stream, GEMV_STREAM_DEPTH=8, GEMV_PAIR_TABLE=True)),
+            for label, values in (("stream d4", dict(stream, GEMV_STREAM_DEPTH=4)),
+                                  ("stream d8", dict(stream, GEMV_STREAM_DEPTH=8)),
                                   ("mma d2", dict(PLAIN_MMA, GEMV_MMA_DEPTH=2)),
                                   ("mma d3", dict(PLAIN_MMA, GEMV_MMA_DEPTH=3)),
-                                  ("mma wide finalize", dict(PLAIN_MMA, GEMV_WIDE_FINALIZE=True)),
-                                  ("mma two chains", dict(PLAIN_MMA, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True)),
                                   ("mma block reduce", dict(PLAIN_MMA, GEMV_MMA_BLOCK_REDUCE=True)),
                                   ("mma compact block reduce", dict(PLAIN_MMA, GEMV_MMA_BLOCK_REDUCE=True,
                                                                     GEMV_MMA_COMPACT=True)),
-                                  ("mma pdl finalize", dict(PLAIN_MMA, GEMV_PDL=True)),
-                                  ("mma wide finalize pdl", dict(PLAIN_MMA, GEMV_WIDE_FINALIZE=True, GEMV_PDL=True))):
+                                  ("mma pdl finalize", dict(PLAIN_MMA, GEMV_PDL=True))):
                 calls.append((f"matmul_4bit {label}", "matmul_4bit", lambda v=values: stream_gemv(**v), "same"))
             # The compact M = 1 kernel with 2 row parts (20 tiles: W = 10), slices for the finalize.
             pk_c, qs_c = q4(rn(37, 5120, scale=0.05), False)

@@ -63,8 +63,7 @@ def flush_modes(packed, qs, W, dev) -> None:
 def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
     """M = 1 GEMV on this weight and on its transpose's shape (N = 14336, K = 4096: the gate/up
     projections): the committed default, the memory-order stream kernel, its tensor-core variant,
-    and (rows_too) the row kernel's rows per warp x load-ring depth x K-splits, pair table and
-    direct epilogue."""
+    and (rows_too) the row kernel's rows per warp x load-ring depth x K-splits."""
     N, K = W_ref.shape
     Wt = torch.randn(K, N, device=dev, dtype=torch.bfloat16)
     packed_t, qs_t = nf4kit.quantize_4bit(Wt, blocksize=64, compress_statistics=True)
@@ -98,37 +97,19 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                           exp, dev)
                 # The memory-order stream kernel: is the plateau the order in which W is read?
                 for depth in (4, 8):
-                    for pairs in (False, True):
-                        with settings(cb, GEMV_STREAM=True, GEMV_MMA=False, GEMV_STREAM_DEPTH=depth,
-                                      GEMV_PAIR_TABLE=pairs):
-                            point(f"cuda M=1 {shape} stream depth={depth}{' pair table' if pairs else ''}", x, p, q,
-                                  exp, dev)
-                # The tensor-core stream kernel, both load rings, and with the wide finalize (experimental).
+                    with settings(cb, GEMV_STREAM=True, GEMV_MMA=False, GEMV_STREAM_DEPTH=depth):
+                        point(f"cuda M=1 {shape} stream depth={depth}", x, p, q, exp, dev)
+                # The tensor-core stream kernel, both load rings.
                 for depth in (2, 3):
                     with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth):
                         point(f"cuda M=1 {shape} mma depth={depth} (tensor-core stream)", x, p, q, exp, dev)
-                for label, values in (("mma", dict(GEMV_MMA=True)),
-                                      ("stream depth=4", dict(GEMV_MMA=False, GEMV_STREAM=True))):
-                    with settings(cb, GEMV_WIDE_FINALIZE=True, **values):
-                        point(f"cuda M=1 {shape} {label} wide finalize", x, p, q, exp, dev)
-                # Two HMMA accumulator chains (experimental, depth 2), alone and with the wide finalize.
-                for wide in (False, True):
-                    with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=2, GEMV_MMA_TWO_CHAINS=True,
-                                  GEMV_WIDE_FINALIZE=wide):
-                        point(f"cuda M=1 {shape} mma depth=2 two chains{' wide finalize' if wide else ''}", x, p, q,
-                              exp, dev)
                 # Each block sums its warps' K-tiles (the default): no finalize at K = 4096, 4 slices at 14336.
-                for depth, chains in ((2, False), (3, False), (2, True)):
-                    with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth, GEMV_MMA_TWO_CHAINS=chains,
-                                  GEMV_MMA_BLOCK_REDUCE=True):
-                        point(f"cuda M=1 {shape} mma depth={depth}{' two chains' if chains else ''} block reduce", x, p,
-                              q, exp, dev)
+                for depth in (2, 3):
+                    with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth, GEMV_MMA_BLOCK_REDUCE=True):
+                        point(f"cuda M=1 {shape} mma depth={depth} block reduce", x, p, q, exp, dev)
                 # The finalize on a programmatic dependent launch (the default on sm_90+): after the plain
-                # kernel, the wide finalize and the block-reduced kernel (which has no finalize at K = 4096).
-                for label, values in (("mma", {}), ("mma wide finalize", dict(GEMV_WIDE_FINALIZE=True)),
-                                      ("mma block reduce", dict(GEMV_MMA_BLOCK_REDUCE=True)),
-                                      ("mma block reduce wide finalize",
-                                       dict(GEMV_MMA_BLOCK_REDUCE=True, GEMV_WIDE_FINALIZE=True)),
+                # kernel and the block-reduced kernel (which has no finalize at K = 4096).
+                for label, values in (("mma", {}), ("mma block reduce", dict(GEMV_MMA_BLOCK_REDUCE=True)),
                                       ("mma depth=3 block reduce", dict(GEMV_MMA_BLOCK_REDUCE=True, GEMV_MMA_DEPTH=3))):
                     with settings(cb, GEMV_MMA=True, GEMV_PDL=True, **values):
                         point(f"cuda M=1 {shape} {label} pdl finalize", x, p, q, exp, dev)
@@ -143,8 +124,6 @@ def depth_sweep(packed, qs, W_ref, dev, rows_too: bool = True) -> None:
                         with settings(cb, GEMV_MMA=True, GEMV_MMA_DEPTH=depth):
                             point(f"cuda M={M} {shape} mma batch depth={depth} (tensor cores)", xm, p, q, em, dev)
                     if M == 16:
-                        with settings(cb, GEMV_MMA=True, GEMV_WIDE_FINALIZE=True):
-                            point(f"cuda M={M} {shape} mma batch wide finalize", xm, p, q, em, dev)
                         with settings(cb, GEMV_MMA=True, GEMV_PDL=True):
                             point(f"cuda M={M} {shape} mma batch pdl finalize", xm, p, q, em, dev)
                 # M = 32 and 64: the fused GEMM against the table GEMM (the default on sm_90), the heuristic's splits.
@@ -281,19 +260,11 @@ def m1_compact(dev) -> None:
 
 
 def _row_kernel_variants(shape, x, p, q, exp, dev) -> None:
-    """The row kernel's rows per warp x ring depth x K-splits, pair table and direct epilogue
-    (the caller has the stream kernel off).  The pair table: is the plateau the MIO lookups?
-    Direct: what does the finalize launch cost?"""
-    # (label suffix, pair table, direct epilogue, (rows, depth) pairs, splits)
-    variants = (("", False, False, [(r, d) for r in (1, 2, 4) for d in (2, 3, 4)] + [(1, 8)], (1, 2, 3, 4)),
-                (" pair table", True, False, sorted(cb._GEMV_PAIR_RINGS), (1, 2, 3, 4)),
-                (" direct", False, True, [(4, 2), (1, 2), (1, 4), (1, 8), (2, 4)], (1,)))
-    for suffix, pairs, direct, rings, splits in variants:
-        for rows, depth in rings:
-            for S in splits:
-                with settings(cb, GEMV_PAIR_TABLE=pairs, GEMV_DIRECT=direct, GEMV_ROWS=rows, GEMV_DEPTH=depth,
-                              GEMV_SPLITS=S):
-                    point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S}{suffix}", x, p, q, exp, dev)
+    """The row kernel's rows per warp x ring depth x K-splits (the caller has the stream kernel off)."""
+    for rows, depth in [(r, d) for r in (1, 2, 4) for d in (2, 3, 4)] + [(1, 8)]:
+        for S in (1, 2, 3, 4):
+            with settings(cb, GEMV_ROWS=rows, GEMV_DEPTH=depth, GEMV_SPLITS=S):
+                point(f"cuda M=1 {shape} rows={rows} depth={depth} S={S}", x, p, q, exp, dev)
 
 
 def bnb_backend(packed, qs, W_ref, dev) -> None:

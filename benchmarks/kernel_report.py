@@ -371,15 +371,8 @@ def mma_n_tiles(name: str) -> int:
     return int(m.group(1)) if m else _last_template_int("gemv_4bit_mma_batch_kernel", name)
 
 
-def mma_chains(name: str) -> int:
-    """The HMMA accumulator chains of the M = 1 tensor-core GEMV (<TX, D, BR, CH, CX>: its fourth
-    template argument); 1 otherwise."""
-    m = re.search(r"gemv_4bit_mma_kernel<[^<>,]*,\s*\d+,\s*\w+,\s*(\d+)", name)
-    return int(m.group(1)) if m else 1
-
-
 def mma_compact(name: str) -> bool:
-    """Whether an M = 1 tensor-core GEMV is the compact form (<TX, D, BR, CH, CX>: CX, the last)."""
+    """Whether an M = 1 tensor-core GEMV is the compact form (<TX, D, BR, CX>: CX, the last)."""
     return bool(re.search(r"gemv_4bit_mma_kernel<.*,\s*true>", name))
 
 

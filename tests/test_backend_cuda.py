@@ -221,76 +221,18 @@ def test_gemv_rows_and_depth_variants(monkeypatch, rows, depth, M):
         assert _relerr(y, x.double() @ W64.t()) < 1e-2, f"splits={splits}"
 
 
-@pytest.mark.parametrize("rows,depth", sorted(cuda_backend._GEMV_PAIR_RINGS) if cuda_backend else [])
-@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
-def test_gemv_pair_table_variants(monkeypatch, rows, depth, dt, quant_type, nested):
-    """The experimental fp16 pair-table decode (M = 1): every built (rows, depth), both half dtypes,
-    both code tables, on splits whose ends fall inside a lane's ring.  Only M = 1 with half x selects
-    it (M = 3 and fp32 x keep the exact fp32 table); an unbuilt variant would raise, not fall back."""
-    N, K = 77, 4096 + 64
-    monkeypatch.setattr(cuda_backend, "GEMV_MMA", False)  # (K % 256 != 0 keeps it off anyway)
-    monkeypatch.setattr(cuda_backend, "GEMV_ROWS", rows)
-    monkeypatch.setattr(cuda_backend, "GEMV_DEPTH", depth)
-    monkeypatch.setattr(cuda_backend, "GEMV_PAIR_TABLE", True)
-    assert cuda_backend._gemv_variant(1, N, K, dt, 64, 1) == (depth, 1)
-    assert cuda_backend._gemv_variant(3, N, K, dt, 64, 1)[1] == 0
-    assert cuda_backend._gemv_variant(1, N, K, torch.float32, 64, 1)[1] == 0
-    st, W64 = _weight(N, K, 64, quant_type, nested, seed=rows * 10 + depth)
-    x = _rand((1, K), dt, 51 + depth)
-    bias = _rand((N,), torch.float32, 52)
-    for splits in (1, 3):
-        monkeypatch.setattr(cuda_backend, "GEMV_SPLITS", splits)
-        with nf4kit.use_backend("cuda"):
-            y = ops.matmul_4bit(x, st[0], *st[1:], 64, quant_type, N, K, bias, None, None, 1.0)
-        _ran_cuda("matmul_4bit")
-        assert _relerr(y, x.double() @ W64.t() + bias.double()) < 1e-2, f"splits={splits}"
-
-
-@pytest.mark.parametrize("rows,depth,pairs,dt", [
-    (4, 2, False, torch.bfloat16), (4, 2, False, torch.float32), (1, 8, False, torch.bfloat16),
-    (1, 8, False, torch.float32), (2, 3, False, torch.float16), (4, 2, True, torch.bfloat16),
-    (1, 8, True, torch.float16)])  # the pair table serves fp16/bf16 activations only
-def test_gemv_direct_epilogue_matches_the_finalize_kernel(monkeypatch, rows, depth, pairs, dt):
-    """M = 1, one split: y written by the GEMV kernel (bias and LoRA added there) has the same bits
-    as the partial + finalize path, and the direct path is only taken for M = 1 with one split."""
-    N, K = 131, 2048 + 96
-    monkeypatch.setattr(cuda_backend, "GEMV_MMA", False)  # (K % 256 != 0 keeps it off anyway)
-    monkeypatch.setattr(cuda_backend, "GEMV_ROWS", rows)
-    monkeypatch.setattr(cuda_backend, "GEMV_DEPTH", depth)
-    monkeypatch.setattr(cuda_backend, "GEMV_PAIR_TABLE", pairs)
-    monkeypatch.setattr(cuda_backend, "GEMV_SPLITS", 1)
-    st, W64 = _weight(N, K, 64, "nf4", True, seed=rows + depth)
-    x = _rand((1, K), dt, 61)
-    bias = _rand((N,), torch.float32, 62)
-    A, B = _rand((8, K), dt, 63, 0.1), _rand((N, 8), dt, 64, 0.1)
-    out = {}
-    for direct in (False, True):
-        monkeypatch.setattr(cuda_backend, "GEMV_DIRECT", direct)
-        assert (cuda_backend._gemv_variant(1, N, K, dt, 64, 1)[1] & 2) == (2 if direct else 0)
-        with nf4kit.use_backend("cuda"):
-            out[direct] = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, bias, A, B, 0.5)
-        _ran_cuda("matmul_4bit")
-    assert torch.equal(out[True], out[False])
-    exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
-    assert _relerr(out[True], exp) < _tol(dt)
-    assert (cuda_backend._gemv_variant(1, N, K, dt, 64, 2)[1] & 2) == 0
-    assert (cuda_backend._gemv_variant(2, N, K, dt, 64, 1)[1] & 2) == 0
-
-
 @pytest.mark.parametrize("depth", [4, 8])
-@pytest.mark.parametrize("pairs,dt", [(False, torch.bfloat16), (False, torch.float32), (True, torch.float16),
-                                      (True, torch.bfloat16)])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("N,K,quant_type,nested", [(77, 3072, "nf4", True), (5, 2048, "fp4", False),
                                                    (1000, 4096, "nf4", True), (3001, 1024, "nf4", False)])
-def test_gemv_stream_variants(monkeypatch, depth, pairs, dt, N, K, quant_type, nested):
+def test_gemv_stream_variants(monkeypatch, depth, dt, N, K, quant_type, nested):
     """The memory-order stream GEMV (M = 1, K % 1024 == 0): odd row counts, fewer tiles than warps
     (5 x 2), and more tiles than resident warps (several passes, rings crossing the last row), with
-    bias and LoRA in the finalize kernel; fp32 x keeps the exact table even with the pair table on."""
+    bias and LoRA in the finalize kernel."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA", False)
     monkeypatch.setattr(cuda_backend, "GEMV_STREAM", True)
     monkeypatch.setattr(cuda_backend, "GEMV_STREAM_DEPTH", depth)
-    monkeypatch.setattr(cuda_backend, "GEMV_PAIR_TABLE", pairs)
+    assert cuda_backend._gemv_variant(1, N, K, dt, 64, K // 1024) == (depth, cuda_backend._GEMV_STREAM)
     assert cuda_backend._gemv_split_count(1, N, K, dt, 64, torch.device("cuda")) == K // 1024
     st, W64 = _weight(N, K, 64, quant_type, nested, seed=N + depth)
     x = _rand((1, K), dt, 71 + depth)
@@ -347,8 +289,7 @@ def _check_half_matmul_rows(M, N, K, bs, quant_type, nested, dt, seed):
     assert _row_errors_within(y0, x, W64, exp0, bound)
 
 
-@pytest.mark.parametrize("M,depth,two_chains", [(1, 2, False), (1, 3, False), (1, 2, True), (3, 2, False),
-                                                (8, 3, False), (9, 2, False), (16, 3, False)])
+@pytest.mark.parametrize("M,depth", [(1, 2), (1, 3), (3, 2), (8, 3), (9, 2), (16, 3)])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,bs,quant_type,nested", [
     (77, 3072, 64, "nf4", True),     # odd N: the last row block runs past N; 12 tiles a row
@@ -357,17 +298,15 @@ def _check_half_matmul_rows(M, N, K, bs, quant_type, nested, dt, seed):
     (3001, 1280, 256, "nf4", False),  # blocksize 256, several passes of the persistent grid
     (16, 512, 4096, "fp4", True),    # blocks span rows (blocksize > K)
     (4099, 2048, 64, "nf4", True)])  # more tiles than resident warps, a row past the last block
-def test_gemv_mma(monkeypatch, M, depth, two_chains, dt, N, K, bs, quant_type, nested):
+def test_gemv_mma(monkeypatch, M, depth, dt, N, K, bs, quant_type, nested):
     """The tensor-core GEMVs (GEMV_MMA; M = 1 and the batch kernel with one n-tile for M <= 8, two
-    for M <= 16), both load rings, and the experimental two-chain M = 1 kernel: every output against
-    the float64 reference within the bf16/fp16 rounding of the code table, with bias and LoRA in the
-    finalize kernel."""
+    for M <= 16), both load rings: every output against the float64 reference within the bf16/fp16
+    rounding of the code table, with bias and LoRA in the finalize kernel."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", depth)
-    monkeypatch.setattr(cuda_backend, "GEMV_MMA_TWO_CHAINS", two_chains)
     assert cuda_backend._gemv_kernel(M, N, K, dt, bs) == "mma"
-    chains_bit = cuda_backend._gemv_variant(M, N, K, dt, bs, K // 256)[1] & cuda_backend._GEMV_MMA_TWO_CHAINS
-    assert bool(chains_bit) == two_chains
+    block = cuda_backend._GEMV_MMA_BLOCK_REDUCE if M == 1 and cuda_backend.GEMV_MMA_BLOCK_REDUCE else 0
+    assert cuda_backend._gemv_variant(M, N, K, dt, bs, K // 256) == (depth, cuda_backend._GEMV_MMA | block)
     assert cuda_backend._gemv_split_count(M, N, K, dt, bs, torch.device("cuda")) == K // 256
     _check_half_matmul_rows(M, N, K, bs, quant_type, nested, dt, seed=91)
 
@@ -452,7 +391,6 @@ def test_mma_gemm_cluster_sums_give_the_finalizes_bits(monkeypatch, M, compact, 
         pytest.skip("thread-block clusters need sm_90")
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", True)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM_COMPACT", compact)
-    monkeypatch.setattr(cuda_backend, "GEMV_WIDE_FINALIZE", False)
     dev = torch.device(DEV)
     need = cuda_backend._MMA_GEMM_COMPACT_SMEM_BYTES[32 if M <= 32 else 64] if compact else \
         cuda_backend._MMA_GEMM_SMEM_BYTES
@@ -526,36 +464,7 @@ def test_gemv_mma_leaves_other_inputs_to_the_other_kernels(monkeypatch):
         assert _relerr(y, x.double() @ W64.t()) < _tol(dt)
 
 
-@pytest.mark.parametrize("mma,stream,M,K,dt", [
-    (True, False, 1, 14336, torch.bfloat16),   # S = 56: the case it is for
-    (True, False, 16, 4096 + 256, torch.float16),  # two n-tiles, 17 slices (a remainder past the 4-load steps)
-    (False, True, 1, 3072, torch.bfloat16),    # the stream kernel, 3 slices
-    (False, False, 5, 2048 + 96, torch.float32)])  # the row kernel, the heuristic's splits
-def test_gemv_wide_finalize_matches_the_plain_one(monkeypatch, mma, stream, M, K, dt):
-    """The experimental wide finalize (8 warps per 32 outputs) gives the plain finalize's sums up
-    to fp32 summation order, bias and LoRA included, after every decode kernel; on odd N (a block
-    past the last output)."""
-    N = 1000 + 37
-    monkeypatch.setattr(cuda_backend, "GEMV_MMA", mma)
-    monkeypatch.setattr(cuda_backend, "GEMV_STREAM", stream)
-    st, W64 = _weight(N, K, 64, "nf4", True, seed=K + M)
-    x = _rand((M, K), dt, 101)
-    bias = _rand((N,), torch.float32, 102)
-    A, B = _rand((8, K), dt, 103, 0.1), _rand((N, 8), dt, 104, 0.1)
-    out = {}
-    for wide in (False, True):
-        monkeypatch.setattr(cuda_backend, "GEMV_WIDE_FINALIZE", wide)
-        assert bool(cuda_backend._gemv_variant(M, N, K, dt, 64, 2)[1] & cuda_backend._GEMV_WIDE_FINALIZE) == wide
-        with nf4kit.use_backend("cuda"):
-            out[wide] = ops.matmul_4bit(x, st[0], *st[1:], 64, "nf4", N, K, bias, A, B, 0.5)
-        _ran_cuda("matmul_4bit")
-    exp = x.double() @ W64.t() + bias.double() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
-    assert _relerr(out[True], exp) < _tol(dt)
-    ulp = {torch.float32: 2.0 ** -20, torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -7}[dt]
-    assert torch.allclose(out[True].float(), out[False].float(), rtol=ulp, atol=ulp * float(exp.abs().mean()))
-
-
-@pytest.mark.parametrize("depth,two_chains", [(2, False), (3, False), (2, True)])
+@pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K", [
     (1037, 4096),    # W = 16: one block spans the row, y written by the kernel (no finalize)
@@ -564,15 +473,13 @@ def test_gemv_wide_finalize_matches_the_plain_one(monkeypatch, mma, stream, M, K
     (77, 5120),      # W = 10, 2 parts; the last row block runs past N
     (501, 11008),    # 43 tiles: W = 15, 3 parts, the last with 13 active warps (2 idle)
     (300, 1792)])    # 7 tiles: no block reduce, the plain kernel and finalize
-def test_gemv_mma_block_reduce_sums_the_plain_kernels_tiles(monkeypatch, depth, two_chains, dt, N, K):
+def test_gemv_mma_block_reduce_sums_the_plain_kernels_tiles(monkeypatch, depth, dt, N, K):
     """The block-reduced M = 1 kernel (GEMV_MMA_BLOCK_REDUCE, the default) adds the plain kernel's
     per-tile sums, bracketed by parts of W tiles (a part's tiles in order, then the parts in the
     finalize's order): bit for bit against that sum of the plain kernel's partial slices, bias
     included; with LoRA, against float64 and the plain result."""
     monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", depth)
-    monkeypatch.setattr(cuda_backend, "GEMV_MMA_TWO_CHAINS", two_chains)
-    monkeypatch.setattr(cuda_backend, "GEMV_WIDE_FINALIZE", False)
     st, W64 = _weight(N, K, 64, "nf4", True, seed=N + K)
     x = _rand((1, K), dt, 111)
     bias = _rand((N,), torch.float32, 112)
@@ -688,7 +595,6 @@ def test_gemv_mma_compact_gives_the_block_reduces_bits(monkeypatch, dt, N, K, qu
     monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_BLOCK_REDUCE", True)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", 2)
-    monkeypatch.setattr(cuda_backend, "GEMV_MMA_TWO_CHAINS", False)
     if not cuda_backend._mma_fits(torch.cuda.current_device(), cuda_backend._MMA_SMEM_BYTES):
         pytest.skip("this GPU does not grant the block-reduced kernel its shared memory")
     st, W64 = _weight(N, K, 64, quant_type, nested, seed=N + 3 * K)
@@ -741,7 +647,7 @@ def _matmul_per_setting(monkeypatch, setting, values, x, st, bs, quant_type, N, 
 
 @pytest.mark.parametrize("kernel,M,K,dt,settings", [
     ("mma", 1, 14336, torch.bfloat16, dict(GEMV_MMA_BLOCK_REDUCE=False)),    # the plain kernel: S = 56
-    ("mma", 16, 4096 + 256, torch.float16, dict(GEMV_WIDE_FINALIZE=True)),  # batch kernel, wide finalize
+    ("mma", 16, 4096 + 256, torch.float16, {}),                              # batch kernel, two n-tiles
     ("mma", 1, 14336, torch.float16, dict(GEMV_MMA_BLOCK_REDUCE=True)),     # 4 slices left to the finalize
     ("mma", 1, 14336, torch.bfloat16, dict(GEMV_MMA_BLOCK_REDUCE=True, GEMV_MMA_COMPACT=True)),  # compact form
     ("mma-gemm", 33, 7168, torch.bfloat16, dict(GEMV_MMA_GEMM=True)),       # table GEMM, the heuristic's splits

@@ -307,18 +307,15 @@ def test_table_gemm_keeps_its_instruction_budget():
 
 
 def test_template_arguments_are_read_from_kernel_names():
-    """n-tiles, chains and the compact form come from the demangled names: the table GEMM's second
-    argument, the batch GEMV's last, the M = 1 kernel's fourth (chains) and fifth (compact); 1 chain
-    and not compact for every other kernel."""
+    """n-tiles and the compact form come from the demangled names: the table GEMM's second argument,
+    the batch GEMV's last, the M = 1 kernel's fourth (compact); not compact for every other kernel."""
     assert kr.mma_n_tiles("nf4kit::cuda::gemm_4bit_table_kernel<__half, 4, true, 2>") == 4
     assert kr.mma_n_tiles("gemm_4bit_table_kernel<__nv_bfloat16, 8, false, 1>") == 8
     assert kr.mma_n_tiles("gemv_4bit_mma_batch_kernel<__half, 3, 2>") == 2
-    assert kr.mma_n_tiles("gemv_4bit_mma_kernel<__half, 3, true, 2, false>") == 1
-    assert kr.mma_chains("gemv_4bit_mma_kernel<__half, 3, true, 2, false>") == 2
-    assert kr.mma_chains("gemv_4bit_mma_kernel<__nv_bfloat16, 2, true, 1, true>") == 1
-    assert kr.mma_chains("gemm_4bit_table_kernel<__half, 4, true, 2>") == 1
-    assert kr.mma_compact("gemv_4bit_mma_kernel<__nv_bfloat16, 2, true, 1, true>")
-    assert not kr.mma_compact("gemv_4bit_mma_kernel<__nv_bfloat16, 2, true, 1, false>")
+    assert kr.mma_n_tiles("gemv_4bit_mma_kernel<__half, 3, true, false>") == 1
+    assert kr.mma_compact("gemv_4bit_mma_kernel<__nv_bfloat16, 2, true, true>")
+    assert not kr.mma_compact("gemv_4bit_mma_kernel<__nv_bfloat16, 2, true, false>")
+    assert not kr.mma_compact("gemv_4bit_mma_kernel<__half, 3, false, false>")
     assert not kr.mma_compact("gemm_4bit_table_kernel<__half, 4, true, 1>")
 
 
@@ -337,7 +334,6 @@ def test_tensor_core_gemv_keeps_its_instruction_budget():
     assert built and {s.arch for s in mma} == built
     assert {"batch" in s.name for s in mma} == {False, True}
     assert {kr.mma_n_tiles(s.name) for s in mma} == {1, 2}
-    assert {kr.mma_chains(s.name) for s in mma if "batch" not in s.name} == {1, 2}
     assert {", true," in s.name for s in mma if "batch" not in s.name} == {False, True}  # block-reduced or not
     assert {kr.mma_compact(s.name) for s in mma if "batch" not in s.name} == {False, True}
     for s in mma:
@@ -345,12 +341,11 @@ def test_tensor_core_gemv_keeps_its_instruction_budget():
         visits = s.loop_weights // 128
         assert s.loop_weights == 128 * visits and visits in (2, 3), (s.name, s.loop_weights)
         # The batch kernel scales each quarter separately; with two n-tiles (M <= 16) each A fragment
-        # feeds two HMMA and two sets of accumulators.  The M = 1 kernel's experimental two-chain
-        # form (fourth template argument 2) adds its chains: 4 FADD per visit; its compact form reads
-        # each mma's x fragment from shared memory: 8 LDS.128 a visit (0.0625 a weight).
+        # feeds two HMMA and two sets of accumulators.  The M = 1 kernel's compact form reads each
+        # mma's x fragment from shared memory: 8 LDS.128 a visit (0.0625 a weight).
         if "batch" in s.name:
             budget = 2.5 if kr.mma_n_tiles(s.name) == 1 else 3.0
         else:
-            budget = (2.0 if kr.mma_chains(s.name) == 1 else 2.1) + (0.1 if kr.mma_compact(s.name) else 0.0)
+            budget = 2.1 if kr.mma_compact(s.name) else 2.0
         assert s.loop_per_weight <= budget, f"{s.name} sm_{s.arch}: {s.loop_per_weight:.2f} instructions per weight"
         assert not s.spills

@@ -224,15 +224,16 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     assert call(1, 2048, 3, stream) == -1             # S != K / 1024
     assert call(2, 2048, 2, stream) == -1             # M > 1
     assert call(1, 2048 + 32, 2, stream) == -1        # K % 1024 != 0
-    assert call(1, 2048, 2, stream | cuda_backend._GEMV_DIRECT) == -1
-    assert call(1, 2048, 2, 32) == -1                 # an option bit the row kernel does not take
     assert call(1, 2048, 2, stream | 4096) == -1      # an unknown option bit
-    wide = cuda_backend._GEMV_WIDE_FINALIZE
-    assert call(1, 2048, 8, cuda_backend._GEMV_MMA | wide | stream, 2) == -1  # mma: only the wide finalize beside it
-    chains = cuda_backend._GEMV_MMA_TWO_CHAINS          # two chains: M = 1, depth 2, fp16/bf16 only
-    assert call(1, 2048, 8, cuda_backend._GEMV_MMA | chains, 3) == -1
-    assert call(2, 2048, 8, cuda_backend._GEMV_MMA | chains, 2) == -1
-    assert call(1, 2048, 2, stream | chains) == -1    # not a stream-kernel option
+    # The retired experiments' bits (pair table, direct epilogue, wide finalize, two chains) are
+    # refused beside every kernel, not ignored.
+    for retired in (1, 2, 16, 32):
+        assert call(1, 2048, 2, retired) == -1
+        assert call(1, 2048, 2, stream | retired) == -1
+        assert call(1, 2048, 8, cuda_backend._GEMV_MMA | retired, 2) == -1
+        assert call(1, 2048, 8, cuda_backend._GEMV_MMA | cuda_backend._GEMV_MMA_BLOCK_REDUCE | retired, 2) == -1
+        assert call(32, 2048, 2, cuda_backend._GEMV_MMA_GEMM | retired, 2) == -1
+    assert call(1, 2048, 2, cuda_backend._GEMV_MMA_GEMM_COMPACT) == -1  # a table-GEMM bit without it
     gemm = cuda_backend._GEMV_MMA_GEMM                # the table GEMM: M <= 64, S splits that each get a tile
     assert call(65, 2048, 1, gemm, 2) == -2           # past its 64 batch rows
     assert call(32, 2048, 9, gemm, 2) == -1           # more splits than 256-wide tiles
@@ -240,7 +241,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     assert call(32, 2048 + 32, 1, gemm, 2) == -1      # K % 256 != 0
     assert call(32, 2048, 2, gemm, 2, blocksize=32) == -1
     assert call(32, 2048, 2, gemm, 2, dtype=DTYPE_CODES[torch.float32]) == -1
-    assert call(32, 2048, 2, gemm | cuda_backend._GEMV_MMA, 2) == -1  # alone, or with the wide finalize
+    assert call(32, 2048, 2, gemm | cuda_backend._GEMV_MMA, 2) == -1  # gemm takes no other kernel beside it
     assert call(32, 2048, 2, gemm, 2, N=1 << 21) == -1  # N * K = 2^32
     compact = cuda_backend._GEMV_MMA_GEMM_COMPACT     # the compact table GEMM: a form of the table GEMM only
     assert call(1, 2048, 2, compact, 2) == -1
@@ -263,7 +264,6 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     m1_compact = cuda_backend._GEMV_MMA_COMPACT       # the compact M = 1 kernel: with mma and the block reduce
     assert call(1, 2048, 8, mma | m1_compact, 2) == -1
     assert call(1, 2048, 2, stream | block | m1_compact) == -1
-    assert call(1, 2048, 8, mma | block | chains | m1_compact, 2) == -1  # one chain
     assert call(1, 2048, 8, mma | block | m1_compact, 3) == -1            # depth 2
     assert call(2, 2048, 8, mma | block | m1_compact, 2) == -1            # M = 1 (the block reduce's rule)
     assert call(1, 2048, 8, mma | stream, 2) == -1    # mma takes no other option
@@ -278,27 +278,24 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     if not torch.cuda.is_available():  # a valid call gets past the checks to the CUDA runtime, which has no GPU
         for M, depth in ((1, 2), (1, 3), (5, 2), (8, 3), (9, 2), (16, 3)):
             assert call(M, 2048, 8, mma, depth) not in (0, -1, -2)
-        assert call(1, 2048, 8, mma | wide, 2) not in (0, -1, -2)
-        assert call(1, 2048, 8, mma | chains | wide, 2) not in (0, -1, -2)
         for depth in (2, 3):  # the block-reduced kernel (with its fallback under 8 tiles: K = 1792)
             assert call(1, 2048, 8, mma | block, depth) not in (0, -1, -2)
-            assert call(1, 11008, 43, mma | block | wide, depth) not in (0, -1, -2)
+            assert call(1, 11008, 43, mma | block, depth) not in (0, -1, -2)
             assert call(1, 1792, 7, mma | block, depth) not in (0, -1, -2)
-        assert call(1, 4096, 16, mma | block | chains, 2) not in (0, -1, -2)
         for K, S in ((4096, 16), (14336, 56), (1792, 7)):  # the compact form (and the plain kernel under 8 tiles)
             assert call(1, K, S, mma | block | m1_compact, 2) not in (0, -1, -2)
         for M, S in ((17, 1), (32, 3), (33, 8), (64, 2)):
             assert call(M, 2048, S, gemm, 2) not in (0, -1, -2)
-        assert call(64, 4096, 4, gemm | wide, 2) not in (0, -1, -2)
         for M, S, form in ((17, 2, compact), (32, 8, 0), (64, 4, compact), (64, 2, 0)):
             assert call(M, 2048, S, gemm | form | cluster, 2) not in (0, -1, -2)
             assert C.gemm_table_clusters_fit(bf16, M, 1000, int(form != 0), S)[0] not in (0, -1, -2)
         for M, S in ((17, 1), (32, 8), (33, 2), (64, 1)):  # two 8-warp blocks an SM, then one of 16 warps
             assert call(M, 2048, S, gemm | compact, 2) not in (0, -1, -2)
-        assert call(1, 2048, 2, stream | wide) not in (0, -1, -2)
+        assert call(1, 2048, 2, stream) not in (0, -1, -2)
+        assert call(1, 2048 + 32, 3, 0, 2) not in (0, -1, -2)  # the row kernel
         pdl = cuda_backend._GEMV_PDL                  # the finalize's programmatic launch: beside any kernel
         assert call(1, 2048, 8, mma | pdl, 2) not in (0, -1, -2)
-        assert call(1, 14336, 56, mma | block | wide | pdl, 2) not in (0, -1, -2)
+        assert call(1, 14336, 56, mma | block | pdl, 2) not in (0, -1, -2)
         assert call(33, 2048, 8, gemm | pdl, 2) not in (0, -1, -2)
         assert call(1, 2048, 2, stream | pdl) not in (0, -1, -2)
         assert call(5, 2048, 4, pdl, 2) not in (0, -1, -2)
@@ -307,7 +304,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM", False)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_GEMM_COMPACT", False)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_BLOCK_REDUCE", False)
-    old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA, cuda_backend.GEMV_WIDE_FINALIZE
+    old = cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA
     try:
         cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA = True, False
         bf = torch.bfloat16
@@ -356,27 +353,10 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
                 assert (fits(0), fits(0, cuda_backend._MMA_GEMM_SMEM_BYTES)) == want, attrs
         finally:
             torch.cuda.get_device_properties, cuda_backend._smem_optin = props, optin
-        # The wide finalize (experimental) rides on every kernel's option bits, except the direct
-        # epilogue, which has no finalize.
-        wide = cuda_backend._GEMV_WIDE_FINALIZE
-        cuda_backend.GEMV_WIDE_FINALIZE = True
-        assert cuda_backend._gemv_variant(1, 64, 3072 + 256, bf, 64, 13) == (cuda_backend.GEMV_MMA_DEPTH, mma | wide)
-        assert cuda_backend._gemv_variant(1, 64, 3072, torch.float32, 64, 3)[1] == stream | wide
-        assert cuda_backend._gemv_variant(3, 64, 3072 + 32, bf, 64, 3)[1] == wide
-        cuda_backend.GEMV_WIDE_FINALIZE = False
+        # The row kernel takes no option bit; the stream and tensor-core kernels their own.
+        assert cuda_backend._gemv_variant(3, 64, 3072 + 32, bf, 64, 3)[1] == 0
+        assert cuda_backend._gemv_variant(1, 64, 3072, torch.float32, 64, 3)[1] == stream
         assert cuda_backend._gemv_variant(1, 64, 3072 + 256, bf, 64, 13)[1] == mma
-        # Two accumulator chains (experimental): M = 1 at ring depth 2 only.
-        chains = cuda_backend._GEMV_MMA_TWO_CHAINS
-        depth = cuda_backend.GEMV_MMA_DEPTH
-        cuda_backend.GEMV_MMA_TWO_CHAINS = True
-        try:
-            cuda_backend.GEMV_MMA_DEPTH = 2
-            assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12) == (2, mma | chains)
-            assert cuda_backend._gemv_variant(4, 64, 3072, bf, 64, 12)[1] == mma
-            cuda_backend.GEMV_MMA_DEPTH = 3
-            assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12) == (3, mma)
-        finally:
-            cuda_backend.GEMV_MMA_TWO_CHAINS, cuda_backend.GEMV_MMA_DEPTH = False, depth
         # The table GEMM: M = 17..64 with half x, K % 256 == 0, blocksize >= 64; its splits
         # fill the SMs (blocks of 192 rows) and always leave every split a tile.
         cuda_backend.GEMV_MMA_GEMM = True
@@ -433,17 +413,16 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
                     assert cuda_backend._gemv_variant(64, 64, 3072, bf, 64, 3, device=dev0) == (2, gemm)
                     assert cuda_backend._gemv_split_count(32, 14336, 4096, bf, 64, dev0) == (2 if hopper else 1)
                     assert not cuda_backend._mma_gemm_compact(32, None)
-                    # The splits summed in a cluster (when on): 2..8 splits on sm_90+, and the wide
-                    # finalize's bit dropped with the finalize; never where the device is not known.
+                    # The splits summed in a cluster (when on): 2..8 splits on sm_90+; never where the
+                    # device is not known.
                     cluster = cuda_backend._GEMV_MMA_GEMM_CLUSTER
-                    cuda_backend.GEMV_MMA_GEMM_CLUSTER, cuda_backend.GEMV_WIDE_FINALIZE = True, True
+                    cuda_backend.GEMV_MMA_GEMM_CLUSTER = True
                     try:
                         assert [cuda_backend._gemv_variant(64, 64, 3072, bf, 64, S, device=dev0)[1] for S in
-                                (1, 2, 8, 9)] == [gemm | wide] + [gemm | cluster if hopper else gemm | wide] * 2 + \
-                            [gemm | wide]
-                        assert cuda_backend._gemv_variant(64, 64, 3072, bf, 64, 2) == (2, gemm | wide)
+                                (1, 2, 8, 9)] == [gemm] + [gemm | cluster if hopper else gemm] * 2 + [gemm]
+                        assert cuda_backend._gemv_variant(64, 64, 3072, bf, 64, 2) == (2, gemm)
                     finally:
-                        cuda_backend.GEMV_MMA_GEMM_CLUSTER, cuda_backend.GEMV_WIDE_FINALIZE = False, False
+                        cuda_backend.GEMV_MMA_GEMM_CLUSTER = False
             finally:
                 cuda_backend._pdl_capable = pdl_capable
         finally:
@@ -456,7 +435,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
             assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12)[1] == mma | block
             assert cuda_backend._gemv_variant(5, 64, 3072, bf, 64, 12)[1] == mma
             assert cuda_backend._gemv_variant(1, 64, 3072, torch.float32, 64, 3)[1] == stream
-            # Its compact form (when on): M = 1 with the block reduce at depth 2, one chain only.
+            # Its compact form (when on): M = 1 with the block reduce at depth 2 only.
             m1_compact = cuda_backend._GEMV_MMA_COMPACT
             assert not cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12)[1] & m1_compact  # off by default
             cuda_backend.GEMV_MMA_COMPACT = True
@@ -464,13 +443,11 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
             assert cuda_backend._gemv_variant(5, 64, 3072, bf, 64, 12)[1] == mma
             cuda_backend.GEMV_MMA_DEPTH = 3
             assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12) == (3, mma | block)
-            cuda_backend.GEMV_MMA_DEPTH, cuda_backend.GEMV_MMA_TWO_CHAINS = 2, True
-            assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12)[1] == mma | block | chains
-            cuda_backend.GEMV_MMA_BLOCK_REDUCE, cuda_backend.GEMV_MMA_TWO_CHAINS = False, False
+            cuda_backend.GEMV_MMA_DEPTH, cuda_backend.GEMV_MMA_BLOCK_REDUCE = 2, False
             assert cuda_backend._gemv_variant(1, 64, 3072, bf, 64, 12)[1] == mma
         finally:
             cuda_backend.GEMV_MMA_BLOCK_REDUCE, cuda_backend.GEMV_MMA_COMPACT = False, False
-            cuda_backend.GEMV_MMA_DEPTH, cuda_backend.GEMV_MMA_TWO_CHAINS = 2, False
+            cuda_backend.GEMV_MMA_DEPTH = 2
         tiles = (16, 56, 12, 20, 32, 43, 54, 74, 11, 8, 7, 4)
         assert [cuda_backend._mma_block_warps(t) for t in tiles] == [16, 14, 12, 10, 16, 15, 14, 15, 11, 8, 0, 0]
         # The decode path asks _gemv_kernel once and hands the answer on: the same plan either way.
@@ -484,7 +461,7 @@ def test_cuda_gemv_stream_option_is_checked_without_a_gpu(monkeypatch):
             assert cuda_backend._gemv_variant(M, 64, K, dt, 64, 3, kernel) == \
                 cuda_backend._gemv_variant(M, 64, K, dt, 64, 3)
     finally:
-        cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA, cuda_backend.GEMV_WIDE_FINALIZE = old
+        cuda_backend.GEMV_STREAM, cuda_backend.GEMV_MMA = old
 
 
 def test_available_backends_and_build_info():

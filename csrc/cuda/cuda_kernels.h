@@ -36,37 +36,31 @@ int dequantize_blockwise(const uint8_t* q, const float* absmax, const float* cod
 // x [M, K] (x_dtype), 16-byte aligned.  rows_per_warp: 1, 2, 4 or 8 rows share each x chunk.  depth: chunks per row in each
 // lane's load ring (depth - 1 in flight): 2; for M = 1 also 3 or 4 with rows_per_warp <= 4,
 // and 8 with rows_per_warp == 1.
-// options (experimental, 0 = as timed): kGemvPairTable decodes with the fp16 pair table (one shared
-// load per packed byte; built for M = 1 with fp16/bf16 x at (rows, depth) = (4, 2), (4, 4), (1, 8))
-// instead of the exact fp32 16-entry table; kGemvDirect, with S == 1, writes y (bias and LoRA
-// added) from the GEMV kernel itself, with no finalize launch (the same bits); kGemvStream (M = 1,
-// K % 1024 == 0, S == K / 1024, not with kGemvDirect; depth 4 or 8, pair table with fp16/bf16 x)
-// reads W in memory order with a persistent grid, one 1024-wide K-tile per warp (rows_per_warp
-// is ignored).  kGemvMma (M <= 16, fp16/bf16 x, K % 256 == 0, S == K / 256) runs the tensor-core
-// stream kernels; with it, kGemvWideFinalize sums the slices with 8 warps per 32 outputs,
-// kGemvMmaTwoChains (M = 1, depth 2) keeps two HMMA accumulator chains, and kGemvMmaBlockReduce
-// (M = 1) sums each block's K-tiles in shared memory (y written by the GEMV itself where a block
-// spans the row), and with that kGemvMmaCompact runs it two blocks an SM; all four experimental.
+// options (0: the row kernel above): kGemvStream (M = 1, K % 1024 == 0, S == K / 1024; depth 4 or 8)
+// reads W in memory order with a persistent grid, one 1024-wide K-tile per warp (rows_per_warp is
+// ignored).  kGemvMma (M <= 16, fp16/bf16 x, K % 256 == 0, S == K / 256) runs the tensor-core stream
+// kernels; with it, kGemvMmaBlockReduce (M = 1) sums each block's K-tiles in shared memory (y written
+// by the GEMV itself where a block spans the row), and with that kGemvMmaCompact runs it two blocks an
+// SM.  kGemvMmaGemm (M <= 64) runs the table GEMM.  kGemvPdl goes beside any of them.  Any other bit
+// is refused (kBadArgument), among them 1, 2, 16 and 32: the pair table, the direct epilogue, the wide
+// finalize and the two accumulator chains, measured on the H100 without a gain and retired.
 // S splits, 1 <= S <= K / 32.
 // partial: fp32 [S*M*N] scratch from the caller.
 // bias fp32 [N] or null; lora_t fp32 [M, r] (already scaled), lora_b fp32 [N, r], or null.
 // y [M, N] in x_dtype.
-constexpr int kGemvPairTable = 1;
-constexpr int kGemvDirect = 2;
 constexpr int kGemvStream = 4;
 constexpr int kGemvMma = 8;  // the stream scheme on mma.sync (M <= 16, fp16/bf16 x, K % 256 == 0, blocksize >= 64,
-                             // S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit but the next three,
-                             // kGemvPdl and kGemvMmaCompact)
-constexpr int kGemvWideFinalize = 16;  // experimental: the split-K sums with 8 warps per 32 outputs (any kernel)
-constexpr int kGemvMmaTwoChains = 32;  // experimental, with kGemvMma at M = 1, depth 2: two HMMA accumulator chains
-constexpr int kGemvMmaBlockReduce = 64;  // experimental, with kGemvMma at M = 1: each block sums its warps' K-tiles
-                                         // in shared memory (y written directly where one block spans the row)
-constexpr int kGemvMmaGemm = 128;  // experimental, alone or with kGemvWideFinalize: M <= 64 (fp16/bf16 x, K % 256 == 0,
-                                   // blocksize >= 64, N * K < 2^32 - 256) on the table decode with x staged in
-                                   // shared memory, S K-splits (S == ceil(T / ceil(T / S)), T = K / 256)
-constexpr int kGemvPdl = 256;  // experimental, beside any kernel (sm_90+ only; the caller checks the device): the
-                               // finalize is launched with programmatic stream serialization, so its blocks are
-                               // scheduled while the GEMV runs and wait (griddepcontrol) for its partials
+                             // S == K / 256, N * K < 2^32 - 256, depth 2 or 3, no other option bit but
+                             // kGemvMmaBlockReduce, kGemvPdl and kGemvMmaCompact)
+constexpr int kGemvMmaBlockReduce = 64;  // with kGemvMma at M = 1 (the Python default there): each block sums its
+                                         // warps' K-tiles in shared memory (y written directly where one block
+                                         // spans the row)
+constexpr int kGemvMmaGemm = 128;  // M <= 64 (the Python default at M = 17..64 where it fits; fp16/bf16 x,
+                                   // K % 256 == 0, blocksize >= 64, N * K < 2^32 - 256) on the table decode with
+                                   // x staged in shared memory, S K-splits (S == ceil(T / ceil(T / S)), T = K / 256)
+constexpr int kGemvPdl = 256;  // beside any kernel (sm_90+ only; the caller checks the device; the Python default
+                               // there): the finalize is launched with programmatic stream serialization, so its
+                               // blocks are scheduled while the GEMV runs and wait (griddepcontrol) for its partials
 constexpr int kGemvMmaGemmCompact = 512;  // with kGemvMmaGemm: the same sums in 81 / 98 KB of shared memory and
                                           // 128 registers: two 8-warp blocks an SM (M <= 32, sm_90+; the Python
                                           // default there) or one of 16 warps (M <= 64)
@@ -74,8 +68,8 @@ constexpr int kGemvMmaGemmCluster = 1024;  // with kGemvMmaGemm, 2 <= S <= 8: th
                                           // one thread-block cluster and sum through distributed shared memory, no
                                           // partial and no finalize (the same bits), where all the clusters run at
                                           // once on this device (sm_90+); else partials and the finalize as without
-constexpr int kGemvMmaCompact = 2048;  // experimental, with kGemvMma | kGemvMmaBlockReduce at M = 1, depth 2, one
-                                       // chain: the same sums in 78 KB of shared memory and 64 registers, two
+constexpr int kGemvMmaCompact = 2048;  // experimental, with kGemvMma | kGemvMmaBlockReduce at M = 1, depth 2:
+                                       // the same sums in 78 KB of shared memory and 64 registers, two
                                        // blocks an SM (x staged in shared memory); the same bits
 // Whether kGemvMmaGemmCluster takes effect for x [M, *] (fp16/bf16), W [N, *] at S splits in the given
 // form on the current device: *fits = 1 where all ceil(N / 128) clusters of S blocks run at once (the

@@ -38,14 +38,13 @@ int gemv_4bit(const void* x, int x_dtype, int M, int N, int64_t K, const uint8_t
               const float* bias, const float* lora_t, const float* lora_b, int r, void* y, void* stream) {
   const int max_m = (options & kGemvMmaGemm) != 0 ? kMmaGemmMaxM : (options & kGemvMma) != 0 ? kMmaMaxM : kMaxM;
   if (M < 1 || M > max_m || N < 1 || K < 32 || (K % 32) != 0) return kUnsupported;
-  if ((options & ~(kGemvPairTable | kGemvDirect | kGemvStream | kGemvMma | kGemvWideFinalize | kGemvMmaTwoChains |
-                   kGemvMmaBlockReduce | kGemvMmaGemm | kGemvMmaGemmCompact | kGemvMmaGemmCluster | kGemvMmaCompact |
-                   kGemvPdl)) != 0)
-    return kBadArgument;
+  if ((options & ~(kGemvStream | kGemvMma | kGemvMmaBlockReduce | kGemvMmaGemm | kGemvMmaGemmCompact |
+                   kGemvMmaGemmCluster | kGemvMmaCompact | kGemvPdl)) != 0)
+    return kBadArgument;  // among them the retired bits 1, 2, 16 and 32
   if ((options & kGemvMmaCompact) != 0 && (options & (kGemvMma | kGemvMmaBlockReduce)) != (kGemvMma | kGemvMmaBlockReduce))
     return kBadArgument;
   if ((options & (kGemvMmaGemmCompact | kGemvMmaGemmCluster)) != 0 && (options & kGemvMmaGemm) == 0) return kBadArgument;
-  if ((options & (kGemvMmaTwoChains | kGemvMmaBlockReduce)) != 0 && (options & kGemvMma) == 0) return kBadArgument;
+  if ((options & kGemvMmaBlockReduce) != 0 && (options & kGemvMma) == 0) return kBadArgument;
   if (!detail::valid_4bit_blocksize(blocksize) || (quant_type != core::kNF4 && quant_type != core::kFP4))
     return kBadArgument;
   if (S < 1 || (int64_t)S > K / 32) return kBadArgument;

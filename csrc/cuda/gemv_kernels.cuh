@@ -12,13 +12,6 @@
 // Split-K partial sums go to an fp32 scratch [S, M, N]; splitk_finalize() reduces them in a
 // fixed order (deterministic) and applies bias and LoRA.
 //
-// Experimental pair table (M = 1, fp16/bf16 activations; off by default, for the sweep): one
-// shared-memory load decodes a whole packed byte, two weights, from a 256-entry table of fp16
-// pairs, one copy per lane (entry v of lane L at word v * 32 + L, always bank L: no conflicts,
-// 32 KB per block).  It halves the MIO lookups and their bytes, the suspect of the M = 1 plateau;
-// the fp16-rounded table values (relative error <= 2^-11) are why fp32 activations keep the
-// exact fp32 table.
-//
 // Experimental memory-order stream (M = 1, K % 1024 == 0; kGemvStream): the kernel above keeps
 // thousands of separate row streams in flight (every warp walks its own rows), and all of its
 // variants stall at ~1.1 TB/s while a copy of the same bytes runs at ~3 TB/s.  Here a persistent
@@ -97,56 +90,27 @@ __device__ __forceinline__ float dot32(const uint4& w, const float* table, const
   return d0 + d1;
 }
 
-// The fp16 pair for packed byte v: the high-nibble code's value in the low half (it is the
-// earlier weight), the low-nibble code's in the high half.
-__device__ __forceinline__ uint32_t pair_entry(int quant_type, uint32_t v) {
-  const float* t = kCodeTables[quant_type == core::kNF4 ? 0 : 1];
-  const uint32_t first = __half_as_ushort(__float2half_rn(t[v >> 4]));
-  const uint32_t second = __half_as_ushort(__float2half_rn(t[v & 15u]));
-  return first | (second << 16);
-}
-
-// pair_entry in the mma kernel's fragment type: fp16 pairs (as above) or bf16 pairs.
+// The code pair for packed byte v in the mma kernels' fragment type H (fp16 or bf16): the
+// high-nibble code's value in the low half (it is the earlier weight), the low-nibble code's in the
+// high half, each rounded to H.
 template <typename H>
 __device__ __forceinline__ uint32_t pair_entry_of(int quant_type, uint32_t v) {
+  const float* t = kCodeTables[quant_type == core::kNF4 ? 0 : 1];
   if constexpr (std::is_same<H, __half>::value) {
-    return pair_entry(quant_type, v);
+    const uint32_t first = __half_as_ushort(__float2half_rn(t[v >> 4]));
+    const uint32_t second = __half_as_ushort(__float2half_rn(t[v & 15u]));
+    return first | (second << 16);
   } else {
-    const float* t = kCodeTables[quant_type == core::kNF4 ? 0 : 1];
     const uint32_t first = __bfloat16_as_ushort(__float2bfloat16_rn(t[v >> 4]));
     const uint32_t second = __bfloat16_as_ushort(__float2bfloat16_rn(t[v & 15u]));
     return first | (second << 16);
   }
 }
 
-// As dot32, one shared load per packed byte: pairs_lane = this lane's copy (pairs + lane).
-__device__ __forceinline__ float dot32_pairs(const uint4& w, const uint32_t* pairs_lane, const float (&xv)[32]) {
-  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-  float d0 = 0.0f, d1 = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const uint32_t v = __byte_perm(words[i], 0u, 0x4440u + (uint32_t)b);  // byte b, zero-extended
-      const uint32_t p = pairs_lane[v << 5];
-      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&p));
-      d0 = fmaf(xv[8 * i + 2 * b], f.x, d0);
-      d1 = fmaf(xv[8 * i + 2 * b + 1], f.y, d1);
-    }
-  }
-  return d0 + d1;
-}
-
-// The block's shared decode tables: the 16-entry code table (or the per-lane fp16 pair table) and,
-// for double quant, the 256 nested absmax codes.  The caller syncs.
-template <bool kPairs>
-__device__ __forceinline__ void build_tables(float* table, float* code, uint32_t* pairs, int quant_type,
-                                             const Absmax& am) {
-  if constexpr (kPairs) {
-    for (int i = threadIdx.x; i < 256 * 32; i += kGemvThreads) pairs[i] = pair_entry(quant_type, (uint32_t)i >> 5);
-  } else {
-    init_table(table, quant_type);
-  }
+// The block's shared decode tables: the 16-entry code table and, for double quant, the 256 nested
+// absmax codes.  The caller syncs.
+__device__ __forceinline__ void build_tables(float* table, float* code, int quant_type, const Absmax& am) {
+  init_table(table, quant_type);
   if (am.q != nullptr) {
     for (int i = threadIdx.x; i < 256; i += kGemvThreads) code[i] = __ldg(am.code + i);
   }
@@ -161,7 +125,8 @@ struct ChunkLoad {
 };
 
 // y[m, n] = T(sum + bias[n] + lora_t[m, :] . lora_b[n, :]): the split-K sum's epilogue, shared by
-// both finalize kernels and the direct epilogue so that all of them round the same way.
+// the finalize kernel and the kernels that write y themselves (the block-reduced M = 1 GEMV, the table
+// GEMM with one split or its cluster sums), so that all of them round the same way.
 template <typename TX>
 __device__ __forceinline__ void store_output(float sum, int64_t m, int64_t n, int N, const float* bias,
                                              const float* lora_t, const float* lora_b, int r, TX* y) {
@@ -174,9 +139,7 @@ __device__ __forceinline__ void store_output(float sum, int64_t m, int64_t n, in
   y[m * N + n] = from_f32<TX>(sum);
 }
 
-// The direct epilogue (M = 1, one split): y[0, row] written by the GEMV kernel itself, bias and
-// LoRA added in splitk_finalize's order, so both paths give the same bits and the finalize launch
-// is saved.  A separate instantiation (kDirect), so the timed kernels' code is unchanged.
+// What a kernel that writes y itself needs (store_output's arguments).
 struct GemvEpilogue {
   void* y = nullptr;
   const float* bias = nullptr;
@@ -186,10 +149,10 @@ struct GemvEpilogue {
   bool cluster_reduce = false;  // the table GEMM's K-splits sum in their cluster (kGemvMmaGemmCluster)
 };
 
-// Warp-reduce each row's per-lane sums; lane 0 writes them (to y when kDirect, see GemvEpilogue).
-template <typename TX, int MT, int RW, bool kDirect>
+// Warp-reduce each row's per-lane sums; lane 0 writes them to slice s of the partials.
+template <int MT, int RW>
 __device__ __forceinline__ void write_partials(float (&acc)[RW][MT], int lane, int M, int N, int64_t row0, int s,
-                                               float* __restrict__ partial, const GemvEpilogue& ep) {
+                                               float* __restrict__ partial) {
 #pragma unroll
   for (int r = 0; r < RW; ++r) {
 #pragma unroll
@@ -199,29 +162,19 @@ __device__ __forceinline__ void write_partials(float (&acc)[RW][MT], int lane, i
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         const int64_t n = row0 + r;
-        if (lane != 0 || n >= N) continue;
-        if constexpr (!kDirect) {
-          partial[((int64_t)s * M + m) * N + n] = v;
-          continue;
-        }
-        float out = 0.0f;
-        out += v;  // as the finalize's sum starts (0 + -0 is +0)
-        store_output<TX>(out, m, n, N, ep.bias, ep.lora_t, ep.lora_b, ep.r, static_cast<TX*>(ep.y));
+        if (lane == 0 && n < N) partial[((int64_t)s * M + m) * N + n] = v;
       }
     }
   }
 }
 
-template <typename TX, int MT, int kRowsPerWarp, int kDepth, bool kPairs = false, bool kDirect = false>
+template <typename TX, int MT, int kRowsPerWarp, int kDepth>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_4bit_kernel(const TX* __restrict__ x, int M, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
-                     int log2_bs, int quant_type, int S, float* __restrict__ partial, GemvEpilogue ep) {
+                     int log2_bs, int quant_type, int S, float* __restrict__ partial) {
   static_assert(kDepth >= 2 && kDepth <= 8, "chunks per row in a lane's load ring");
-  static_assert(!kPairs || MT == 1, "the pair table is built for M = 1");
-  static_assert(!kDirect || MT == 1, "the direct epilogue is built for M = 1");
   __shared__ float table[16];
   __shared__ float code[256];
-  __shared__ uint32_t pairs[kPairs ? 256 * 32 : 1];
   const bool nested = am.q != nullptr;
   const int lane = threadIdx.x & 31;
   const int64_t row0 = ((int64_t)blockIdx.x * (kGemvThreads / 32) + (threadIdx.x >> 5)) * kRowsPerWarp;
@@ -264,7 +217,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     for (int d = 0; d < kDepth - 1; ++d) fetch(c0 + 32 * d, ring[d]);
   }
 
-  build_tables<kPairs>(table, code, pairs, quant_type, am);
+  build_tables(table, code, quant_type, am);
   __syncthreads();
   if (row0 >= N) return;  // whole warps exit together (after the only __syncthreads)
   const float offset = nested ? __ldg(am.offset) : 0.0f;
@@ -287,8 +240,7 @@ __global__ void __launch_bounds__(kGemvThreads)
         load_x32(x + (int64_t)m * K + (c << 5), xv);
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) {
-          const float d = kPairs ? dot32_pairs(ld[r].w, pairs + lane, xv) : dot32(ld[r].w, table, xv);
-          acc[r][m] = fmaf(d, sc[r], acc[r][m]);
+          acc[r][m] = fmaf(dot32(ld[r].w, table, xv), sc[r], acc[r][m]);
         }
       }
     }
@@ -321,13 +273,13 @@ __global__ void __launch_bounds__(kGemvThreads)
     }
   }
 
-  write_partials<TX, MT, kRowsPerWarp, kDirect>(acc, lane, M, N, row0, s, partial, ep);
+  write_partials<MT, kRowsPerWarp>(acc, lane, M, N, row0, s, partial);
 }
 
 
 constexpr int kStreamTile = 1024;  // K-elements per warp-tile: 32 lanes x 32 codes (16 bytes)
 
-template <typename TX, int kDepth, bool kPairs>
+template <typename TX, int kDepth>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_4bit_stream_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
                             int log2_bs, int quant_type, int warps_used, float* __restrict__ partial) {
@@ -335,7 +287,6 @@ __global__ void __launch_bounds__(kGemvThreads)
   pdl_launch_dependents();  // a finalize launched with kGemvPdl may be scheduled now (no-op otherwise)
   __shared__ float table[16];
   __shared__ float code[256];
-  __shared__ uint32_t pairs[kPairs ? 256 * 32 : 1];
   const bool nested = am.q != nullptr;
   const int lane = threadIdx.x & 31;
   const int g = blockIdx.x * (kGemvThreads / 32) + (threadIdx.x >> 5);
@@ -366,7 +317,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 #pragma unroll
   for (int d = 0; d < kDepth - 1; ++d) fetch(n0 + d * R, ring[d]);
 
-  build_tables<kPairs>(table, code, pairs, quant_type, am);
+  build_tables(table, code, quant_type, am);
   __syncthreads();
   if (!active) return;  // whole warps exit together (after the only __syncthreads)
   const float offset = nested ? __ldg(am.offset) : 0.0f;
@@ -382,7 +333,7 @@ __global__ void __launch_bounds__(kGemvThreads)
       if (n < N) {  // warp-uniform
         const ChunkLoad& ld = ring[d];
         const float sc = nested ? core::nested_absmax_decode((uint8_t)ld.q, code, ld.a, offset) : ld.a;
-        float v = (kPairs ? dot32_pairs(ld.w, pairs + lane, xv) : dot32(ld.w, table, xv)) * sc;
+        float v = dot32(ld.w, table, xv) * sc;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         if (lane == 0) partial[(int64_t)kt * N + n] = v;
@@ -659,10 +610,6 @@ __device__ __forceinline__ float mma_scale(const Slot& slot, int h, bool nested,
   }
 }
 
-// CH accumulator chains per visit: 1, or (kGemvMmaTwoChains, experimental) 2, alternating between
-// consecutive mmas and added before the scales, which halves the chain of dependent HMMA (16 per
-// visit); Nsight Compute put this kernel at one instruction per 2.8 cycles per scheduler.
-//
 // BR (kGemvMmaBlockReduce, experimental): the block's W warps own W consecutive K-tiles of the same
 // rows (one part of the row, mma_block_part; W from mma_block_warps), so they sum their tiles in
 // shared memory instead of writing S = K / 256 partial slices for the finalize: each visit's row
@@ -672,17 +619,17 @@ __device__ __forceinline__ float mma_scale(const Slot& slot, int h, bool nested,
 // for a short finalize (K = 14336: 4 slices instead of 56).  Nsight Compute put the plain finalize
 // at 6.5 us of a 24 us M = 1 call (S = 56).
 //
-// CX (kGemvMmaCompact, experimental; with BR, one chain): the same sums in MmaCompactLayout's 78 KB
+// CX (kGemvMmaCompact, experimental; with BR): the same sums in MmaCompactLayout's 78 KB
 // and at most 64 registers, two blocks an SM (32 warps against 16): the table at the dynamic base,
 // and the block's x tiles staged in shared memory, each mma's B fragment read there (8 bytes; ptxas
 // pairs them into LDS.128) instead of held in 32 registers.  The same warps, visits and sums: its output equals BR's bit for
 // bit (GPU test).
-template <typename TX, int D, bool BR = false, int CH = 1, bool CX = false>
+template <typename TX, int D, bool BR = false, bool CX = false>
 __global__ void __launch_bounds__(kMmaThreads, CX ? 2 : 1)
     gemv_4bit_mma_kernel(const TX* __restrict__ x, int N, int64_t K, const uint8_t* __restrict__ packed, Absmax am,
                          int log2_bs, int quant_type, int warps_used, float* __restrict__ partial, GemvEpilogue ep) {
   static_assert(!std::is_same<TX, float>::value, "mma fragments are fp16 or bf16");
-  static_assert(!CX || (BR && CH == 1), "the compact form is the block-reduced kernel with one chain");
+  static_assert(!CX || BR, "the compact form is the block-reduced kernel's");
   pdl_launch_dependents();  // a finalize launched with kGemvPdl may be scheduled now (no-op otherwise)
   extern __shared__ __align__(16) unsigned char mma_smem[];
   constexpr uint32_t kTableOff = CX ? dynamic_smem_low() : 0u;
@@ -777,9 +724,7 @@ __global__ void __launch_bounds__(kMmaThreads, CX ? 2 : 1)
     const float sa = mma_scale<true>(cur, 0, nested, tab.code_at, offset);
     const float sb = mma_scale<true>(cur, 1, nested, tab.code_at, offset);
     if (rb + (D - 1) * R < row_blocks) fetch(nxt);
-    float cc[CH][4];
-#pragma unroll
-    for (int h = 0; h < CH; ++h) cc[h][0] = cc[h][1] = cc[h][2] = cc[h][3] = 0.0f;
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -794,15 +739,12 @@ __global__ void __launch_bounds__(kMmaThreads, CX ? 2 : 1)
         if constexpr (CX) {
           const uint2 v = lds_u64(xs_at[j] + 8u * (uint32_t)i);
           const uint32_t b[2] = {v.x, v.y};
-          mma16816<TX>(cc[i % CH], a, b);
+          mma16816<TX>(c, a, b);
         } else {
-          mma16816<TX>(cc[i % CH], a, xb[j][i]);
+          mma16816<TX>(c, a, xb[j][i]);
         }
       }
     }
-    float c[4] = {cc[0][0], cc[0][1], cc[0][2], cc[0][3]};
-#pragma unroll
-    for (int h = 1; h < CH; ++h) c[0] += cc[h][0], c[1] += cc[h][1], c[2] += cc[h][2], c[3] += cc[h][3];
     // Lanes tid 0 / 1: (sa, sb) are row grp's scales, the partner's (tid + 2) row grp + 8's.
     const float oa = __shfl_xor_sync(0xffffffffu, sa, 2), ob = __shfl_xor_sync(0xffffffffu, sb, 2);
     float v0 = fmaf(c[0], sa, c[1] * sb), v1 = fmaf(c[2], oa, c[3] * ob);
@@ -1294,7 +1236,7 @@ __global__ void __launch_bounds__(256)
   float v = 0.0f;
   // The tiles in order (the bits do not depend on the split), eight loads in flight at a time.  With
   // the tensor-core GEMV's S = K / 256 (56 at K = 14336) this still took 6.5 us under Nsight Compute
-  // on the H100 (16 blocks for 4096 outputs): see the wide finalize below.
+  // on the H100 (16 blocks for 4096 outputs); the block-reduced M = 1 kernel leaves it 4 slices.
   const float* p = partial + (int64_t)m * N + n;
   const int64_t stride = (int64_t)M * N;
   int s = 0;
@@ -1344,131 +1286,36 @@ int launch_finalize(const float* partial, int S, int M, int N, const float* bias
                                     M, N, bias, lora_t, lora_b, r, y, stream);
 }
 
-// The same sums with more threads (kGemvWideFinalize; experimental): the plain finalize gives each
-// output one thread and S dependent-in-time loads (S = 56 at K = 14336 for the tensor-core GEMV:
-// 16 blocks, 6.5 us under Nsight Compute, a quarter of that M = 1 call).  Here a block takes 32
-// consecutive outputs; its warp g sums slices g, g + 8, ... in order (each warp load covers 128
-// contiguous bytes of one slice), and warp 0 adds the 8 group sums in order g = 0..7, then bias and
-// LoRA as above.  Deterministic, but a different order from the plain finalize's when S > 1.
-constexpr int kWideGroups = 8;
-template <typename TX>
-__global__ void __launch_bounds__(32 * kWideGroups)
-    splitk_finalize_wide_kernel(const float* __restrict__ partial, int S, int M, int N, const float* __restrict__ bias,
-                                const float* __restrict__ lora_t, const float* __restrict__ lora_b, int r,
-                                TX* __restrict__ y) {
-  pdl_wait();  // launched with kGemvPdl: the GEMV's partials are complete and visible from here on
-  __shared__ float group_sum[kWideGroups][32];
-  const int lane = threadIdx.x & 31, g = threadIdx.x >> 5;
-  const int64_t idx = (int64_t)blockIdx.x * 32 + lane;
-  const bool valid = idx < (int64_t)M * N;
-  const int64_t stride = (int64_t)M * N;
-  float v = 0.0f;
-  if (valid) {
-    const float* p = partial + idx;
-    int s = g;
-    for (; s + 3 * kWideGroups < S; s += 4 * kWideGroups) {  // four loads in flight
-      float t[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) t[u] = p[(s + u * kWideGroups) * stride];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) v += t[u];
-    }
-    for (; s < S; s += kWideGroups) v += p[s * stride];
-  }
-  group_sum[g][lane] = v;
-  __syncthreads();
-  if (g != 0 || !valid) return;
-  float out = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kWideGroups; ++k) out += group_sum[k][lane];
-  store_output<TX>(out, idx / N, idx % N, N, bias, lora_t, lora_b, r, y);
-}
-
-template <typename TX>
-int launch_finalize_wide(const float* partial, int S, int M, int N, const float* bias, const float* lora_t,
-                         const float* lora_b, int r, void* y, cudaStream_t stream, bool pdl) {
-  const int64_t blocks = ((int64_t)M * N + 31) / 32;
-  if (blocks > 0x7fffffff) return kUnsupported;
-  return launch_finalize_kernel<TX>(splitk_finalize_wide_kernel<TX>, (unsigned)blocks, 32 * kWideGroups, pdl, partial,
-                                    S, M, N, bias, lora_t, lora_b, r, y, stream);
-}
-
-// The finalize the options ask for.
-template <typename TX>
-int launch_finalize_for(int options, const float* partial, int S, int M, int N, const float* bias,
-                        const float* lora_t, const float* lora_b, int r, void* y, cudaStream_t stream) {
-  const bool pdl = (options & kGemvPdl) != 0;
-  return (options & kGemvWideFinalize) != 0
-             ? launch_finalize_wide<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream, pdl)
-             : launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream, pdl);
-}
-
-template <typename TX, int MT, int RW, int D, bool P = false, bool Dir = false>
-int launch_gemv_instance(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                         int quant_type, int S, float* partial, const GemvEpilogue& ep, cudaStream_t stream) {
+template <typename TX, int MT, int RW, int D>
+int launch_gemv_kernel(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
+                       int quant_type, int S, float* partial, cudaStream_t stream) {
   const int64_t rows_per_cta = (int64_t)(kGemvThreads / 32) * RW;
   const int64_t blocks = ((int64_t)N + rows_per_cta - 1) / rows_per_cta;
   if (blocks > 0x7fffffff || S > 65535) return kUnsupported;
   const dim3 grid((unsigned)blocks, (unsigned)S);
-  gemv_4bit_kernel<TX, MT, RW, D, P, Dir><<<grid, kGemvThreads, 0, stream>>>(
-      static_cast<const TX*>(x), M, N, K, packed, am, log2_bs, quant_type, S, partial, ep);
+  gemv_4bit_kernel<TX, MT, RW, D><<<grid, kGemvThreads, 0, stream>>>(static_cast<const TX*>(x), M, N, K, packed, am,
+                                                                     log2_bs, quant_type, S, partial);
   return (int)cudaGetLastError();
 }
-
-// ep.y set (M = 1, S = 1 only; launch_gemv checks): the direct-epilogue instance.
-template <typename TX, int MT, int RW, int D, bool P = false>
-int launch_gemv_kernel(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                       int quant_type, int S, float* partial, const GemvEpilogue& ep, cudaStream_t stream) {
-  if constexpr (MT == 1) {
-    if (ep.y != nullptr)
-      return launch_gemv_instance<TX, 1, RW, D, P, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep,
-                                                         stream);
-  }
-  return launch_gemv_instance<TX, MT, RW, D, P, false>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep,
-                                                       stream);
-}
-
-// The pair-table variants (M = 1, fp16/bf16 x): the timed double buffer with 4 rows per warp,
-// the 4-deep ring, and the 8-deep ring with one row per warp.
-template <typename TX, int RW>
-int launch_gemv_pairs(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                      int quant_type, int depth, int S, float* partial, const GemvEpilogue& ep,
-                      cudaStream_t stream) {
-  if constexpr (!std::is_same<TX, float>::value) {
-    if constexpr (RW == 4) {
-      if (M == 1 && depth == 2)
-        return launch_gemv_kernel<TX, 1, 4, 2, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
-      if (M == 1 && depth == 4)
-        return launch_gemv_kernel<TX, 1, 4, 4, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
-    }
-    if constexpr (RW == 1) {
-      if (M == 1 && depth == 8)
-        return launch_gemv_kernel<TX, 1, 1, 8, true>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
-    }
-  }
-  return kBadArgument;
-}
-
 // Deeper rings are built for M = 1 only (3 or 4 chunks per row with up to 4 rows per warp, 8 with
 // one row per warp): with 8 activation rows or 8 weight rows their registers would spill.
 template <typename TX, int RW>
 int launch_gemv_rows(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                     int quant_type, int depth, int S, float* partial, const GemvEpilogue& ep,
-                     cudaStream_t stream) {
+                     int quant_type, int depth, int S, float* partial, cudaStream_t stream) {
   if (depth == 2) {
-    return M == 1 ? launch_gemv_kernel<TX, 1, RW, 2>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream)
+    return M == 1 ? launch_gemv_kernel<TX, 1, RW, 2>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream)
                   : launch_gemv_kernel<TX, kMaxM, RW, 2>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial,
-                                                         ep, stream);
+                                                         stream);
   }
   if constexpr (RW <= 4) {
     if (M == 1 && depth == 3)
-      return launch_gemv_kernel<TX, 1, RW, 3>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
+      return launch_gemv_kernel<TX, 1, RW, 3>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
     if (M == 1 && depth == 4)
-      return launch_gemv_kernel<TX, 1, RW, 4>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
+      return launch_gemv_kernel<TX, 1, RW, 4>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
   }
   if constexpr (RW == 1) {  // one row per warp: registers for 7 chunks in flight
     if (M == 1 && depth == 8)
-      return launch_gemv_kernel<TX, 1, RW, 8>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, ep, stream);
+      return launch_gemv_kernel<TX, 1, RW, 8>(x, M, N, K, packed, am, log2_bs, quant_type, S, partial, stream);
   }
   return kBadArgument;
 }
@@ -1590,39 +1437,27 @@ inline int64_t persistent_warps(int blocks, int warps_per_block, int64_t tiles, 
   return warps - warps % tiles_per_row;
 }
 
-template <typename TX, int D, bool P>
+template <typename TX, int D>
 int launch_gemv_stream_instance(const void* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                                 int quant_type, float* partial, cudaStream_t stream) {
   int blocks = 0;
-  const int rc = persistent_blocks<gemv_4bit_stream_kernel<TX, D, P>>(&blocks);
+  const int rc = persistent_blocks<gemv_4bit_stream_kernel<TX, D>>(&blocks);
   if (rc != 0) return rc;
   const int tiles_per_row = (int)(K / kStreamTile);
   const int64_t warps = persistent_warps(blocks, kGemvThreads / 32, (int64_t)N * tiles_per_row, tiles_per_row);
   if (warps < tiles_per_row) return kUnsupported;  // K too long for this device's resident warps
   const int64_t grid = (warps + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
-  gemv_4bit_stream_kernel<TX, D, P><<<(unsigned)grid, kGemvThreads, 0, stream>>>(
+  gemv_4bit_stream_kernel<TX, D><<<(unsigned)grid, kGemvThreads, 0, stream>>>(
       static_cast<const TX*>(x), N, K, packed, am, log2_bs, quant_type, (int)warps, partial);
   return (int)cudaGetLastError();
 }
 
-// The stream variants (M = 1, K % 1024 == 0, S == K / 1024): ring depth 4 or 8, exact table or
-// (fp16/bf16 x) the pair table.
+// The stream variants (M = 1, K % 1024 == 0, S == K / 1024): ring depth 4 or 8.
 template <typename TX>
 int launch_gemv_stream(const void* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
-                       int depth, bool pairs, float* partial, cudaStream_t stream) {
-  if (!pairs) {
-    if (depth == 4)
-      return launch_gemv_stream_instance<TX, 4, false>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
-    if (depth == 8)
-      return launch_gemv_stream_instance<TX, 8, false>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
-    return kBadArgument;
-  }
-  if constexpr (!std::is_same<TX, float>::value) {
-    if (depth == 4)
-      return launch_gemv_stream_instance<TX, 4, true>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
-    if (depth == 8)
-      return launch_gemv_stream_instance<TX, 8, true>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
-  }
+                       int depth, float* partial, cudaStream_t stream) {
+  if (depth == 4) return launch_gemv_stream_instance<TX, 4>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
+  if (depth == 8) return launch_gemv_stream_instance<TX, 8>(x, N, K, packed, am, log2_bs, quant_type, partial, stream);
   return kBadArgument;
 }
 
@@ -1656,11 +1491,11 @@ inline int mma_block_warps(int64_t tiles_per_row) {
 // shared memory the table's plus the row sums of the most visits a warp makes.  Sets *slices to the
 // partial slices it left for the finalize (0: it wrote y), or to -1 without launching where it does not
 // apply (no W, fewer blocks than a row has parts, or the row sums past the device's shared memory).
-template <typename TX, int D, int CH, bool CX = false>
+template <typename TX, int D, bool CX = false>
 int launch_gemv_mma_block_reduce(const TX* x, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                                  int quant_type, float* partial, const GemvEpilogue& ep, int* slices,
                                  cudaStream_t stream) {
-  constexpr auto kernel = gemv_4bit_mma_kernel<TX, D, true, CH, CX>;
+  constexpr auto kernel = gemv_4bit_mma_kernel<TX, D, true, CX>;
   *slices = -1;
   int dev = 0;
   const cudaError_t e = cudaGetDevice(&dev);
@@ -1691,11 +1526,11 @@ int launch_gemv_mma_block_reduce(const TX* x, int N, int64_t K, const uint8_t* p
 }
 
 // The tensor-core variants (M <= 16, fp16/bf16 x, K % 256 == 0, blocksize >= 64, S == K / 256), D
-// visits in its load ring: M = 1 (CH accumulator chains), the batch kernel with one n-tile (M <= 8),
+// visits in its load ring: M = 1, the batch kernel with one n-tile (M <= 8),
 // or two (M <= 16, on half-size blocks: their second x takes 32 more registers).  M = 1 with
 // block_reduce tries the block-reduced kernel first; *slices: the partial slices left for the
 // finalize (0: the block-reduced kernel wrote y).
-template <typename TX, int D, int CH = 1, bool CX = false>
+template <typename TX, int D, bool CX = false>
 int launch_gemv_mma_instance(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
                              int quant_type, bool block_reduce, float* partial, const GemvEpilogue& ep, int* slices,
                              cudaStream_t stream) {
@@ -1705,17 +1540,17 @@ int launch_gemv_mma_instance(const void* x, int M, int N, int64_t K, const uint8
   *slices = (int)(K / kMmaTile);
   if (M == 1 && block_reduce) {
     int left = -1;
-    rc = launch_gemv_mma_block_reduce<TX, D, CH, CX>(xt, N, K, packed, am, log2_bs, quant_type, partial, ep, &left,
-                                                     stream);
+    rc = launch_gemv_mma_block_reduce<TX, D, CX>(xt, N, K, packed, am, log2_bs, quant_type, partial, ep, &left,
+                                                 stream);
     if (rc != 0 || left >= 0) {
       *slices = left;
       return rc;
     }
   }
   if (M == 1) {
-    rc = mma_grid<gemv_4bit_mma_kernel<TX, D, false, CH>, kMmaThreads>(N, K, &grid, &warps);
+    rc = mma_grid<gemv_4bit_mma_kernel<TX, D, false>, kMmaThreads>(N, K, &grid, &warps);
     if (rc != 0) return rc;
-    gemv_4bit_mma_kernel<TX, D, false, CH><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
+    gemv_4bit_mma_kernel<TX, D, false><<<(unsigned)grid, kMmaThreads, kMmaSmemBytes, stream>>>(
         xt, N, K, packed, am, log2_bs, quant_type, warps, partial, ep);
   } else if (M <= 8) {
     rc = mma_grid<gemv_4bit_mma_batch_kernel<TX, D, 1>, kMmaThreads>(N, K, &grid, &warps);
@@ -1733,21 +1568,17 @@ int launch_gemv_mma_instance(const void* x, int M, int N, int64_t K, const uint8
 
 template <typename TX>
 int launch_gemv_mma(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs,
-                    int quant_type, int depth, bool two_chains, bool block_reduce, bool compact, float* partial,
+                    int quant_type, int depth, bool block_reduce, bool compact, float* partial,
                     const GemvEpilogue& ep, int* slices, cudaStream_t stream) {
   if constexpr (std::is_same<TX, float>::value) {
     return kBadArgument;  // no fp32 mma fragments
   } else {
-    if (compact)  // built for the block-reduced M = 1 kernel at depth 2, one chain (where it does not
-                  // apply, the plain kernel runs as without it)
-      return M == 1 && depth == 2 && block_reduce && !two_chains
-                 ? launch_gemv_mma_instance<TX, 2, 1, true>(x, M, N, K, packed, am, log2_bs, quant_type, block_reduce,
-                                                            partial, ep, slices, stream)
+    if (compact)  // built for the block-reduced M = 1 kernel at depth 2 (where it does not apply, the
+                  // plain kernel runs as without it)
+      return M == 1 && depth == 2 && block_reduce
+                 ? launch_gemv_mma_instance<TX, 2, true>(x, M, N, K, packed, am, log2_bs, quant_type, block_reduce,
+                                                         partial, ep, slices, stream)
                  : kBadArgument;
-    if (two_chains)  // built for M = 1 at depth 2 only (the default ring)
-      return M == 1 && depth == 2 ? launch_gemv_mma_instance<TX, 2, 2>(x, M, N, K, packed, am, log2_bs, quant_type,
-                                                                         block_reduce, partial, ep, slices, stream)
-                                  : kBadArgument;
     if (depth == 2)
       return launch_gemv_mma_instance<TX, 2>(x, M, N, K, packed, am, log2_bs, quant_type, block_reduce, partial, ep,
                                              slices, stream);
@@ -1850,11 +1681,11 @@ template <typename TX>
 int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, Absmax am, int log2_bs, int quant_type,
                 int rows_per_warp, int depth, int options, int S, float* partial, const float* bias,
                 const float* lora_t, const float* lora_b, int r, void* y, cudaStream_t stream) {
-  const bool pairs = (options & kGemvPairTable) != 0;
+  const bool pdl = (options & kGemvPdl) != 0;  // beside any kernel: how its finalize is launched
   if ((options & kGemvMmaGemm) != 0) {
     const int64_t tiles = K / kMmaTile, per_split = (tiles + S - 1) / S;
     if (K % kMmaTile != 0 || log2_bs < 6 || S > tiles || (tiles + per_split - 1) / per_split != S ||
-        (options & ~(kGemvWideFinalize | kGemvPdl | kGemvMmaGemmCompact | kGemvMmaGemmCluster)) != kGemvMmaGemm ||
+        (options & ~(kGemvPdl | kGemvMmaGemmCompact | kGemvMmaGemmCluster)) != kGemvMmaGemm ||
         ((options & kGemvMmaGemmCluster) != 0 && (S < 2 || S > kMaxClusterSplits)) ||
         (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile ||  // 32-bit absmax indices
         (uint64_t)M * (uint64_t)K >= (uint64_t(1) << 32))                // 32-bit x offsets
@@ -1865,39 +1696,33 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
                                          (options & kGemvMmaGemmCompact) != 0, S, partial,
                                          GemvEpilogue{y, bias, lora_t, lora_b, r, cluster}, &clustered, stream);
     if (rc != 0 || S == 1 || clustered) return rc;  // one split, or the splits' cluster: the kernel wrote y
-    return launch_finalize_for<TX>(options, partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
+    return launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream, pdl);
   }
   if ((options & kGemvMma) != 0) {
     const bool block_reduce = (options & kGemvMmaBlockReduce) != 0;
     if (K % kMmaTile != 0 || S != K / kMmaTile || log2_bs < 6 || (block_reduce && M != 1) ||
-        (options & ~(kGemvWideFinalize | kGemvMmaTwoChains | kGemvMmaBlockReduce | kGemvMmaCompact | kGemvPdl)) !=
-            kGemvMma ||
+        (options & ~(kGemvMmaBlockReduce | kGemvMmaCompact | kGemvPdl)) != kGemvMma ||
         (uint64_t)N * (uint64_t)K >= (uint64_t(1) << 32) - kMmaTile)  // 32-bit absmax indices
       return kBadArgument;
     int slices = S;
-    const int rc = launch_gemv_mma<TX>(x, M, N, K, packed, am, log2_bs, quant_type, depth,
-                                       (options & kGemvMmaTwoChains) != 0, block_reduce,
+    const int rc = launch_gemv_mma<TX>(x, M, N, K, packed, am, log2_bs, quant_type, depth, block_reduce,
                                        (options & kGemvMmaCompact) != 0, partial,
                                        GemvEpilogue{y, bias, lora_t, lora_b, r}, &slices, stream);
     if (rc != 0 || slices == 0) return rc;  // slices == 0: the block-reduced kernel wrote y
-    return launch_finalize_for<TX>(options, partial, slices, M, N, bias, lora_t, lora_b, r, y, stream);
+    return launch_finalize<TX>(partial, slices, M, N, bias, lora_t, lora_b, r, y, stream, pdl);
   }
+  if ((options & ~kGemvPdl & ~kGemvStream) != 0) return kBadArgument;  // no other option beside these kernels
   if ((options & kGemvStream) != 0) {
-    if (M != 1 || K % kStreamTile != 0 || S != K / kStreamTile || (options & kGemvDirect) != 0) return kBadArgument;
-    const int rc = launch_gemv_stream<TX>(x, N, K, packed, am, log2_bs, quant_type, depth, pairs, partial, stream);
+    if (M != 1 || K % kStreamTile != 0 || S != K / kStreamTile) return kBadArgument;
+    const int rc = launch_gemv_stream<TX>(x, N, K, packed, am, log2_bs, quant_type, depth, partial, stream);
     if (rc != 0) return rc;
-    return launch_finalize_for<TX>(options, partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
+    return launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream, pdl);
   }
-  const bool direct = (options & kGemvDirect) != 0 && S == 1 && M == 1;
-  GemvEpilogue ep;
-  if (direct) ep = GemvEpilogue{y, bias, lora_t, lora_b, r};
   int rc;
   switch (rows_per_warp) {
-#define NF4KIT_GEMV_ROWS_CASE(RW)                                                                            \
-  case RW:                                                                                                     \
-    rc = pairs                                                                                                 \
-             ? launch_gemv_pairs<TX, RW>(x, M, N, K, packed, am, log2_bs, quant_type, depth, S, partial, ep, stream) \
-             : launch_gemv_rows<TX, RW>(x, M, N, K, packed, am, log2_bs, quant_type, depth, S, partial, ep, stream); \
+#define NF4KIT_GEMV_ROWS_CASE(RW)                                                                                 \
+  case RW:                                                                                                          \
+    rc = launch_gemv_rows<TX, RW>(x, M, N, K, packed, am, log2_bs, quant_type, depth, S, partial, stream); \
     break;
     NF4KIT_GEMV_ROWS_CASE(1)
     NF4KIT_GEMV_ROWS_CASE(2)
@@ -1906,8 +1731,8 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
 #undef NF4KIT_GEMV_ROWS_CASE
     default: return kBadArgument;
   }
-  if (rc != 0 || direct) return rc;
-  return launch_finalize_for<TX>(options, partial, S, M, N, bias, lora_t, lora_b, r, y, stream);
+  if (rc != 0) return rc;
+  return launch_finalize<TX>(partial, S, M, N, bias, lora_t, lora_b, r, y, stream, pdl);
 }
 
 }  // namespace

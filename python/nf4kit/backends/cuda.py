@@ -51,24 +51,20 @@ GEMV_ROWS = 4
 # H100 (2026-11-27, results/gpu_h100_2026-11-27/run1) none was faster: 30.6-49 us against 29.2.
 GEMV_DEPTH = 2
 _GEMV_RINGS = {(r, d) for r in (1, 2, 4) for d in (3, 4)} | {(1, 8)}  # (rows, depth > 2) built for M = 1
-# M = 1 with fp16/bf16 x: decode each packed byte with one load from a 256-entry fp16 pair table
-# (half the shared-memory lookups; table values rounded to fp16, relative error <= 2^-11).  Built
-# for the (rows, depth) pairs below; off: on the H100 it was no faster (30.6 us at rows 4 / depth 2
-# against 29.2; 42-98 us with one row), so the plateau is not the MIO lookups.
-GEMV_PAIR_TABLE = False
-_GEMV_PAIR_RINGS = {(4, 2), (4, 4), (1, 8)}
-# M = 1 with one K-split: the GEMV kernel writes y itself (bias and LoRA added, same bits as the
-# finalize kernel), saving the second launch.  Off: on the H100 the best direct point (27.8 us,
-# rows 2 / depth 4) was within the run-to-run spread of the split row kernel (29.2 us).
-GEMV_DIRECT = False
+# Retired after the H100 timed them without a gain (the numbers stay in benchmarks/results; the C API
+# refuses their option bits 1, 2, 16 and 32): the fp16 pair table for the row and stream kernels
+# (30.6 us at best against 29.2, gpu_h100_2026-11-27), the row kernel writing y itself at one split
+# (27.8 us at best, within that run's spread), the wide finalize (8 warps per 32 outputs: +0.2 / +0.6 us
+# beside the block reduce, +0.6 to +6.3 us at M = 16, gpu_h100_2026-11-27c) and two HMMA accumulator
+# chains in the M = 1 kernel (-1.1 to +0.6 us, +-0.1 with the block reduce, 27c).
 # M = 1 with K % 1024 == 0 where the tensor-core kernel below does not apply (fp32 x, blocksize 32,
 # GEMV_MMA off): the memory-order stream kernel.  The row kernel above keeps thousands of separate
 # row streams in flight and stalls near 1.1 TB/s on an H100 in every variant, while a copy of the
 # same bytes runs at ~3 TB/s; this one reads W in address order
 # with a persistent grid (one 1024-wide K-tile per warp, K / 1024 partial slices summed by the
 # finalize kernel).  H100, bf16, device time (results/gpu_h100_2026-11-27): 4096x14336 28.0-28.2 us
-# (row kernel 29.4-30.2), 14336x4096 27.2-27.6 us (32.3-32.4); depth 8 and the pair table were
-# slower (32-35 us).  NF4KIT_CUDA_GEMV_STREAM=0 in the environment keeps the row kernel.
+# (row kernel 29.4-30.2), 14336x4096 27.2-27.6 us (32.3-32.4); depth 8 was slower (32-35 us).
+# NF4KIT_CUDA_GEMV_STREAM=0 in the environment keeps the row kernel.
 GEMV_STREAM = os.environ.get("NF4KIT_CUDA_GEMV_STREAM", "1") != "0"
 GEMV_STREAM_DEPTH = 4
 _STREAM_TILE = 1024
@@ -90,17 +86,6 @@ GEMV_MMA_MAX_M = 16  # its batch kernel: one n-tile of 8 batch rows up to M = 8,
 # ahead by 1.4 us on one shape.  Depth 2 also holds fewer registers (106 / 127 / 226 against 127 / 128 / 254).
 GEMV_MMA_DEPTH = 2
 _MMA_TILE = 256
-# Off (NF4KIT_CUDA_GEMV_WIDE_FINALIZE=1 turns it on): the split-K sums with 8 warps per 32 outputs
-# instead of one thread per output.  H100, bf16 (results/gpu_h100_2026-11-27c): M = 1 24.8 / 24.4 us
-# against the plain finalize's 25.3 / 24.3 on 4096x14336 / its transpose, 22.9 / 23.1 with the PDL
-# launch against the block-reduced default's 23.7 / 21.2; M = 16 33.7 / 36.8 against 32.3 / 31.3.
-# Deterministic; a different summation order when S > 1.
-GEMV_WIDE_FINALIZE = os.environ.get("NF4KIT_CUDA_GEMV_WIDE_FINALIZE", "0") == "1"
-# Off (NF4KIT_CUDA_GEMV_MMA_TWO_CHAINS=1): the M = 1 tensor-core kernel with two HMMA accumulator chains
-# per visit instead of one chain of 16 (built at ring depth 2 only; other depths keep one chain).  H100
-# (results/gpu_h100_2026-11-27c): 24.9 / 23.0 us against one chain's 24.3 / 24.1, and 25.2 / 21.3 with
-# the block reduce against its 25.3 / 21.4: within the run-to-run spread.
-GEMV_MMA_TWO_CHAINS = os.environ.get("NF4KIT_CUDA_GEMV_MMA_TWO_CHAINS", "0") == "1"
 # M = 1 (on by default; NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE=0 turns it off): the tensor-core kernel on
 # blocks of W warps that own W consecutive K-tiles of the same rows (a row of K / 256 tiles in
 # ceil(tiles / 16) parts, _mma_block_warps), so each block sums its warps' tiles in shared memory.
@@ -164,8 +149,7 @@ _MMA_GEMM_MAX_CLUSTER = 8  # the portable cluster size (the C side's kMaxCluster
 GEMM_MMA_SPLITS: Optional[int] = None
 _MMA_GEMM_ROWS = 128  # rows per block (the C side's kGemmThreads / 32 x 16)
 # The C API's option bits (cuda_kernels.h).
-_GEMV_PAIR_TABLE, _GEMV_DIRECT, _GEMV_STREAM, _GEMV_MMA, _GEMV_WIDE_FINALIZE, _GEMV_MMA_TWO_CHAINS = \
-    1, 2, 4, 8, 16, 32
+_GEMV_STREAM, _GEMV_MMA = 4, 8
 _GEMV_MMA_BLOCK_REDUCE, _GEMV_MMA_GEMM, _GEMV_PDL, _GEMV_MMA_GEMM_COMPACT, _GEMV_MMA_GEMM_CLUSTER = \
     64, 128, 256, 512, 1024
 _GEMV_MMA_COMPACT = 2048
@@ -459,26 +443,17 @@ def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, sp
     the settings above where that variant is built, else the double buffer, the exact fp32 table and
     the finalize kernel.  `kernel` as for _gemv_split_count; `device` decides the default compact form."""
     kernel = kernel or _gemv_kernel(M, N, K, dtype, blocksize)
-    wide = _GEMV_WIDE_FINALIZE if GEMV_WIDE_FINALIZE else 0
     if kernel == "mma-gemm":
         compact = _GEMV_MMA_GEMM_COMPACT if _mma_gemm_compact(M, device) else 0
-        if _mma_gemm_cluster(splits, device):
-            # without the wide bit: a fallback where the clusters do not fit uses the plain finalize
-            return 2, _GEMV_MMA_GEMM | compact | _GEMV_MMA_GEMM_CLUSTER
-        return 2, _GEMV_MMA_GEMM | wide | compact
+        cluster = _GEMV_MMA_GEMM_CLUSTER if _mma_gemm_cluster(splits, device) else 0
+        return 2, _GEMV_MMA_GEMM | compact | cluster
     if kernel == "mma":
-        chains = _GEMV_MMA_TWO_CHAINS if GEMV_MMA_TWO_CHAINS and M == 1 and GEMV_MMA_DEPTH == 2 else 0
         block = _GEMV_MMA_BLOCK_REDUCE if GEMV_MMA_BLOCK_REDUCE and M == 1 else 0
-        compact = (_GEMV_MMA_COMPACT if GEMV_MMA_COMPACT and block and not chains and GEMV_MMA_DEPTH == 2
-                   and K < 2**30 else 0)
-        return GEMV_MMA_DEPTH, _GEMV_MMA | wide | chains | block | compact
+        compact = _GEMV_MMA_COMPACT if GEMV_MMA_COMPACT and block and GEMV_MMA_DEPTH == 2 and K < 2**30 else 0
+        return GEMV_MMA_DEPTH, _GEMV_MMA | block | compact
     if kernel == "stream":
-        pairs = GEMV_PAIR_TABLE and dtype in _HALF_DTYPES
-        return GEMV_STREAM_DEPTH, _GEMV_STREAM | (_GEMV_PAIR_TABLE if pairs else 0) | wide
-    depth = GEMV_DEPTH if M == 1 and (GEMV_ROWS, GEMV_DEPTH) in _GEMV_RINGS else 2
-    pairs = GEMV_PAIR_TABLE and M == 1 and dtype in _HALF_DTYPES and (GEMV_ROWS, depth) in _GEMV_PAIR_RINGS
-    direct = GEMV_DIRECT and M == 1 and splits == 1  # no finalize launch at all
-    return depth, (_GEMV_PAIR_TABLE if pairs else 0) | (_GEMV_DIRECT if direct else wide)
+        return GEMV_STREAM_DEPTH, _GEMV_STREAM
+    return (GEMV_DEPTH if M == 1 and (GEMV_ROWS, GEMV_DEPTH) in _GEMV_RINGS else 2), 0
 
 
 def _launch_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, blocksize: int, quant_type_code: int, N: int,

@@ -27,7 +27,7 @@
 // weight at M = 1 against the stream kernel's 6.
 //
 // Compiled once per activation dtype (gemv_f32.cu, gemv_f16.cu, gemv_bf16.cu instantiate GemvLaunch<TX>),
-// so that the ~130 kernel instances build in parallel; everything up to GemvLaunch has internal
+// so that its ~80 kernel instances (per arch) build in parallel; everything up to GemvLaunch has internal
 // linkage, so each of those translation units holds only its own dtype's kernels.
 #pragma once
 

@@ -305,8 +305,9 @@ def test_gemv_mma(monkeypatch, M, depth, dt, N, K, bs, quant_type, nested):
     monkeypatch.setattr(cuda_backend, "GEMV_MMA", True)
     monkeypatch.setattr(cuda_backend, "GEMV_MMA_DEPTH", depth)
     assert cuda_backend._gemv_kernel(M, N, K, dt, bs) == "mma"
-    block = cuda_backend._GEMV_MMA_BLOCK_REDUCE if M == 1 and cuda_backend.GEMV_MMA_BLOCK_REDUCE else 0
-    assert cuda_backend._gemv_variant(M, N, K, dt, bs, K // 256) == (depth, cuda_backend._GEMV_MMA | block)
+    depth_used, options = cuda_backend._gemv_variant(M, N, K, dt, bs, K // 256)
+    kernels = cuda_backend._GEMV_MMA | cuda_backend._GEMV_MMA_GEMM | cuda_backend._GEMV_STREAM
+    assert depth_used == depth and options & kernels == cuda_backend._GEMV_MMA
     assert cuda_backend._gemv_split_count(M, N, K, dt, bs, torch.device("cuda")) == K // 256
     _check_half_matmul_rows(M, N, K, bs, quant_type, nested, dt, seed=91)
 

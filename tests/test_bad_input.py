@@ -216,3 +216,66 @@ def test_env_backend_unknown(monkeypatch):
     monkeypatch.setenv("NF4KIT_BACKEND", "nope")
     with pytest.raises(ValueError, match="NF4KIT_BACKEND"):
         nf4kit.dequantize_4bit(*nf4kit.quantize_4bit(torch.randn(4, 4), compress_statistics=False))
+
+
+def test_absmax_must_be_flat(state):
+    """absmax of the right size but 2-D passed validation, and the backends disagreed (cpu and
+    triton indexed it flat, torch broadcast it): every call now refuses it."""
+    packed, qs = state
+    for shape in ((qs.absmax.numel() // 2, 2), (qs.absmax.numel(), 1)):
+        bad = qs.clone()
+        bad.absmax = bad.absmax.reshape(shape)
+        with pytest.raises(ValueError, match="absmax must be 1-D"):
+            nf4kit.dequantize_4bit(packed, bad)
+    bad = qs.clone()
+    bad.state2.absmax = bad.state2.absmax.reshape(1, -1)
+    with pytest.raises(ValueError, match="nested_absmax must be a 1-D"):
+        nf4kit.dequantize_4bit(packed, bad)
+
+
+def test_state_fields_of_the_wrong_kind(state):
+    packed, qs = state
+    bad = qs.clone()
+    bad.shape = (-48, -80)  # a positive product: it reached the kernel and failed in .view
+    with pytest.raises(ValueError, match="non-negative"):
+        nf4kit.dequantize_4bit(packed, bad)
+    bad = qs.clone()
+    bad.offset = 0.5
+    with pytest.raises(ValueError, match="offset"):
+        nf4kit.dequantize_4bit(packed, bad)
+    with pytest.raises(TypeError, match="dict"):
+        fmt.QuantState.from_dict(None)
+
+
+@pytest.mark.parametrize("scale,err", [(None, TypeError), ("2.0", TypeError), (1j, TypeError), (True, TypeError),
+                                       (float("nan"), ValueError), (1e300, ValueError)])
+def test_lora_scale_kind(state, scale, err):
+    packed, qs = state
+    x, A, B = torch.randn(2, 80), torch.randn(4, 80), torch.randn(48, 4)
+    with pytest.raises(err, match="lora_scale"):
+        nf4kit.matmul_4bit(x, packed, qs, lora_A=A, lora_B=B, lora_scale=scale)
+
+
+def test_8bit_and_int8_codes_in_their_layout():
+    """dequantize_blockwise / dequantize_absmax_int8 of transposed codes assigned them to the wrong
+    blocks (errors of 128 and 326 against the input): they are refused like non-contiguous 4-bit
+    data; dequantize_absmax_int8 checks its blocksize and scale as quantize does."""
+    x = torch.randn(300, 4)
+    x[:, 0] *= 100
+    q, qs = nf4kit.quantize_blockwise(x)
+    with pytest.raises(ValueError, match="contiguous"):
+        nf4kit.dequantize_blockwise(q.t(), qs)
+    assert torch.equal(nf4kit.dequantize_blockwise(q.t().contiguous().t().contiguous(), qs),
+                       nf4kit.dequantize_blockwise(q, qs))
+    with pytest.raises(TypeError, match="code"):
+        nf4kit.quantize_blockwise(x, code=[0.0] * 256)
+    qi, s = nf4kit.quantize_absmax_int8(x, blocksize=4)
+    with pytest.raises(ValueError, match="contiguous"):
+        nf4kit.dequantize_absmax_int8(qi.t(), s, blocksize=4)
+    qt, st = nf4kit.quantize_absmax_int8(x)  # one scale: any layout is the same tensor
+    assert torch.equal(nf4kit.dequantize_absmax_int8(qt.t(), st), nf4kit.dequantize_absmax_int8(qt, st).t())
+    for bs in (0, -1, 4.0, True):
+        with pytest.raises(ValueError, match="blocksize"):
+            nf4kit.dequantize_absmax_int8(qi, s, blocksize=bs)
+    with pytest.raises(TypeError, match="scale"):
+        nf4kit.dequantize_absmax_int8(qi, 1.0, blocksize=4)

@@ -341,3 +341,146 @@ def test_compile_inductor():
     torch._dynamo.reset()
     yc = torch.compile(m, fullgraph=True)(ids)
     assert rel(yc, y) < 1e-5
+
+
+# ---------------------------------------------------------------------- bad state and input at forward
+def _broken(what):
+    """A 64 -> 12 layer (double quant) with one thing changed after construction."""
+    layer = Linear4bit(64, 12, compute_dtype=None)
+    qs = layer.quant_state
+    if what == "absmax":
+        qs.absmax = qs.absmax[:1].clone()
+    elif what == "nested_absmax":
+        qs.state2.absmax = torch.empty(0)
+    elif what == "packed":
+        layer.weight.data = layer.weight.data[:4]
+    elif what == "shape":
+        qs.shape = torch.Size((24, 64))
+    elif what == "blocksize":
+        qs.blocksize = 32
+    elif what == "bias_short":
+        layer.bias = nn.Parameter(torch.randn(6))
+    elif what == "bias_long":
+        layer.bias = nn.Parameter(torch.randn(24))
+    elif what == "bias_one":
+        layer.bias = nn.Parameter(torch.randn(1))
+    return layer
+
+
+@pytest.mark.parametrize("what,match", [
+    ("absmax", "absmax has 1 entries"), ("nested_absmax", "nested_absmax"), ("packed", "packed weight holds"),
+    ("shape", "absmax has 12 entries"), ("blocksize", "absmax has 12 entries"), ("bias_short", "bias must have shape"),
+    ("bias_long", "bias must have shape"), ("bias_one", "bias must have shape")])
+def test_forward_checks_the_layers_state(backend_device, what, match):
+    """A state, packed weight or bias changed after construction is refused at forward with the
+    functional API's message, before any kernel reads past a buffer (the cpu and triton kernels
+    trust their arguments: a short absmax was read out of bounds, a short bias past its end)."""
+    layer = _broken(what)
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("x,err,match", [
+    (torch.randint(-3, 3, (3, 64)), TypeError, "floating-point"),
+    (torch.ones(3, 64, dtype=torch.bool), TypeError, "floating-point"),
+    (torch.ones(3, 64, dtype=torch.complex64), TypeError, "floating-point"),
+    (torch.tensor(1.0), ValueError, "in_features=64"),
+    ([0.0] * 64, TypeError, "torch.Tensor")])
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_forward_refuses_non_float_input(x, err, match, compute_dtype):
+    """Integer, bool and complex inputs were cast to the compute dtype (or computed in int64 with a
+    truncated weight) and gave garbage; 0-d and non-tensor inputs gave Python-internal errors."""
+    with pytest.raises(err, match=match):
+        Linear4bit(64, 12, compute_dtype=compute_dtype)(x)
+
+
+def test_forward_takes_fp64_input_where_a_compute_dtype_is_set():
+    layer = Linear4bit(64, 12, compute_dtype=torch.float32)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    y = layer(x)
+    assert y.dtype == torch.float64
+    assert torch.equal(y, layer(x.float()).double())
+
+
+def test_meta_layer_forward_names_the_devices():
+    """A layer built on the meta device and never loaded has no values: a CPU input is refused
+    (it used to return uninitialised memory)."""
+    with pytest.raises(ValueError, match="different devices.*meta"):
+        Linear4bit(64, 12, device="meta")(torch.randn(3, 64))
+
+
+def test_meta_layers_materialise_and_load():
+    """to_empty() / .to("meta") cross the meta device (a new Parameter; set_data cannot), and
+    quantize_model over a meta-built model gives meta layers that to_empty + load_state_dict fill."""
+    src = Linear4bit(64, 12)
+    layer = Linear4bit(64, 12, device="meta").to_empty(device="cpu")
+    assert layer.weight.device.type == "cpu" and layer.quant_state.device.type == "cpu"
+    assert layer.weight.quant_state is layer.quant_state
+    layer.load_state_dict(src.state_dict())
+    x = torch.randn(2, 64)
+    assert torch.equal(layer(x), src(x))
+    moved = Linear4bit(64, 12).to("meta")
+    assert moved.weight.is_meta and moved.quant_state.absmax.is_meta
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
+    dense = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
+    ref = quantize_model(copy.deepcopy(dense), compute_dtype=None, skip_modules=(), progress=False)
+    quantize_model(model, compute_dtype=None, skip_modules=(), progress=False)
+    assert model[0].weight.is_meta
+    model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    assert torch.equal(model(x), ref(x))
+
+
+def test_lora_adapter_checks():
+    """A non-finite scaling, an adapter of the wrong shape (also on the dropout path) and r <= 0 in
+    update_layer are refused with their names (they gave all-NaN output, torch's matmul error or a
+    ZeroDivisionError)."""
+    x = torch.randn(3, 64)
+    for alpha in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lora_alpha"):
+            LoRALinear4bit.from_linear(nn.Linear(64, 12), r=4, lora_alpha=alpha)
+    lora = LoRALinear4bit.from_linear(nn.Linear(64, 12), r=4, compute_dtype=None)
+    lora.scaling["default"] = float("nan")
+    with pytest.raises(ValueError, match="scaling"):
+        lora(x)
+    for r in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="r must be a positive int"):
+            lora.update_layer("other", r, 8)
+    for dropout in (0.0, 0.1):
+        lora = LoRALinear4bit.from_linear(nn.Linear(64, 12), r=4, lora_dropout=dropout, compute_dtype=None).train()
+        lora.lora_B["default"] = nn.Linear(4, 1, bias=False)  # [1, r]: was broadcast over every output
+        with pytest.raises(ValueError, match="lora_B"):
+            lora(x)
+
+
+class _Doubled(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_quantize_model_leaves_what_it_cannot_convert():
+    """nn.Linear subclasses that override forward, and MultiheadAttention's out_proj (read by weight),
+    stay in full precision with a warning under "all-linear", and are refused when asked for by name;
+    a bad regex, a bad target type and a float64 layer are refused before anything is converted."""
+    model = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True).eval()
+    x = torch.randn(2, 3, 16)
+    with pytest.warns(UserWarning, match="self_attn.out_proj"):
+        quantize_model(model, compute_dtype=None, progress=False)
+    assert type(model.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(model.linear1, Linear4bit)
+    assert model(x).shape == x.shape
+    doubled = nn.Sequential(_Doubled(8, 8), nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match="0"):
+        quantize_model(doubled, compute_dtype=None, skip_modules=(), progress=False)
+    assert type(doubled[0]) is _Doubled and isinstance(doubled[1], Linear4bit)
+    with pytest.raises(ValueError, match="overrides nn.Linear's forward"):
+        quantize_model(nn.Sequential(_Doubled(8, 8)), target_modules=["0"], progress=False)
+    with pytest.raises(ValueError, match="not a valid regex"):
+        quantize_model(nn.Sequential(nn.Linear(8, 8)), target_modules="(", progress=False)
+    with pytest.raises(TypeError, match="target_modules"):
+        quantize_model(nn.Sequential(nn.Linear(8, 8)), target_modules=5, progress=False)
+    mixed = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).double())
+    with pytest.raises(TypeError, match="1 has a torch.float64 weight"):
+        quantize_model(mixed, skip_modules=(), progress=False)
+    assert type(mixed[0]) is nn.Linear  # nothing converted

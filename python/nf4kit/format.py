@@ -206,6 +206,8 @@ class QuantState:
 
         Raises ValueError on a missing, unknown or malformed entry.
         """
+        if not isinstance(qs_dict, dict):
+            raise TypeError(f"quant_state: from_dict needs a dict of entries, got {type(qs_dict).__name__}")
         qs_dict = dict(qs_dict)
         packed_keys = [k for k, v in qs_dict.items() if "quant_state" in k and isinstance(v, torch.Tensor)]
         if "quant_type" not in {k.split(".")[-1] for k in qs_dict}:
@@ -329,6 +331,8 @@ class QuantState:
         check_blocksize(self.blocksize)
         if self.shape is None:
             raise ValueError("quant_state: shape is missing")
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in self.shape):
+            raise ValueError(f"quant_state: shape {tuple(self.shape)} must be non-negative ints")
         if self.dtype not in FLOAT_DTYPES:
             raise TypeError(f"quant_state: dtype must be float32, float16 or bfloat16, got {self.dtype}")
         n = self.numel
@@ -337,11 +341,13 @@ class QuantState:
         nblocks = num_blocks(n, self.blocksize)
         if not isinstance(self.absmax, torch.Tensor):
             raise TypeError("quant_state: absmax must be a tensor")
+        if self.absmax.dim() != 1:  # every backend indexes it flat
+            raise ValueError(f"quant_state: absmax must be 1-D [{nblocks}], got shape {tuple(self.absmax.shape)}")
         if self.absmax.numel() != nblocks:
             raise ValueError(f"quant_state: absmax has {self.absmax.numel()} entries but shape "
                              f"{tuple(self.shape)} with blocksize {self.blocksize} needs {nblocks}")
         device = self.absmax.device
-        if self.code is None or self.code.numel() != 16:
+        if not isinstance(self.code, torch.Tensor) or self.code.numel() != 16:
             raise ValueError("quant_state: quant_map (code) must have 16 entries")
         tensors = {"quant_map": self.code}
         if self.nested:
@@ -351,6 +357,8 @@ class QuantState:
             if s2.blocksize != NESTED_BLOCKSIZE:
                 raise ValueError(f"quant_state: nested_blocksize must be {NESTED_BLOCKSIZE}, got {s2.blocksize}")
             need2 = num_blocks(nblocks, NESTED_BLOCKSIZE)
+            if not isinstance(s2.absmax, torch.Tensor) or s2.absmax.dim() != 1:
+                raise ValueError(f"quant_state: nested_absmax must be a 1-D tensor [{need2}]")
             if s2.absmax.numel() != need2:
                 raise ValueError(f"quant_state: nested_absmax has {s2.absmax.numel()} entries, "
                                  f"{nblocks} blocks need {need2}")
@@ -358,7 +366,7 @@ class QuantState:
                 raise TypeError(f"quant_state: nested_absmax must be float32, got {s2.absmax.dtype}")
             if s2.code is None or s2.code.numel() != 256 or s2.code.dtype != torch.float32:
                 raise ValueError("quant_state: nested_quant_map must be float32 with 256 entries")
-            if self.offset is None or self.offset.numel() != 1:
+            if not isinstance(self.offset, torch.Tensor) or self.offset.numel() != 1:
                 raise ValueError("quant_state: nested state needs a scalar offset")
             if self.offset.dtype != torch.float32:
                 raise TypeError(f"quant_state: offset must be float32, got {self.offset.dtype}")

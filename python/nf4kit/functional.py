@@ -4,6 +4,7 @@ any kernel launch: bad input raises ValueError / TypeError naming the problem.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -139,6 +140,8 @@ def quantize_blockwise(A: torch.Tensor, blocksize: int = 256,
     if code is None:
         code = fmt.dynamic_map().to(A.device)
     else:
+        if not isinstance(code, torch.Tensor):
+            raise TypeError(f"code must be a tensor of 256 values, got {type(code).__name__}")
         if code.numel() != 256 or not code.dtype.is_floating_point:
             raise ValueError("code must be a floating tensor of 256 sorted values")
         _check_same_device({"A": A, "code": code})
@@ -154,7 +157,13 @@ def dequantize_blockwise(q: torch.Tensor, quant_state: QuantState, dtype: Option
     """uint8 codes + QuantState of quantize_blockwise -> tensor of q's shape."""
     if not isinstance(q, torch.Tensor) or q.dtype != torch.uint8:
         raise TypeError("q must be a uint8 tensor")
+    if not q.is_contiguous():  # the blocks are runs of the codes in memory order, as quantized
+        raise ValueError("q must be contiguous (the codes of quantize_blockwise, in its layout)")
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a nf4kit QuantState, got {type(quant_state).__name__}")
     absmax, code = quant_state.absmax, quant_state.code
+    if not isinstance(absmax, torch.Tensor) or not isinstance(code, torch.Tensor):
+        raise TypeError("quant_state.absmax and quant_state.code must be tensors")
     fmt.check_blocksize(quant_state.blocksize)
     if absmax.numel() != fmt.num_blocks(q.numel(), quant_state.blocksize):
         raise ValueError(f"absmax has {absmax.numel()} entries, {q.numel()} codes in blocks of "
@@ -192,8 +201,15 @@ def dequantize_absmax_int8(q: torch.Tensor, scale: torch.Tensor, blocksize: Opti
     """Inverse of quantize_absmax_int8 (pass the same blocksize): fp32(q) · absmax / 127."""
     if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
         raise TypeError("q must be an int8 tensor")
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"scale must be the fp32 tensor quantize_absmax_int8 returned, got {type(scale).__name__}")
     if dtype not in fmt.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if blocksize is not None:
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+            raise ValueError(f"blocksize must be a positive int or None, got {blocksize!r}")
+        if not q.is_contiguous():  # blocks are runs of the codes in memory order, as quantized
+            raise ValueError("q must be contiguous when blocksize is given (the codes in quantize's layout)")
     need = 1 if blocksize is None else fmt.num_blocks(q.numel(), blocksize)
     if scale.numel() != need:
         raise ValueError(f"scale has {scale.numel()} entries, expected {need}")
@@ -245,6 +261,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState, 
     Gradients flow to x, bias, lora_A and lora_B, never to the frozen weight.
     """
     check_matmul_args(x, packed, quant_state, bias, lora_A, lora_B)
-    if not math.isfinite(float(lora_scale)):
-        raise ValueError(f"lora_scale must be finite, got {lora_scale}")
+    if isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real):
+        raise TypeError(f"lora_scale must be a number, got {type(lora_scale).__name__}")
+    if not math.isfinite(lora_scale) or abs(lora_scale) > torch.finfo(torch.float32).max:
+        raise ValueError(f"lora_scale must be finite in fp32, got {lora_scale}")
     return autograd.matmul_4bit(x, packed, quant_state, bias, lora_A, lora_B, float(lora_scale))

@@ -23,7 +23,9 @@ a model built of these layers without a graph break.
 from __future__ import annotations
 
 import math
+import numbers
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -33,7 +35,7 @@ from torch import nn
 from . import format as fmt
 from .autograd import matmul_4bit as _matmul_4bit
 from .format import QuantState
-from .functional import dequantize_4bit, quantize_4bit
+from .functional import check_matmul_args, dequantize_4bit, quantize_4bit
 
 __all__ = ["Linear4bit", "LoRALinear4bit", "LoraConfig", "quantize_model"]
 
@@ -53,6 +55,24 @@ def _placeholder_state(shape: tuple[int, int], blocksize: int, compress_statisti
                     dtype=torch.float32)
     return QuantState(torch.empty(nb, dtype=torch.uint8, device=device), torch.Size(shape), code, blocksize,
                       quant_type, dtype, torch.empty((), dtype=torch.float32, device=device), s2)
+
+
+def _check_layer_input(x: Any, in_features: int) -> None:
+    """A layer input must be a floating-point tensor [..., in_features] (it is cast to the compute
+    dtype, so fp64 is accepted where a compute dtype is set; integer, bool and complex are not)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"input has shape {tuple(x.shape)}, the layer needs [..., in_features={in_features}]")
+
+
+def _check_scaling(scaling: Any) -> float:
+    """A LoRA scaling as a finite float (NaN or inf would turn every output into NaN)."""
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+        raise ValueError(f"LoRA scaling must be a finite number, got {scaling!r}")
+    return float(scaling)
 
 
 class Linear4bit(nn.Linear):
@@ -112,7 +132,8 @@ class Linear4bit(nn.Linear):
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     compute_dtype=compute_dtype, compress_statistics=compress_statistics, quant_type=quant_type,
                     blocksize=blocksize, quant_storage=quant_storage, device="meta")
-        layer._quantize_from(linear.weight.detach(), replace=True)
+        if not linear.weight.is_meta:  # a meta layer (no values yet) stays an empty one, for load_state_dict
+            layer._quantize_from(linear.weight.detach(), replace=True)
         if linear.bias is not None:
             layer.bias = linear.bias
         return layer
@@ -151,12 +172,15 @@ class Linear4bit(nn.Linear):
 
     def _forward_4bit(self, x: torch.Tensor, lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor],
                       scale: float) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has last dimension {x.shape[-1]}, the layer needs in_features={self.in_features}")
+        _check_layer_input(x, self.in_features)
         in_dtype = x.dtype
         cdt = self._compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(cdt)
-        y = _matmul_4bit(x.to(cdt), self.weight, self.quant_state, bias, lora_A, lora_B, scale)
+        xc = x.to(cdt)
+        # The functional API's checks (a state or weight changed after construction, a bias of the
+        # wrong length, a layer still on the meta device): the kernels trust what they are given.
+        check_matmul_args(xc, self.weight, self.quant_state, bias, lora_A, lora_B)
+        y = _matmul_4bit(xc, self.weight, self.quant_state, bias, lora_A, lora_B, scale)
         if torch.is_autocast_enabled(x.device.type):
             return y  # under autocast the matmul's dtype is autocast's, as for nn.Linear
         return y.to(in_dtype)
@@ -182,9 +206,18 @@ class Linear4bit(nn.Linear):
         moved = fn(raw)
         if isinstance(moved, torch.Tensor) and moved.dtype == torch.uint8 and moved.device != raw.device:
             storage = w.dtype
-            new = moved if storage == torch.uint8 else moved.view(storage)
-            w.data = new.reshape(w.shape)
-            self.quant_state.to(moved.device)
+            new = (moved if storage == torch.uint8 else moved.view(storage)).reshape(w.shape)
+            if raw.is_meta or moved.is_meta:  # set_data cannot cross the meta device: a new Parameter
+                w = nn.Parameter(new, requires_grad=False)
+                self._parameters["weight"] = w
+            else:
+                w.data = new
+            if raw.is_meta:  # to_empty(): the state has no values to copy either (load_state_dict fills it)
+                qs = self.quant_state
+                self.quant_state = _placeholder_state(tuple(qs.shape), qs.blocksize, qs.nested, qs.quant_type,
+                                                      qs.dtype, moved.device)
+            else:
+                self.quant_state.to(moved.device)
             w.quant_state = self.quant_state
         return self
 
@@ -262,10 +295,6 @@ class LoRALinear4bit(nn.Module):
         super().__init__()
         if not isinstance(base_layer, Linear4bit):
             raise TypeError(f"base_layer must be a nf4kit Linear4bit, got {type(base_layer).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         self.base_layer = base_layer
         base_layer.weight.requires_grad_(False)
         if base_layer.bias is not None:
@@ -302,6 +331,12 @@ class LoRALinear4bit(nn.Module):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      use_rslora: bool = False, lora_dtype: torch.dtype = torch.float32) -> None:
         """Add (or re-initialise) adapter `adapter_name` (PEFT's method name)."""
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         dev = self.base_layer.weight.device
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
@@ -379,12 +414,15 @@ class LoRALinear4bit(nn.Module):
             return self.base_layer(x)
         A = self.lora_A[name].weight
         B = self.lora_B[name].weight
-        s = float(self.scaling[name])
+        s = _check_scaling(self.scaling[name])
         drop = self.lora_dropout[name]
         if isinstance(drop, nn.Identity) or not self.training or drop.p == 0:
             return self.base_layer._forward_4bit(x, A, B, s)
         # Dropout on the LoRA input only: base through the fused op, LoRA branch in torch.
         base = self.base_layer
+        if A.shape != (A.shape[0], self.in_features) or B.shape != (self.out_features, A.shape[0]):
+            raise ValueError(f"adapter {name!r}: lora_A must be [r, {self.in_features}] and lora_B "
+                             f"[{self.out_features}, r], got {tuple(A.shape)} and {tuple(B.shape)}")
         y = base._forward_4bit(x, None, None, 0.0)
         cdt = base._compute_dtype(x)
         if torch.is_autocast_enabled(x.device.type):
@@ -425,10 +463,30 @@ def _matches(name: str, patterns: Union[str, Sequence[str], None]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def _convertible(model: nn.Module, name: str, mod: nn.Linear) -> bool:
+    """Whether a Linear4bit computes what `mod` computes: an nn.Linear (or a subclass that keeps its
+    forward) that its parent does not read by weight (nn.MultiheadAttention's out_proj: its
+    parent calls F.multi_head_attention_forward with out_proj.weight itself)."""
+    if type(mod).forward is not nn.Linear.forward:
+        return False
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return not isinstance(parent, nn.MultiheadAttention)
+
+
 def _target_names(model: nn.Module, target_modules: Union[str, Sequence[str]],
                   skip_modules: Iterable[str]) -> list[str]:
+    if isinstance(target_modules, str):
+        if target_modules != "all-linear":
+            try:
+                re.compile(target_modules)
+            except re.error as e:
+                raise ValueError(f"quantize_model: target_modules {target_modules!r} is not a valid regex: {e}") from e
+    elif not isinstance(target_modules, Iterable) or not all(isinstance(t, str) for t in target_modules):
+        raise TypeError(f"quantize_model: target_modules must be 'all-linear', a regex or a list of names, "
+                        f"got {target_modules!r}")
     skip = tuple(skip_modules or ())
-    out = []
+    out, left = [], []
     for name, mod in model.named_modules():
         if not name or isinstance(mod, (Linear4bit, LoRALinear4bit)):
             continue
@@ -440,7 +498,19 @@ def _target_names(model: nn.Module, target_modules: Union[str, Sequence[str]],
             # a module inside an already-converted LoRA layer (its lora_A/B) is not a target
             if ".lora_A." in name or ".lora_B." in name:
                 continue
+            if not _convertible(model, name, mod):
+                if target_modules != "all-linear":  # asked for by name: say why it cannot be done
+                    raise ValueError(f"quantize_model: {name} ({type(mod).__name__}) overrides nn.Linear's forward "
+                                     f"or is read by weight by its parent; a Linear4bit would change what it computes")
+                left.append(name)
+                continue
+            if mod.weight.dtype not in fmt.FLOAT_DTYPES:
+                raise TypeError(f"quantize_model: {name} has a {mod.weight.dtype} weight; 4-bit quantization takes "
+                                f"float32, float16 or bfloat16 (nothing has been converted)")
             out.append(name)
+    if left:
+        warnings.warn(f"quantize_model: left {len(left)} nn.Linear subclass(es) in full precision, whose forward or "
+                      f"parent reads more than nn.Linear's: {left[:5]}{' ...' if len(left) > 5 else ''}", stacklevel=3)
     return out
 
 
@@ -457,6 +527,9 @@ def quantize_model(model: nn.Module, target_modules: Union[str, Sequence[str]] =
     lora: a :class:`LoraConfig` attaches a fresh adapter to each (LoRALinear4bit) and, with
     freeze_base, freezes every other parameter — the QLoRA set-up; None: plain Linear4bit.
     compute_dtype: the matmul dtype of the new layers (None: the input's dtype).
+    Subclasses of nn.Linear that override forward, and nn.MultiheadAttention's out_proj (its parent
+    reads the weight itself), are left in full precision with a warning, or refused when named in
+    target_modules.  Every target is checked before the first one is converted.
     """
     names = _target_names(model, target_modules, skip_modules)
     if not names:

@@ -279,3 +279,10 @@ def test_8bit_and_int8_codes_in_their_layout():
             nf4kit.dequantize_absmax_int8(qi, s, blocksize=bs)
     with pytest.raises(TypeError, match="scale"):
         nf4kit.dequantize_absmax_int8(qi, 1.0, blocksize=4)
+
+
+@pytest.mark.parametrize("fn", ["quantize_4bit", "quantize_blockwise", "quantize_absmax_int8"])
+def test_quantize_a_meta_tensor(fn):
+    """A meta tensor has no values: a ValueError naming the meta device, not torch's .item() error."""
+    with pytest.raises(ValueError, match="meta device"):
+        getattr(nf4kit, fn)(torch.empty(4, 64, device="meta"))

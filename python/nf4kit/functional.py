@@ -23,6 +23,9 @@ def _check_float_tensor(t: torch.Tensor, name: str) -> None:
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
+    if t.is_meta:
+        raise ValueError(f"{name} is on the meta device: it has no values to quantize (build the layer on meta "
+                         "and fill it with load_state_dict, or quantize the real tensor)")
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} holds {bad} NaN/Inf value(s); cannot quantize non-finite values")

@@ -344,9 +344,12 @@ def test_compile_inductor():
 
 
 # ---------------------------------------------------------------------- bad state and input at forward
-def _broken(what):
-    """A 64 -> 12 layer (double quant) with one thing changed after construction."""
+def _broken(what, called_before):
+    """A 64 -> 12 layer (double quant) with one thing changed after construction (called_before:
+    after a forward that passed the checks, which the layer then remembers)."""
     layer = Linear4bit(64, 12, compute_dtype=None)
+    if called_before:
+        layer(torch.randn(2, 64))
     qs = layer.quant_state
     if what == "absmax":
         qs.absmax = qs.absmax[:1].clone()
@@ -371,11 +374,13 @@ def _broken(what):
     ("absmax", "absmax has 1 entries"), ("nested_absmax", "nested_absmax"), ("packed", "packed weight holds"),
     ("shape", "absmax has 12 entries"), ("blocksize", "absmax has 12 entries"), ("bias_short", "bias must have shape"),
     ("bias_long", "bias must have shape"), ("bias_one", "bias must have shape")])
-def test_forward_checks_the_layers_state(backend_device, what, match):
+@pytest.mark.parametrize("called_before", [False, True])
+def test_forward_checks_the_layers_state(backend_device, what, match, called_before):
     """A state, packed weight or bias changed after construction is refused at forward with the
     functional API's message, before any kernel reads past a buffer (the cpu and triton kernels
-    trust their arguments: a short absmax was read out of bounds, a short bias past its end)."""
-    layer = _broken(what)
+    trust their arguments: a short absmax was read out of bounds, a short bias past its end), also
+    when an earlier call had passed the checks (the layer skips them while nothing changed)."""
+    layer = _broken(what, called_before)
     with pytest.raises(ValueError, match=match):
         layer(torch.randn(2, 64))
 

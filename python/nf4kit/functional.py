@@ -15,6 +15,9 @@ from .format import QuantState
 
 
 # ---------------------------------------------------------------- validation helpers
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
 def _check_float_tensor(t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -264,8 +267,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState, 
     Gradients flow to x, bias, lora_A and lora_B, never to the frozen weight.
     """
     check_matmul_args(x, packed, quant_state, bias, lora_A, lora_B)
-    if isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real):
+    if type(lora_scale) is not float and (isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real)):
         raise TypeError(f"lora_scale must be a number, got {type(lora_scale).__name__}")
-    if not math.isfinite(lora_scale) or abs(lora_scale) > torch.finfo(torch.float32).max:
+    if not -_FP32_MAX <= lora_scale <= _FP32_MAX:  # also false for NaN
         raise ValueError(f"lora_scale must be finite in fp32, got {lora_scale}")
     return autograd.matmul_4bit(x, packed, quant_state, bias, lora_A, lora_B, float(lora_scale))

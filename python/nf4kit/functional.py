@@ -3,7 +3,6 @@ any kernel launch: bad input raises ValueError / TypeError naming the problem.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional
 

@@ -323,3 +323,19 @@ def test_inference_calls_skip_the_dispatcher_but_not_autograd_or_autocast(monkey
     with torch.autocast("cpu", dtype=torch.bfloat16):
         nf4kit.matmul_4bit(x0.float(), packed, qs)
     assert calls == [1, 1]
+
+
+def test_vmap_over_matmul_gives_the_loops_bits(backend_device):
+    """torch.func.vmap over matmul_4bit (with bias and LoRA): the batched wrappers have no storage,
+    which the native backends read directly ("Cannot access data pointer"); under a transform the
+    call goes through the op, whose batching fallback runs each sample, the bits of a loop."""
+    b, dev = backend_device
+    N, K = 24, 80
+    packed, qs = nf4kit.quantize_4bit(torch.randn(N, K, device=dev), blocksize=64)
+    bias, A, B = torch.randn(N, device=dev), torch.randn(4, K, device=dev), torch.randn(N, 4, device=dev)
+    xs = torch.randn(3, 2, K, device=dev)
+    with torch.no_grad():
+        y = torch.func.vmap(lambda x: nf4kit.matmul_4bit(x, packed, qs, bias, A, B, 0.5))(xs)
+        ref = torch.stack([nf4kit.matmul_4bit(x, packed, qs, bias, A, B, 0.5) for x in xs])
+    assert torch.equal(y, ref)
+    assert nf4kit.backends.last_backend["matmul_4bit"] == b

@@ -23,10 +23,14 @@ def _nb(n: int, blocksize: int) -> int:
 def eager_direct(device_type: str, *tensors: Optional[Tensor]) -> bool:
     """True when calling the backend straight away is indistinguishable from calling the custom
     op: plain tensors, no autograd to record, no autocast, and no compile, tracing, fake-tensor
-    or other dispatch / function mode.  The op layer costs ~30 us of Python per call (the
-    dispatcher's autograd and autocast wrappers); a decode step pays it once per linear layer."""
+    or other dispatch / function mode, and no torch.func transform (under vmap the tensors are
+    batched wrappers without storage, which the native backends cannot read; through the op,
+    vmap's fallback runs each sample as its own call, the bits of a loop).  The op
+    layer costs ~30 us of Python per call (the dispatcher's autograd and autocast wrappers); a
+    decode step pays it once per linear layer."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled() or torch.is_autocast_enabled(device_type)):
+            or torch._C._is_torch_function_mode_enabled() or torch.is_autocast_enabled(device_type)
+            or torch._C._functorch.maybe_current_level() is not None):
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:

@@ -1297,6 +1297,7 @@ int launch_gemv_kernel(const void* x, int M, int N, int64_t K, const uint8_t* pa
                                                                      log2_bs, quant_type, S, partial);
   return (int)cudaGetLastError();
 }
+
 // Deeper rings are built for M = 1 only (3 or 4 chunks per row with up to 4 rows per warp, 8 with
 // one row per warp): with 8 activation rows or 8 weight rows their registers would spill.
 template <typename TX, int RW>
@@ -1711,7 +1712,6 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
     if (rc != 0 || slices == 0) return rc;  // slices == 0: the block-reduced kernel wrote y
     return launch_finalize<TX>(partial, slices, M, N, bias, lora_t, lora_b, r, y, stream, pdl);
   }
-  if ((options & ~kGemvPdl & ~kGemvStream) != 0) return kBadArgument;  // no other option beside these kernels
   if ((options & kGemvStream) != 0) {
     if (M != 1 || K % kStreamTile != 0 || S != K / kStreamTile) return kBadArgument;
     const int rc = launch_gemv_stream<TX>(x, N, K, packed, am, log2_bs, quant_type, depth, partial, stream);
@@ -1720,8 +1720,8 @@ int launch_gemv(const void* x, int M, int N, int64_t K, const uint8_t* packed, A
   }
   int rc;
   switch (rows_per_warp) {
-#define NF4KIT_GEMV_ROWS_CASE(RW)                                                                                 \
-  case RW:                                                                                                          \
+#define NF4KIT_GEMV_ROWS_CASE(RW)                                                                          \
+  case RW:                                                                                                 \
     rc = launch_gemv_rows<TX, RW>(x, M, N, K, packed, am, log2_bs, quant_type, depth, S, partial, stream); \
     break;
     NF4KIT_GEMV_ROWS_CASE(1)

@@ -224,6 +224,20 @@ def dequantize_absmax_int8(q: torch.Tensor, scale: torch.Tensor, blocksize: Opti
 
 
 # ---------------------------------------------------------------- matmul
+def check_lora(lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], N: int, K: int) -> None:
+    """A LoRA pair for a weight [N, K]: both or neither, float, A [r, K] and B [N, r]."""
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B must be given together")
+    if lora_A is not None:
+        _check_float_tensor(lora_A, "lora_A")
+        _check_float_tensor(lora_B, "lora_B")
+        if lora_A.dim() != 2 or lora_A.shape[1] != K:
+            raise ValueError(f"lora_A must be [r, {K}], got {tuple(lora_A.shape)}")
+        r = lora_A.shape[0]
+        if lora_B.shape != (N, r):
+            raise ValueError(f"lora_B must be [{N}, {r}], got {tuple(lora_B.shape)}")
+
+
 def check_matmul_args(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState,
                       bias: Optional[torch.Tensor], lora_A: Optional[torch.Tensor],
                       lora_B: Optional[torch.Tensor]) -> tuple[int, int]:
@@ -241,16 +255,7 @@ def check_matmul_args(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantS
         _check_float_tensor(bias, "bias")
         if bias.shape != (N,):
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    if (lora_A is None) != (lora_B is None):
-        raise ValueError("lora_A and lora_B must be given together")
-    if lora_A is not None:
-        _check_float_tensor(lora_A, "lora_A")
-        _check_float_tensor(lora_B, "lora_B")
-        if lora_A.dim() != 2 or lora_A.shape[1] != K:
-            raise ValueError(f"lora_A must be [r, {K}], got {tuple(lora_A.shape)}")
-        r = lora_A.shape[0]
-        if lora_B.shape != (N, r):
-            raise ValueError(f"lora_B must be [{N}, {r}], got {tuple(lora_B.shape)}")
+    check_lora(lora_A, lora_B, N, K)
     _check_same_device({"x": x, "packed": packed, "absmax": quant_state.absmax, "bias": bias, "lora_A": lora_A,
                         "lora_B": lora_B})
     return N, K

@@ -35,7 +35,7 @@ from torch import nn
 from . import format as fmt
 from .autograd import matmul_4bit as _matmul_4bit
 from .format import QuantState
-from .functional import check_matmul_args, dequantize_4bit, quantize_4bit
+from .functional import check_lora, check_matmul_args, dequantize_4bit, quantize_4bit
 
 __all__ = ["Linear4bit", "LoRALinear4bit", "LoraConfig", "quantize_model"]
 
@@ -68,11 +68,11 @@ def _check_layer_input(x: Any, in_features: int) -> None:
         raise ValueError(f"input has shape {tuple(x.shape)}, the layer needs [..., in_features={in_features}]")
 
 
-def _check_scaling(scaling: Any) -> float:
-    """A LoRA scaling as a finite float (NaN or inf would turn every output into NaN)."""
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
-        raise ValueError(f"LoRA scaling must be a finite number, got {scaling!r}")
-    return float(scaling)
+def _finite_number(value: Any, name: str) -> float:
+    """A LoRA alpha or scaling as a finite float (NaN or inf would turn every output into NaN)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 class Linear4bit(nn.Linear):
@@ -357,8 +357,7 @@ class LoRALinear4bit(nn.Module):
         """Add (or re-initialise) adapter `adapter_name` (PEFT's method name)."""
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
-            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+        _finite_number(lora_alpha, "lora_alpha")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         dev = self.base_layer.weight.device
@@ -438,15 +437,13 @@ class LoRALinear4bit(nn.Module):
             return self.base_layer(x)
         A = self.lora_A[name].weight
         B = self.lora_B[name].weight
-        s = _check_scaling(self.scaling[name])
+        s = _finite_number(self.scaling[name], "LoRA scaling")
         drop = self.lora_dropout[name]
         if isinstance(drop, nn.Identity) or not self.training or drop.p == 0:
             return self.base_layer._forward_4bit(x, A, B, s)
         # Dropout on the LoRA input only: base through the fused op, LoRA branch in torch.
         base = self.base_layer
-        if A.shape != (A.shape[0], self.in_features) or B.shape != (self.out_features, A.shape[0]):
-            raise ValueError(f"adapter {name!r}: lora_A must be [r, {self.in_features}] and lora_B "
-                             f"[{self.out_features}, r], got {tuple(A.shape)} and {tuple(B.shape)}")
+        check_lora(A, B, self.out_features, self.in_features)  # the fused path checks it in _check_operands
         y = base._forward_4bit(x, None, None, 0.0)
         cdt = base._compute_dtype(x)
         if torch.is_autocast_enabled(x.device.type):

@@ -102,7 +102,7 @@ GEMV_MMA_BLOCK_REDUCE = os.environ.get("NF4KIT_CUDA_GEMV_MMA_BLOCK_REDUCE", "1")
 # one instruction per 2.7 cycles and DRAM 45 % busy: latency-bound.  The compact form puts the table at
 # the shared window's base (the 129 KB were mostly the 64 KB alignment) and reads each mma's x fragment
 # from a staged copy in shared memory instead of holding 32 registers of it.  The same warps, visits and
-# sums: its output equals the block reduce's bit for bit (GPU test).  Depth 2, one chain, K < 2^30;
+# sums: its output equals the block reduce's bit for bit (GPU test).  Depth 2, K < 2^30;
 # elsewhere it is not asked for.
 GEMV_MMA_COMPACT = os.environ.get("NF4KIT_CUDA_GEMV_MMA_COMPACT", "0") == "1"
 # M = 17..64 (on by default where the device grants it 194 KB of shared memory: sm_90/100;
@@ -440,8 +440,8 @@ def _gemv_split_count(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int
 def _gemv_variant(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, splits: int,
                   kernel: Optional[str] = None, device: Optional[torch.device] = None) -> tuple[int, int]:
     """(ring depth, option bits) of the decode GEMV for x [M, K], W [N, K] and `splits` K-splits:
-    the settings above where that variant is built, else the double buffer, the exact fp32 table and
-    the finalize kernel.  `kernel` as for _gemv_split_count; `device` decides the default compact form."""
+    the settings above where that variant is built, else the double buffer and the finalize kernel.
+    `kernel` as for _gemv_split_count; `device` decides the default compact form."""
     kernel = kernel or _gemv_kernel(M, N, K, dtype, blocksize)
     if kernel == "mma-gemm":
         compact = _GEMV_MMA_GEMM_COMPACT if _mma_gemm_compact(M, device) else 0

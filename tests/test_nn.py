@@ -437,6 +437,28 @@ def test_meta_layers_materialise_and_load():
     assert torch.equal(model(x), ref(x))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_meta_model_runs_for_shapes(backend):
+    """A QLoRA model built on the meta device (init_empty_weights) runs forward and backward there
+    for its shapes and dtypes, as nn.Linear does; torch's autocast query had raised "unknown device
+    type" on meta, in the layers and in matmul_4bit itself."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 40), nn.GELU(), nn.Linear(40, 24))
+    quantize_model(model, lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1), compute_dtype=torch.bfloat16,
+                   skip_modules=(), progress=False)
+    x = torch.randn(2, 5, 64, device="meta", requires_grad=True)
+    with nf4kit.use_backend(backend):
+        y = model(x)
+        assert y.is_meta and y.shape == (2, 5, 24) and y.dtype == torch.float32
+        y.sum().backward()
+        assert x.grad.is_meta and x.grad.shape == x.shape
+        a = model[0].lora_A["default"].weight
+        assert a.grad.is_meta and a.grad.shape == a.shape
+        packed, qs = nf4kit.quantize_4bit(torch.randn(24, 40))
+        z = nf4kit.matmul_4bit(torch.randn(3, 40, device="meta", dtype=torch.float16), packed.to("meta"), qs.to("meta"))
+        assert z.is_meta and z.shape == (3, 24) and z.dtype == torch.float16
+
+
 def test_lora_adapter_checks():
     """A non-finite scaling, an adapter of the wrong shape (also on the dropout path) and r <= 0 in
     update_layer are refused with their names (they gave all-NaN output, torch's matmul error or a

@@ -69,9 +69,9 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, qs: QuantState, bias: Opt
     gradients come back in their own dtypes.  Any leading dimensions are flattened to M.
     """
     N, K = qs.shape
-    dev_type = x.device.type
-    if torch.is_autocast_enabled(dev_type):
-        x = x.to(torch.get_autocast_dtype(dev_type))
+    amp_dtype = ops.autocast_dtype(x.device.type)
+    if amp_dtype is not None:
+        x = x.to(amp_dtype)
     cdt = x.dtype
     if bias is not None and bias.dtype != cdt:
         bias = bias.to(cdt)
@@ -86,7 +86,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, qs: QuantState, bias: Opt
         x2 = x2.contiguous()
     args = (x2, packed_as_bytes(packed), *ops.state_args(qs), qs.blocksize, qs.quant_type, N, K, bias, lora_A, lora_B,
             lora_scale)
-    if ops.eager_direct(dev_type, x2, bias, lora_A, lora_B, *args[1:6]):  # inference: skip the dispatcher
+    if ops.eager_direct(x.device.type, x2, bias, lora_A, lora_B, *args[1:6]):  # inference: skip the dispatcher
         y = backends.run("matmul_4bit", x2.device, *args)
     else:
         y = ops.matmul_4bit(*args)

@@ -36,6 +36,7 @@ from . import format as fmt
 from .autograd import matmul_4bit as _matmul_4bit
 from .format import QuantState
 from .functional import check_lora, check_matmul_args, dequantize_4bit, quantize_4bit
+from .ops import autocast_dtype
 
 __all__ = ["Linear4bit", "LoRALinear4bit", "LoraConfig", "quantize_model"]
 
@@ -179,7 +180,7 @@ class Linear4bit(nn.Linear):
         xc = x.to(cdt)
         self._check_operands(xc, bias, lora_A, lora_B)
         y = _matmul_4bit(xc, self.weight, self.quant_state, bias, lora_A, lora_B, scale)
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast_dtype(x.device.type) is not None:
             return y  # under autocast the matmul's dtype is autocast's, as for nn.Linear
         return y.to(in_dtype)
 
@@ -445,9 +446,7 @@ class LoRALinear4bit(nn.Module):
         base = self.base_layer
         check_lora(A, B, self.out_features, self.in_features)  # the fused path checks it in _check_operands
         y = base._forward_4bit(x, None, None, 0.0)
-        cdt = base._compute_dtype(x)
-        if torch.is_autocast_enabled(x.device.type):
-            cdt = torch.get_autocast_dtype(x.device.type)
+        cdt = autocast_dtype(x.device.type) or base._compute_dtype(x)
         xd = drop(x.to(cdt))
         lora = nn.functional.linear(nn.functional.linear(xd, A.to(cdt)), B.to(cdt)) * s
         return y + lora.to(y.dtype)

@@ -20,6 +20,17 @@ def _nb(n: int, blocksize: int) -> int:
     return (n + blocksize - 1) // blocksize
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` computes in on ``device_type``, or None where autocast is off or
+    does not know the device type (meta, where a model built under ``init_empty_weights`` runs for
+    its shapes; torch raises there rather than answer False)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
 def eager_direct(device_type: str, *tensors: Optional[Tensor]) -> bool:
     """True when calling the backend straight away is indistinguishable from calling the custom
     op: plain tensors, no autograd to record, no autocast, and no compile, tracing, fake-tensor
@@ -29,7 +40,7 @@ def eager_direct(device_type: str, *tensors: Optional[Tensor]) -> bool:
     layer costs ~30 us of Python per call (the dispatcher's autograd and autocast wrappers); a
     decode step pays it once per linear layer."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled() or torch.is_autocast_enabled(device_type)
+            or torch._C._is_torch_function_mode_enabled() or autocast_dtype(device_type) is not None
             or torch._C._functorch.maybe_current_level() is not None):
         return False
     grad = torch.is_grad_enabled()

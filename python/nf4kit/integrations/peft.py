@@ -43,6 +43,7 @@ except ImportError as e:  # pragma: no cover - peft is an optional dependency
 from .. import nn as nf4nn
 from ..autograd import matmul_4bit as _matmul_4bit
 from ..format import QuantState
+from ..ops import autocast_dtype
 
 ENV_VAR = "NF4KIT_PEFT"
 # Forwards served, by path: "fused" (one nf4kit op with the LoRA term), "split" (nf4kit base
@@ -144,8 +145,9 @@ class FusedLoraLinear4bit(nn.Module, LoraLayer):
 
     # ------------------------------------------------------------ forward
     def _compute_dtype(self, x: torch.Tensor, cdt: Optional[torch.dtype]) -> torch.dtype:
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
+        amp_dtype = autocast_dtype(x.device.type)
+        if amp_dtype is not None:
+            return amp_dtype
         return cdt if cdt is not None else x.dtype
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -184,7 +186,7 @@ class FusedLoraLinear4bit(nn.Module, LoraLayer):
             if self.lora_bias.get(fused, False):
                 y = y + (self.scaling[fused] * self.lora_B[fused].bias).to(y.dtype)
         y = self._add_lora(y, x, [a for a in active if a != fused])
-        if not torch.is_autocast_enabled(x.device.type):
+        if autocast_dtype(x.device.type) is None:
             y = y.to(in_dtype)
         return y
 

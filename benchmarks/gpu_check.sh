@@ -105,12 +105,15 @@ stage_env() {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader \
     > "$WORK/card_full.txt" 2>/dev/null
   nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 > "$WORK/card.txt"
+  # The runtime: gVisor reports kernel 4.4.0 and runs neither compute-sanitizer nor ncu's counters
+  # (device KINDS.md); Firecracker runs both.
+  echo "kernel $(uname -r)"
   $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
   $PY -c "import triton; print('triton', triton.__version__)" || true
   nvcc --version | tail -2 || echo "no nvcc"
   command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer || echo "no compute-sanitizer"
   cmake --version | head -1; ninja --version
-  echo "$(head -1 "$WORK/card.txt"), $(nproc) cores" > "$WORK/env.note"
+  echo "$(head -1 "$WORK/card.txt"), $(nproc) cores, kernel $(uname -r)" > "$WORK/env.note"
 }
 export -f stage_env
 run_stage env stage_env

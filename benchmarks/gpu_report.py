@@ -18,6 +18,8 @@ import sys
 import xml.etree.ElementTree as ET
 from typing import Optional
 
+from benchmarks import decode_floor
+
 
 def read(path: str, default: str = "") -> str:
     try:
@@ -161,6 +163,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     md += [ln for ln in san_log.splitlines() if ln.strip().startswith("[") or "gpu_sanitize" in ln
            or "ERROR SUMMARY" in ln or "Invalid" in ln][:120]
     md += ["```", "", "## Benchmarks", "", bench_md or "(no benchmark table)", ""]
+    floor = decode_floor.decode_floor(bench_json.get("rows", []))
+    if floor is not None:
+        md += decode_floor.markdown(floor)
     sweep_log = read(os.path.join(O, "sweep.log"))
     if sweep_log:
         md += ["## Decode sweep (benchmarks.gpu_sweep; fastest first per group, against the group's default "

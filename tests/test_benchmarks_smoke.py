@@ -16,7 +16,7 @@ import torch
 # the benchmarks package lives at the repository root (not installed)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import anchors, gpu_report, roofline as rl  # noqa: E402
+from benchmarks import anchors, decode_floor, gpu_report, roofline as rl  # noqa: E402
 from benchmarks import run as bench  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,6 +167,44 @@ def test_gpu_report_assembles_a_report(tmp_path, capsys):
     assert gpu_report.main(["--work", str(work), "--out", str(out)]) == 0
     assert "of 3 (2 s); 8 collected; CUT SHORT at the stage limit: 5 not reached" in \
         (out / "gpu_report.md").read_text()
+    assert "against what the harness allows" not in (out / "gpu_report.md").read_text()  # no bench.json
+    (out / "bench.json").write_text(json.dumps({"rows": _decode_rows(7e-6, 3e12)}))
+    assert gpu_report.main(["--work", str(work), "--out", str(out)]) == 0
+    assert "time = **7.0 µs** + bytes / **3.00 TB/s**" in (out / "gpu_report.md").read_text()
+
+
+def _decode_rows(fixed: float, bw: float, bnb: float = 33e-6) -> list[dict]:
+    """M = 1 rows of bench.json: dense anchors on a line (fixed + bytes / bw), an nf4kit kernel of
+    30 MB, one that fell back (not counted), bitsandbytes."""
+    rows = []
+    for N, K in ((4096, 4096), (4096, 14336)):
+        for impl, size in (("torch F.linear bf16 dense", 2), ("torch F.linear fp32 dense", 4)):
+            nbytes = size * N * K
+            rows.append({"case": "matmul_4bit", "label": f"matmul_4bit {N}x{K} M=1", "M": 1, "N": N, "K": K,
+                         "impl": impl, "kind": "anchor",
+                         "bytes": nbytes, "time_s": fixed + nbytes / bw})
+    ours = {"case": "matmul_4bit", "label": "matmul_4bit 4096x14336 M=1", "M": 1, "N": 4096, "K": 14336,
+            "kind": "nf4kit", "bytes": 30e6, "time_s": 21e-6}
+    rows += [dict(ours, impl="nf4kit[cuda]", backend="cuda", fell_back=False),
+             dict(ours, impl="nf4kit[triton]", backend="triton", fell_back=True, time_s=99e-6),
+             dict(ours, impl="bnb 0.50.2 gemv_4bit", kind="anchor", time_s=bnb)]
+    return rows
+
+
+def test_decode_floor_reads_the_dense_line():
+    """The dense anchors' line gives the fixed cost and the bandwidth back; the ideal at nf4kit's bytes
+    bounds the ratios against the anchors; a fallen-back row is not credited; no line, no table."""
+    fl = decode_floor.decode_floor(_decode_rows(7e-6, 3e12))
+    assert fl["fixed_s"] == pytest.approx(7e-6) and fl["bandwidth"] == pytest.approx(3e12)
+    assert fl["worst_residual_s"] < 1e-12 and fl["points"] == 4
+    (shape,) = [s for s in fl["shapes"] if (s["N"], s["K"]) == (4096, 14336)]
+    assert shape["ideal_s"] == pytest.approx(17e-6) and shape["ours_s"] == {"cuda": 21e-6}
+    assert shape["cublas_s"] == pytest.approx(7e-6 + 2 * 4096 * 14336 / 3e12)
+    md = "\n".join(decode_floor.markdown(fl))
+    assert "| 4096×14336 | 30.0 MB | 17.0 µs | cuda 21.0 µs | 33.0 µs | 16.5 µs | 1.94× |" in md
+    one_size = [r for r in _decode_rows(7e-6, 3e12) if r["K"] == 14336 and "fp32" not in r["impl"]]
+    assert decode_floor.decode_floor(one_size) is None
+    assert decode_floor.decode_floor([]) is None
 
 
 def test_conftest_writes_the_collected_count(tmp_path):

@@ -159,23 +159,28 @@ def bnb_backward_input(dy, packed, qs, A, B, s) -> tuple[Optional[Thunk], str]:
     return run, f"bnb {bnb.__version__} dequantize + matmul"
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def dense_linear_label(dtype: torch.dtype) -> str:
+    """The dense F.linear anchor's name in bench rows (benchmarks.decode_floor fits these)."""
+    return f"torch F.linear {_DTYPE_NAMES[dtype]} dense"
+
+
 def dense_linear(x: torch.Tensor, W: torch.Tensor, dtype: torch.dtype) -> tuple[Thunk, str]:
     """torch F.linear on the dense weight in `dtype` (fp32 / bf16)."""
     xd, Wd = x.to(dtype), W.to(dtype)
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    return (lambda: F.linear(xd, Wd)), f"torch F.linear {name} dense"
+    return (lambda: F.linear(xd, Wd)), dense_linear_label(dtype)
 
 
 def dense_linear_lora(x, W, A, B, s, dtype) -> tuple[Thunk, str]:
     xd, Wd, Ad, Bd = x.to(dtype), W.to(dtype), A.to(dtype), B.to(dtype)
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    return (lambda: F.linear(xd, Wd) + s * F.linear(F.linear(xd, Ad), Bd)), f"torch F.linear {name} dense + LoRA"
+    return (lambda: F.linear(xd, Wd) + s * F.linear(F.linear(xd, Ad), Bd)), dense_linear_label(dtype) + " + LoRA"
 
 
 def dense_backward_input(dy, W, A, B, s, dtype) -> tuple[Thunk, str]:
     dyd, Wd, Ad, Bd = dy.to(dtype), W.to(dtype), A.to(dtype), B.to(dtype)
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    return (lambda: dyd @ Wd + s * ((dyd @ Bd) @ Ad)), f"torch {name} dense dY·W + LoRA"
+    return (lambda: dyd @ Wd + s * ((dyd @ Bd) @ Ad)), f"torch {_DTYPE_NAMES[dtype]} dense dY·W + LoRA"
 
 
 def dense_lora_layer_fwd_bwd(x, W, A, B, s, dy) -> tuple[Thunk, str]:

@@ -13,9 +13,10 @@ weight as well as cuBLAS streams the dense one, with no more fixed cost, takes
 
 and no ratio against an anchor of the same run can beat anchor time / ideal without a lower fixed
 cost or a faster stream than cuBLAS's (possible, not shown: gpu_sweep's `floor` section times an
-empty launch and a bare read of the packed bytes directly).  This prints, per M = 1 shape: the fitted line, that ideal, the measured
-nf4kit times, the best ratios the ideal allows against bitsandbytes' gemv_4bit and bf16 cuBLAS,
-and the issue targets (2x bitsandbytes, 2.5x cuBLAS) as times.
+empty launch and a bare read of the packed bytes directly).  This prints, per M = 1 shape: the
+fitted line, that ideal, the measured nf4kit times, the best ratios the ideal allows against
+bitsandbytes' gemv_4bit and bf16 cuBLAS, and the issue targets (2x bitsandbytes, 2.5x cuBLAS) as
+times.
 """
 from __future__ import annotations
 
@@ -24,9 +25,13 @@ import json
 import sys
 from typing import Optional
 
-DENSE_ANCHORS = ("torch F.linear bf16 dense", "torch F.linear fp32 dense")
+import torch
+
+from benchmarks import anchors, roofline as rl
+
+BF16_DENSE = anchors.dense_linear_label(torch.bfloat16)
+DENSE_ANCHORS = (BF16_DENSE, anchors.dense_linear_label(torch.float32))
 BNB_ANCHOR_PREFIX = "bnb "
-BF16_DENSE = "torch F.linear bf16 dense"
 TARGET_VS_BNB = 2.0     # issues 3 and 4: M = 1 on 4096x14336 >= 2x bitsandbytes gemv_4bit
 TARGET_VS_CUBLAS = 2.5  # issue 3: >= 2.5x bf16 cuBLAS on the dense weight
 
@@ -78,24 +83,21 @@ def decode_floor(rows: list[dict]) -> Optional[dict]:
     return {"fixed_s": fixed, "bandwidth": bw, "worst_residual_s": worst, "points": len(points), "shapes": shapes}
 
 
-def _us(s: Optional[float]) -> str:
-    return "n/a" if s is None else f"{s * 1e6:.1f} µs"
-
-
 def markdown(fl: dict, title: str = "") -> list[str]:
     """The table of decode_floor's result."""
+    t = rl.format_time
     md = [f"### M = 1 against what the harness allows{(' — ' + title) if title else ''}", "",
-          f"Dense cuBLAS M = 1 ({fl['points']} points, bf16 and fp32): time = **{_us(fl['fixed_s'])}** + bytes / "
-          f"**{fl['bandwidth'] / 1e12:.2f} TB/s** (largest residual {_us(fl['worst_residual_s'])}). "
-          "*ideal*: that line at nf4kit's bytes, a kernel streaming the packed weight as cuBLAS streams the dense one.",
+          f"Dense cuBLAS M = 1 ({fl['points']} points, bf16 and fp32): time = **{t(fl['fixed_s'])}** + bytes / "
+          f"**{fl['bandwidth'] / 1e12:.2f} TB/s** (largest residual {t(fl['worst_residual_s'])}). *ideal*: that "
+          "line at nf4kit's bytes, a kernel streaming the packed weight as cuBLAS streams the dense one.",
           "", "| N×K | nf4kit bytes | ideal | nf4kit (measured) | bnb gemv_4bit | 2× bnb needs | best vs bnb "
           "| bf16 cuBLAS | 2.5× cuBLAS needs | best vs cuBLAS |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in fl["shapes"]:
-        ours = ", ".join(f"{b} {_us(t)}" for b, t in s["ours_s"].items())
+        ours = ", ".join(f"{b} {t(v)}" for b, v in s["ours_s"].items())
         bnb, cub, ideal = s["bnb_s"], s["cublas_s"], s["ideal_s"]
-        md.append(f"| {s['N']}×{s['K']} | {s['bytes'] / 1e6:.1f} MB | {_us(ideal)} | {ours} | {_us(bnb)} | "
-                  f"{_us(bnb and bnb / TARGET_VS_BNB)} | {'n/a' if bnb is None else f'{bnb / ideal:.2f}×'} | "
-                  f"{_us(cub)} | {_us(cub and cub / TARGET_VS_CUBLAS)} | "
+        md.append(f"| {s['N']}×{s['K']} | {s['bytes'] / 1e6:.1f} MB | {t(ideal)} | {ours} | {t(bnb)} | "
+                  f"{t(bnb and bnb / TARGET_VS_BNB)} | {'n/a' if bnb is None else f'{bnb / ideal:.2f}×'} | "
+                  f"{t(cub)} | {t(cub and cub / TARGET_VS_CUBLAS)} | "
                   f"{'n/a' if cub is None else f'{cub / ideal:.2f}×'} |")
     return md + [""]
 

@@ -170,7 +170,7 @@ def test_gpu_report_assembles_a_report(tmp_path, capsys):
     assert "against what the harness allows" not in (out / "gpu_report.md").read_text()  # no bench.json
     (out / "bench.json").write_text(json.dumps({"rows": _decode_rows(7e-6, 3e12)}))
     assert gpu_report.main(["--work", str(work), "--out", str(out)]) == 0
-    assert "time = **7.0 µs** + bytes / **3.00 TB/s**" in (out / "gpu_report.md").read_text()
+    assert "time = **7.0 us** + bytes / **3.00 TB/s**" in (out / "gpu_report.md").read_text()
 
 
 def _decode_rows(fixed: float, bw: float, bnb: float = 33e-6) -> list[dict]:
@@ -201,7 +201,7 @@ def test_decode_floor_reads_the_dense_line():
     assert shape["ideal_s"] == pytest.approx(17e-6) and shape["ours_s"] == {"cuda": 21e-6}
     assert shape["cublas_s"] == pytest.approx(7e-6 + 2 * 4096 * 14336 / 3e12)
     md = "\n".join(decode_floor.markdown(fl))
-    assert "| 4096×14336 | 30.0 MB | 17.0 µs | cuda 21.0 µs | 33.0 µs | 16.5 µs | 1.94× |" in md
+    assert "| 4096×14336 | 30.0 MB | 17.0 us | cuda 21.0 us | 33.0 us | 16.5 us | 1.94× |" in md
     one_size = [r for r in _decode_rows(7e-6, 3e12) if r["K"] == 14336 and "fp32" not in r["impl"]]
     assert decode_floor.decode_floor(one_size) is None
     assert decode_floor.decode_floor([]) is None
